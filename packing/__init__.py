@@ -1,0 +1,4 @@
+"""Fleet, catalog, packing problem and plan contracts, and the packer.
+
+Pure Python: no Prefect, no torch.
+"""

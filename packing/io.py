@@ -1,0 +1,90 @@
+"""Load and save contracts with one clear error per bad file, and never a half-written file."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+import yaml
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class ContractError(ValueError):
+    """A contract file is unreadable or invalid; the message names the file and the field."""
+
+
+def decode(data: bytes | str, kind: type[T], label: str) -> T:
+    """Decode YAML or JSON text (JSON is YAML) into ``kind``; ``label`` names the source."""
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ContractError(f"{label}: not valid YAML/JSON: {_one_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise ContractError(
+            f"{label}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
+    try:
+        return msgspec.convert(raw, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ContractError(f"{label}: {_describe(exc, kind)}") from None
+
+
+def load(path: str | os.PathLike[str], kind: type[T]) -> T:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ContractError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ContractError(f"{path}: cannot read: {exc.strerror}") from None
+    return decode(data, kind, str(path))
+
+
+def to_json(value: msgspec.Struct) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n"
+
+
+def to_builtins(value: msgspec.Struct) -> dict:
+    return msgspec.to_builtins(value)
+
+
+def save(value: msgspec.Struct, path: str | os.PathLike[str]) -> Path:
+    """Write JSON (``.json``) or YAML (anything else) atomically: temp file, fsync, rename."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = to_json(value)
+    else:
+        data = yaml.safe_dump(to_builtins(value), sort_keys=False).encode()
+    write_atomic(path, data)
+    return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe(exc: msgspec.ValidationError, kind: type) -> str:
+    # msgspec says "Expected `int` >= 1 - at `$.models[0].replicas`"; lead with the field.
+    match = re.fullmatch(r"(.*) - at `\$\.?(.*)`", str(exc), flags=re.DOTALL)
+    if match is None:
+        return f"invalid {kind.__name__.lower()}: {exc}"
+    return f"field {match.group(2) or '(top level)'}: {match.group(1)}"
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,715 @@
+"""Place every model replica on the cheapest set of instances, with a proven lower bound.
+
+The solver works in two layers:
+
+1. **Classes.** Models whose replica count and per-type demands are identical are
+   interchangeable, so they are aggregated into one class with a count. A fleet of 3,000
+   look-alike models becomes one class, not 3,000 × bins booleans.
+2. **Aggregated model (CP-SAT).** Integer ``x[c, t]`` (replicas of class ``c`` on type ``t``) and
+   ``y[t]`` (instances of type ``t``) under per-type volume constraints for memory and compute,
+   an anti-affinity bound (an instance holds at most one replica of each model) and a
+   "big item" bound (at most one replica larger than half a device per device). Every plan is
+   a solution of this model, so its proven bound is a lower bound on any plan's cost. It is
+   warm-started from a greedy (cheapest cost per replica) solution.
+3. **Realisation.** Each type's replicas are packed onto devices first-fit-decreasing by
+   dominant share, opening extra instances if fragmentation demands it, then model ids are
+   dealt to the replica slots so that no instance holds two replicas of one model, and
+   instances are moved to a cheaper type where their contents fit.
+
+Small problems (few models) are then solved exactly at device level with CP-SAT, warm-started
+from the realisation, with symmetry breaking between identical instances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ortools.sat.python import cp_model
+
+from packing.contracts import (
+    InstanceType,
+    Plan,
+    PlannedInstance,
+    PlannedServer,
+    Problem,
+)
+from packing.io import to_json
+
+# Demands and capacities become integers on this scale for CP-SAT (parts per million of a
+# device); demands round down and capacities up, so the aggregated model stays a relaxation.
+_SCALE = 1_000_000
+# Prices in units of 1e-5 dollars, rounded down for the same reason.
+_PRICE_SCALE = 100_000
+# Exact device-level search only when the boolean matrix stays this small.
+_EXACT_MAX_BOOLEANS = 20_000
+_EPS = 1e-9
+
+
+class InfeasibleError(ValueError):
+    """No plan meets the limits; the message names the models and the constraint."""
+
+
+@dataclass(frozen=True)
+class _Type:
+    index: int
+    spec: InstanceType
+    price: float
+    devices: int
+    memory_cap: float
+    compute_cap: float
+    quota: int | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class _Class:
+    model_ids: list[str]
+    replicas: int
+    # type index -> (memory bytes, compute demand) of one replica on that type
+    options: dict[int, tuple[float, float]]
+
+    @property
+    def count(self) -> int:
+        return len(self.model_ids)
+
+    @property
+    def total_replicas(self) -> int:
+        return self.count * self.replicas
+
+
+@dataclass
+class _Device:
+    memory: float = 0.0
+    compute: float = 0.0
+    # class index -> replicas of it on this device
+    load: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Instance:
+    type: _Type
+    devices: list[_Device]
+
+    def count_of(self, class_index: int) -> int:
+        return sum(d.load.get(class_index, 0) for d in self.devices)
+
+    @property
+    def empty(self) -> bool:
+        return not any(d.load for d in self.devices)
+
+
+def solve(
+    problem: Problem,
+    *,
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    plan_id: str | None = None,
+) -> Plan:
+    """The cheapest plan found within ``time_limit_s``, with its lower bound and gap."""
+    started = time.perf_counter()
+    deadline = started + max(time_limit_s, 0.1)
+    types = _types(problem)
+    classes = _classes(problem, types)
+    _check_feasible(problem, types, classes)
+    types = _drop_dominated(types, classes)
+
+    greedy = _greedy_assignment(types, classes)
+    exact_size = len(problem.models) * sum(
+        t.devices * _instance_bound(t, classes) for t in types
+    )
+    exact = exact_size <= _EXACT_MAX_BOOLEANS
+    share = 0.5 if exact else 0.95
+    assignment, lower_bound = _solve_aggregated(
+        types, classes, greedy, (deadline - time.perf_counter()) * share, workers
+    )
+    instances = _realise(types, classes, assignment)
+    instances = _downsize(instances, types, classes)
+    if exact:
+        instances, exact_bound = _solve_exact(
+            types, classes, instances, deadline - time.perf_counter(), workers
+        )
+        lower_bound = max(lower_bound, exact_bound)
+    cost = sum(i.type.price for i in instances)
+    lower_bound = min(lower_bound, cost)
+    gap = (cost - lower_bound) / cost if cost > 0 else 0.0
+    return _plan(
+        problem,
+        classes,
+        instances,
+        cost=cost,
+        lower_bound=lower_bound,
+        gap=gap,
+        status="optimal" if gap <= 1e-9 else "feasible",
+        seconds=time.perf_counter() - started,
+        plan_id=plan_id,
+    )
+
+
+# ------------------------------------------------------------------------------ preparation
+
+
+def _types(problem: Problem) -> list[_Type]:
+    limits = problem.limits
+    types = []
+    for spec in problem.catalog.instance_types:
+        quota = limits.instance_quotas.get(spec.name)
+        if quota == 0:
+            continue
+        price = spec.spot_per_hour if problem.price == "spot" else spec.on_demand_per_hour
+        if price is None:
+            continue
+        types.append(
+            _Type(
+                index=len(types),
+                spec=spec,
+                price=price,
+                devices=spec.devices,
+                memory_cap=limits.max_memory_fraction * spec.device_memory_bytes,
+                compute_cap=limits.max_compute_utilization * spec.compute_capacity,
+                quota=quota,
+            )
+        )
+    if not types:
+        what = "a spot price" if problem.price == "spot" else "a quota above zero"
+        raise InfeasibleError(
+            f"no instance type in catalog {problem.catalog.name!r} has {what}; "
+            f"nothing can be placed"
+        )
+    return types
+
+
+def _classes(problem: Problem, types: list[_Type]) -> list[_Class]:
+    grouped: dict[tuple, _Class] = {}
+    for model in problem.models:
+        options: dict[int, tuple[float, float]] = {}
+        for t in types:
+            profile = model.profile_for(t.spec)
+            if profile is None:
+                continue
+            demand = model.traffic_rps * profile.seconds_per_request / model.replicas
+            options[t.index] = (float(profile.memory_bytes), demand)
+        key = (model.replicas, tuple(sorted(options.items())))
+        group = grouped.get(key)
+        if group is None:
+            grouped[key] = _Class([model.id], model.replicas, options)
+        else:
+            group.model_ids.append(model.id)
+    return list(grouped.values())
+
+
+def _fits(option: tuple[float, float], t: _Type) -> bool:
+    memory, compute = option
+    return memory <= t.memory_cap * (1 + _EPS) and compute <= t.compute_cap * (1 + _EPS)
+
+
+def _check_feasible(problem: Problem, types: list[_Type], classes: list[_Class]) -> None:
+    """Refuse, naming the models, what no plan can hold; prune options that cannot fit."""
+    by_type = {t.index: t for t in types}
+    limits = problem.limits
+    problems: list[str] = []
+    for group in classes:
+        names = _name_models(group.model_ids)
+        if not group.options:
+            problems.append(
+                f"{names}: no profile matches any instance type of catalog "
+                f"{problem.catalog.name!r} (with {problem.price} prices and quotas)"
+            )
+            continue
+        fitting = {i: o for i, o in group.options.items() if _fits(o, by_type[i])}
+        if not fitting:
+            memory = min(o[0] for o in group.options.values())
+            compute = min(o[1] for o in group.options.values())
+            largest = max(by_type[i].memory_cap for i in group.options)
+            strongest = max(by_type[i].compute_cap for i in group.options)
+            if memory > largest * (1 + _EPS):
+                problems.append(
+                    f"{names}: needs {memory / 2**30:.2f} GiB per replica, more than any "
+                    f"device allows ({largest / 2**30:.2f} GiB at max_memory_fraction "
+                    f"{limits.max_memory_fraction})"
+                )
+            elif compute > strongest * (1 + _EPS):
+                problems.append(
+                    f"{names}: needs {compute:.3f} device-seconds per second per replica "
+                    f"(traffic / replicas × seconds per request), more than any device allows "
+                    f"({strongest:.3f} at max_compute_utilization "
+                    f"{limits.max_compute_utilization}); raise replicas"
+                )
+            else:
+                problems.append(
+                    f"{names}: no single device holds both its memory and its compute demand"
+                )
+            continue
+        group.options = fitting
+        quotas = [by_type[i].quota for i in fitting]
+        if all(q is not None for q in quotas) and sum(quotas) < group.replicas:
+            problems.append(
+                f"{names}: {group.replicas} replicas need {group.replicas} instances, but "
+                f"limits.instance_quotas allow only {sum(quotas)} of the types that fit "
+                f"({', '.join(sorted(by_type[i].name for i in fitting))})"
+            )
+    if problems:
+        raise InfeasibleError("no plan is possible: " + "; ".join(problems))
+
+
+def _name_models(model_ids: list[str], shown: int = 5) -> str:
+    head = ", ".join(model_ids[:shown])
+    more = f" and {len(model_ids) - shown} more" if len(model_ids) > shown else ""
+    return f"model{'s' if len(model_ids) > 1 else ''} {head}{more}"
+
+
+def _drop_dominated(types: list[_Type], classes: list[_Class]) -> list[_Type]:
+    """Remove types another type beats on price and every capacity for every class."""
+
+    def dominates(a: _Type, b: _Type) -> bool:
+        if a.quota is not None or a.devices != b.devices or a.price > b.price:
+            return False
+        if a.memory_cap < b.memory_cap or a.compute_cap < b.compute_cap:
+            return False
+        for group in classes:
+            option_b = group.options.get(b.index)
+            if option_b is None:
+                continue
+            option_a = group.options.get(a.index)
+            if option_a is None or option_a[0] > option_b[0] or option_a[1] > option_b[1]:
+                return False
+        return True
+
+    kept = []
+    for b in types:
+        beaten = any(
+            dominates(a, b) and (a.price < b.price or a.index < b.index or not dominates(b, a))
+            for a in types
+            if a is not b
+        )
+        if not beaten:
+            kept.append(b)
+    kept_ids = {t.index for t in kept}
+    for group in classes:
+        group.options = {i: o for i, o in group.options.items() if i in kept_ids}
+    return kept
+
+
+def _per_instance(group: _Class, t: _Type) -> int:
+    """How many replicas of one class alone fit on one instance of ``t``."""
+    memory, compute = group.options[t.index]
+    per_device = min(
+        math.floor(t.memory_cap / memory + _EPS) if memory > 0 else group.total_replicas,
+        math.floor(t.compute_cap / compute + _EPS) if compute > 0 else group.total_replicas,
+    )
+    return max(0, min(per_device * t.devices, group.count))
+
+
+def _instance_bound(t: _Type, classes: list[_Class]) -> int:
+    """No plan needs more instances of ``t`` than the replicas that can go there."""
+    replicas = sum(c.total_replicas for c in classes if t.index in c.options)
+    return replicas if t.quota is None else min(replicas, t.quota)
+
+
+# --------------------------------------------------------------------------- aggregated
+
+
+def _greedy_assignment(types: list[_Type], classes: list[_Class]) -> dict[tuple[int, int], int]:
+    """Each class on the type with the lowest price per replica: the warm start."""
+    assignment: dict[tuple[int, int], int] = {}
+    used: dict[int, int] = {}
+    by_type = {t.index: t for t in types}
+    for ci, group in sorted(
+        enumerate(classes), key=lambda item: -item[1].total_replicas
+    ):
+        remaining = group.total_replicas
+        ranked = sorted(
+            group.options,
+            key=lambda ti: by_type[ti].price / max(_per_instance(group, by_type[ti]), 1),
+        )
+        for ti in ranked:
+            t = by_type[ti]
+            per = _per_instance(group, t)
+            if per == 0:
+                continue
+            instances = math.ceil(remaining / per)
+            # Replicas of one model must land on distinct instances.
+            instances = max(instances, min(group.replicas, remaining))
+            if t.quota is not None:
+                instances = min(instances, t.quota - used.get(ti, 0))
+            if instances <= 0:
+                continue
+            placed = min(remaining, instances * per)
+            assignment[ci, ti] = assignment.get((ci, ti), 0) + placed
+            used[ti] = used.get(ti, 0) + instances
+            remaining -= placed
+            if remaining == 0:
+                break
+    return assignment
+
+
+def _solve_aggregated(
+    types: list[_Type],
+    classes: list[_Class],
+    hint: dict[tuple[int, int], int],
+    time_limit_s: float,
+    workers: int,
+) -> tuple[dict[tuple[int, int], int], float]:
+    model = cp_model.CpModel()
+    x: dict[tuple[int, int], cp_model.IntVar] = {}
+    for ci, group in enumerate(classes):
+        for ti in group.options:
+            x[ci, ti] = model.new_int_var(0, group.total_replicas, f"x_{ci}_{ti}")
+        model.add(sum(x[ci, ti] for ti in group.options) == group.total_replicas)
+    y = {
+        t.index: model.new_int_var(0, _instance_bound(t, classes), f"y_{t.index}")
+        for t in types
+    }
+    for t in types:
+        on_type = [(ci, g) for ci, g in enumerate(classes) if t.index in g.options]
+        if not on_type:
+            model.add(y[t.index] == 0)
+            continue
+        for ci, group in on_type:
+            model.add(x[ci, t.index] <= group.count * y[t.index])
+        for dim, cap in ((0, t.memory_cap), (1, t.compute_cap)):
+            demand = [
+                (math.floor(_SCALE * g.options[t.index][dim] / cap), ci) for ci, g in on_type
+            ]
+            model.add(
+                sum(a * x[ci, t.index] for a, ci in demand if a)
+                <= _SCALE * t.devices * y[t.index]
+            )
+            big = [ci for ci, g in on_type if g.options[t.index][dim] > cap / 2 * (1 + _EPS)]
+            if big:
+                model.add(sum(x[ci, t.index] for ci in big) <= t.devices * y[t.index])
+    model.minimize(sum(math.floor(t.price * _PRICE_SCALE) * y[t.index] for t in types))
+
+    by_type = {t.index: t for t in types}
+    for (ci, ti), var in x.items():
+        model.add_hint(var, hint.get((ci, ti), 0))
+    for t in types:
+        hinted = 0
+        for ci, group in enumerate(classes):
+            count = hint.get((ci, t.index), 0)
+            if count:
+                per = _per_instance(group, by_type[t.index])
+                hinted += max(math.ceil(count / per), min(group.replicas, count))
+        model.add_hint(y[t.index], hinted)
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+    solver.parameters.num_workers = max(1, workers)
+    status = solver.solve(model)
+    bound = max(0.0, solver.best_objective_bound / _PRICE_SCALE)
+    if status == cp_model.INFEASIBLE:
+        raise InfeasibleError(_quota_message(types, classes))
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return hint, bound
+    return {key: solver.value(var) for key, var in x.items() if solver.value(var)}, bound
+
+
+def _quota_message(types: list[_Type], classes: list[_Class]) -> str:
+    limited = {t.index: t for t in types if t.quota is not None}
+    stuck = [
+        m for g in classes if g.options and set(g.options) <= set(limited) for m in g.model_ids
+    ]
+    quotas = ", ".join(f"{t.name}: {t.quota}" for t in limited.values())
+    if stuck:
+        return (
+            f"no plan is possible within limits.instance_quotas ({quotas}): "
+            f"{_name_models(stuck)} can only run on those types and do not fit in them"
+        )
+    return f"no plan is possible within limits.instance_quotas ({quotas})"
+
+
+# -------------------------------------------------------------------------- realisation
+
+
+def _realise(
+    types: list[_Type], classes: list[_Class], assignment: dict[tuple[int, int], int]
+) -> list[_Instance]:
+    instances: list[_Instance] = []
+    by_type = {t.index: t for t in types}
+    for t in types:
+        items = {ci: n for (ci, ti), n in assignment.items() if ti == t.index and n}
+        if items:
+            instances.extend(_pack_type(by_type[t.index], classes, items))
+    return instances
+
+
+def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_Instance]:
+    """First-fit decreasing by dominant share, filling each device with as many replicas of a
+    class as fit at once; anti-affinity caps a class at its model count per instance."""
+
+    def share(ci: int) -> float:
+        memory, compute = classes[ci].options[t.index]
+        return max(memory / t.memory_cap, compute / t.compute_cap)
+
+    opened: list[_Instance] = []
+    for ci in sorted(items, key=share, reverse=True):
+        memory, compute = classes[ci].options[t.index]
+        remaining = items[ci]
+        for instance in opened:
+            remaining = _fill(instance, ci, classes[ci].count, memory, compute, remaining)
+            if not remaining:
+                break
+        while remaining:
+            instance = _Instance(t, [_Device() for _ in range(t.devices)])
+            opened.append(instance)
+            left = _fill(instance, ci, classes[ci].count, memory, compute, remaining)
+            if left == remaining:
+                raise AssertionError(f"class {ci} does not fit an empty {t.name}")
+            remaining = left
+    return opened
+
+
+def _fill(
+    instance: _Instance, ci: int, model_count: int, memory: float, compute: float, remaining: int
+) -> int:
+    t = instance.type
+    room_on_instance = model_count - instance.count_of(ci)
+    for device in instance.devices:
+        if remaining == 0 or room_on_instance == 0:
+            break
+        fit = min(
+            remaining,
+            room_on_instance,
+            _room(t.memory_cap - device.memory, memory, remaining),
+            _room(t.compute_cap - device.compute, compute, remaining),
+        )
+        if fit <= 0:
+            continue
+        device.memory += fit * memory
+        device.compute += fit * compute
+        device.load[ci] = device.load.get(ci, 0) + fit
+        remaining -= fit
+        room_on_instance -= fit
+    return remaining
+
+
+def _room(free: float, each: float, wanted: int) -> int:
+    if each <= 0:
+        return wanted
+    return max(0, math.floor(free / each + _EPS))
+
+
+def _downsize(
+    instances: list[_Instance], types: list[_Type], classes: list[_Class]
+) -> list[_Instance]:
+    """Move each instance to the cheapest type that holds its devices' contents as they are."""
+    counts: dict[int, int] = {}
+    for instance in instances:
+        counts[instance.type.index] = counts.get(instance.type.index, 0) + 1
+    result = []
+    for instance in instances:
+        used = [d for d in instance.devices if d.load]
+        best = instance
+        for t in sorted(types, key=lambda t: t.price):
+            if t.price >= instance.type.price - _EPS:
+                break
+            if t.devices < len(used) or (t.quota is not None and counts.get(t.index, 0) >= t.quota):
+                continue
+            moved = _moved_devices(used, t, classes)
+            if moved is not None:
+                counts[instance.type.index] -= 1
+                counts[t.index] = counts.get(t.index, 0) + 1
+                moved += [_Device() for _ in range(t.devices - len(moved))]
+                best = _Instance(t, moved)
+                break
+        result.append(best)
+    return result
+
+
+def _moved_devices(used: list[_Device], t: _Type, classes: list[_Class]) -> list[_Device] | None:
+    moved = []
+    for device in used:
+        memory = compute = 0.0
+        for ci, n in device.load.items():
+            option = classes[ci].options.get(t.index)
+            if option is None:
+                return None
+            memory += n * option[0]
+            compute += n * option[1]
+        if memory > t.memory_cap * (1 + _EPS) or compute > t.compute_cap * (1 + _EPS):
+            return None
+        moved.append(_Device(memory, compute, dict(device.load)))
+    return moved
+
+
+# ------------------------------------------------------------------------------- exact
+
+
+def _solve_exact(
+    types: list[_Type],
+    classes: list[_Class],
+    start: list[_Instance],
+    time_limit_s: float,
+    workers: int,
+) -> tuple[list[_Instance], float]:
+    """Device-level CP-SAT over every candidate instance; class counts stand in for models
+    (anti-affinity per class ≤ its model count per instance, which the dealing honours)."""
+    model = cp_model.CpModel()
+    slots: list[tuple[_Type, int]] = []
+    for t in types:
+        slots.extend((t, j) for j in range(_instance_bound(t, classes)))
+    used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
+    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    for k, (t, j) in enumerate(slots):
+        if j > 0:
+            model.add(used[k] <= used[k - 1])  # identical instances fill in order
+        for d in range(t.devices):
+            terms = {0: [], 1: []}
+            for ci, group in enumerate(classes):
+                option = group.options.get(t.index)
+                if option is None:
+                    continue
+                var = model.new_int_var(0, group.count, f"z_{k}_{d}_{ci}")
+                z[k, d, ci] = var
+                for dim in (0, 1):
+                    cap = t.memory_cap if dim == 0 else t.compute_cap
+                    a = math.floor(_SCALE * option[dim] / cap)
+                    if a:
+                        terms[dim].append(a * var)
+            for dim in (0, 1):
+                if terms[dim]:
+                    model.add(sum(terms[dim]) <= _SCALE * used[k])
+        for ci, group in enumerate(classes):
+            on_instance = [z[k, d, ci] for d in range(t.devices) if (k, d, ci) in z]
+            if on_instance:
+                model.add(sum(on_instance) <= group.count * used[k])
+    for ci, group in enumerate(classes):
+        model.add(sum(v for (_, _, c), v in z.items() if c == ci) == group.total_replicas)
+    for t in types:
+        if t.quota is not None:
+            model.add(sum(used[k] for k, (s, _) in enumerate(slots) if s is t) <= t.quota)
+    model.minimize(sum(math.floor(t.price * _PRICE_SCALE) * used[k] for k, (t, _) in enumerate(slots)))
+
+    # Warm start: the realised plan, instance by instance in slot order.
+    next_slot: dict[int, int] = {}
+    chosen: dict[int, _Instance] = {}
+    for instance in start:
+        j = next_slot.get(instance.type.index, 0)
+        next_slot[instance.type.index] = j + 1
+        k = next(i for i, (t, jj) in enumerate(slots) if t is instance.type and jj == j)
+        chosen[k] = instance
+    for k, (t, _) in enumerate(slots):
+        instance = chosen.get(k)
+        model.add_hint(used[k], instance is not None)
+        for d in range(t.devices):
+            for ci in range(len(classes)):
+                if (k, d, ci) in z:
+                    value = instance.devices[d].load.get(ci, 0) if instance else 0
+                    model.add_hint(z[k, d, ci], value)
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+    solver.parameters.num_workers = max(1, workers)
+    status = solver.solve(model)
+    bound = max(0.0, solver.best_objective_bound / _PRICE_SCALE)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return start, bound
+    found: list[_Instance] = []
+    for k, (t, _) in enumerate(slots):
+        if not solver.value(used[k]):
+            continue
+        devices = []
+        for d in range(t.devices):
+            device = _Device()
+            for ci, group in enumerate(classes):
+                n = solver.value(z[k, d, ci]) if (k, d, ci) in z else 0
+                if n:
+                    memory, compute = group.options[t.index]
+                    device.load[ci] = n
+                    device.memory += n * memory
+                    device.compute += n * compute
+            devices.append(device)
+        found.append(_Instance(t, devices))
+    # Demands were rounded down to keep the bound valid, so check the capacities exactly.
+    overfull = any(
+        d.memory > i.type.memory_cap * (1 + _EPS) or d.compute > i.type.compute_cap * (1 + _EPS)
+        for i in found
+        for d in i.devices
+    )
+    if overfull or sum(i.type.price for i in found) > sum(i.type.price for i in start) + _EPS:
+        return start, bound
+    return [i for i in found if not i.empty], bound
+
+
+# --------------------------------------------------------------------------------- plan
+
+
+def _deal(classes: list[_Class], instances: list[_Instance]) -> dict[tuple[int, int], list[str]]:
+    """Model ids for each (instance, device): class slots are dealt cyclically in instance
+    order, so an instance holding at most ``count`` replicas of a class gets distinct models
+    and every model gets exactly ``replicas`` slots."""
+    dealt: dict[tuple[int, int], list[str]] = {}
+    cursor = [0] * len(classes)
+    for i, instance in enumerate(instances):
+        for d, device in enumerate(instance.devices):
+            for ci, n in sorted(device.load.items()):
+                ids = classes[ci].model_ids
+                start = cursor[ci]
+                dealt.setdefault((i, d), []).extend(
+                    ids[(start + s) % len(ids)] for s in range(n)
+                )
+                cursor[ci] = start + n
+    return dealt
+
+
+def _plan(
+    problem: Problem,
+    classes: list[_Class],
+    instances: list[_Instance],
+    *,
+    cost: float,
+    lower_bound: float,
+    gap: float,
+    status: str,
+    seconds: float,
+    plan_id: str | None,
+) -> Plan:
+    instances = sorted(instances, key=lambda i: (-i.type.price, i.type.name))
+    dealt = _deal(classes, instances)
+    planned_instances = []
+    servers = []
+    for i, instance in enumerate(instances):
+        instance_id = f"i{i:03d}-{instance.type.name.replace('.', '-')}"
+        planned_instances.append(
+            PlannedInstance(
+                id=instance_id,
+                type=instance.type.name,
+                processor=instance.type.spec.processor,
+                price_per_hour=instance.type.price,
+            )
+        )
+        for d, device in enumerate(instance.devices):
+            if not device.load:
+                continue
+            servers.append(
+                PlannedServer(
+                    id=f"{instance_id}-d{d}",
+                    instance=instance_id,
+                    device=d,
+                    processor=instance.type.spec.processor,
+                    model_ids=sorted(dealt[i, d]),
+                    memory_bytes=round(device.memory),
+                    memory_capacity_bytes=round(instance.type.memory_cap),
+                    compute_utilization=round(device.compute / instance.type.spec.compute_capacity, 6),
+                )
+            )
+    digest = hashlib.sha256(to_json(problem)).hexdigest()[:12]
+    return Plan(
+        plan_id=plan_id or f"plan-{digest}",
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        problem=problem.name,
+        price=problem.price,
+        instances=planned_instances,
+        servers=servers,
+        cost_per_hour=round(cost, 6),
+        lower_bound_cost_per_hour=round(lower_bound, 6),
+        gap=round(gap, 6),
+        solver_status=status,
+        solve_seconds=round(seconds, 3),
+    )

@@ -1,0 +1,132 @@
+"""Check a plan against its problem from first principles, independently of the solver.
+
+Everything is recomputed from the problem: which profile applies on each instance type, each
+device's memory and compute, replica counts, anti-affinity, quotas and the cost from the
+catalog. Tests run every plan through it; ``myriad pack`` does too before writing a plan.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from packing.contracts import Plan, Problem
+
+_TOLERANCE = 1e-6
+
+
+class PlanError(ValueError):
+    """A plan breaks its problem's constraints; the message lists every violation."""
+
+
+def violations(problem: Problem, plan: Plan) -> list[str]:
+    """Every way ``plan`` breaks ``problem``; empty when it is valid."""
+    found: list[str] = []
+    limits = problem.limits
+    models = {m.id: m for m in problem.models}
+    instances = {i.id: i for i in plan.instances}
+    types = {}
+    for instance in plan.instances:
+        try:
+            instance_type = problem.catalog.get(instance.type)
+        except KeyError:
+            found.append(f"instance {instance.id}: type {instance.type} is not in the catalog")
+            continue
+        types[instance.id] = instance_type
+        price = instance_type.price(problem.price)
+        if abs(instance.price_per_hour - price) > _TOLERANCE:
+            found.append(
+                f"instance {instance.id}: price {instance.price_per_hour} but the catalog's "
+                f"{problem.price} price of {instance.type} is {price}"
+            )
+        if instance.processor != instance_type.processor:
+            found.append(f"instance {instance.id}: processor {instance.processor} is wrong")
+
+    placements: Counter[str] = Counter()
+    per_instance: dict[str, Counter[str]] = {}
+    devices_seen: set[tuple[str, int]] = set()
+    for server in plan.servers:
+        instance_type = types.get(server.instance)
+        if instance_type is None:
+            found.append(f"server {server.id}: instance {server.instance} is not valid")
+            continue
+        if server.device >= instance_type.devices:
+            found.append(
+                f"server {server.id}: device {server.device} but {instance_type.name} has "
+                f"{instance_type.devices}"
+            )
+        if (server.instance, server.device) in devices_seen:
+            found.append(f"server {server.id}: a second server on the same device")
+        devices_seen.add((server.instance, server.device))
+        memory = compute = 0.0
+        for model_id in server.model_ids:
+            model = models.get(model_id)
+            if model is None:
+                found.append(f"server {server.id}: model {model_id} is not in the problem")
+                continue
+            profile = model.profile_for(instance_type)
+            if profile is None:
+                found.append(
+                    f"server {server.id}: model {model_id} has no profile for "
+                    f"{instance_type.name}"
+                )
+                continue
+            placements[model_id] += 1
+            per_instance.setdefault(server.instance, Counter())[model_id] += 1
+            memory += profile.memory_bytes
+            compute += model.traffic_rps * profile.seconds_per_request / model.replicas
+        memory_cap = limits.max_memory_fraction * instance_type.device_memory_bytes
+        if memory > memory_cap * (1 + _TOLERANCE):
+            found.append(
+                f"server {server.id}: {memory:.0f} bytes of models exceed the memory cap "
+                f"{memory_cap:.0f}"
+            )
+        utilization = compute / instance_type.compute_capacity
+        if utilization > limits.max_compute_utilization + _TOLERANCE:
+            found.append(
+                f"server {server.id}: compute utilisation {utilization:.4f} exceeds "
+                f"{limits.max_compute_utilization}"
+            )
+        if abs(server.memory_bytes - memory) > max(1.0, memory * _TOLERANCE):
+            found.append(f"server {server.id}: reports {server.memory_bytes} bytes, is {memory}")
+        if abs(server.compute_utilization - utilization) > 1e-5:
+            found.append(
+                f"server {server.id}: reports utilisation {server.compute_utilization}, "
+                f"is {utilization:.6f}"
+            )
+
+    for model in problem.models:
+        if placements[model.id] != model.replicas:
+            found.append(
+                f"model {model.id}: placed {placements[model.id]} times, wants {model.replicas}"
+            )
+    for instance_id, counts in per_instance.items():
+        doubled = sorted(m for m, n in counts.items() if n > 1)
+        if doubled:
+            found.append(f"instance {instance_id}: holds two replicas of {doubled[:5]}")
+    for name, quota in limits.instance_quotas.items():
+        used = sum(1 for i in instances.values() if i.type == name)
+        if used > quota:
+            found.append(f"{used} instances of {name} exceed its quota of {quota}")
+
+    cost = sum(types[i].price(problem.price) for i in types)
+    if abs(plan.cost_per_hour - cost) > 1e-4:
+        found.append(f"cost_per_hour {plan.cost_per_hour} but the instances cost {cost:.6f}")
+    if plan.lower_bound_cost_per_hour > plan.cost_per_hour + 1e-4:
+        found.append("lower_bound_cost_per_hour exceeds cost_per_hour")
+    expected_gap = (
+        (plan.cost_per_hour - plan.lower_bound_cost_per_hour) / plan.cost_per_hour
+        if plan.cost_per_hour
+        else 0.0
+    )
+    if abs(plan.gap - expected_gap) > 1e-4:
+        found.append(f"gap {plan.gap} but cost and lower bound give {expected_gap:.6f}")
+    return found
+
+
+def check(problem: Problem, plan: Plan) -> None:
+    """Raise :class:`PlanError` listing the violations, if any."""
+    found = violations(problem, plan)
+    if found:
+        shown = "; ".join(found[:20])
+        more = f"; and {len(found) - 20} more" if len(found) > 20 else ""
+        raise PlanError(f"plan {plan.plan_id} is invalid: {shown}{more}")
