@@ -1,0 +1,100 @@
+"""Route a model id to the server that holds it, by the plan, with failover between replicas."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import msgspec
+
+from packing.contracts import Plan
+
+
+class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where the servers of a plan answer: one base URL per plan server id."""
+
+    schema_version: int = 1
+    name: str
+    plan_id: str
+    runtime: str
+    servers: dict[str, str]
+    # Local runtime: process ids, so teardown can stop exactly what deploy started.
+    pids: dict[str, int] = {}
+
+
+class RoutingError(RuntimeError):
+    pass
+
+
+class Router:
+    def __init__(self, plan: Plan, deployment: Deployment) -> None:
+        if plan.plan_id != deployment.plan_id:
+            raise RoutingError(
+                f"deployment {deployment.name} runs plan {deployment.plan_id}, not {plan.plan_id}"
+            )
+        self.plan = plan
+        self.deployment = deployment
+        self._routes: dict[str, list[str]] = {}
+        for server in plan.servers:
+            url = deployment.servers.get(server.id)
+            if url is None:
+                raise RoutingError(f"deployment {deployment.name} has no address for {server.id}")
+            for model_id in server.model_ids:
+                self._routes.setdefault(model_id, []).append(url)
+
+    def urls_for(self, model_id: str) -> list[str]:
+        try:
+            return self._routes[model_id]
+        except KeyError:
+            raise RoutingError(f"model {model_id!r} is not in plan {self.plan.plan_id}") from None
+
+    def prediction_url(self, model_id: str, server_url: str) -> str:
+        return f"{server_url}/predictions/{model_id}"
+
+    @property
+    def model_ids(self) -> list[str]:
+        return sorted(self._routes)
+
+
+RETRYABLE_STATUS = {502, 503, 504}
+
+
+class Client:
+    """A synchronous client: ``predict(model_id, text)``, trying each replica at most once."""
+
+    def __init__(self, router: Router, timeout_s: float = 30.0) -> None:
+        self.router = router
+        self.http = httpx.Client(timeout=timeout_s)
+
+    def predict(self, model_id: str, text: str | Sequence[str], raw: bool = False) -> Any:
+        urls = list(self.router.urls_for(model_id))
+        random.shuffle(urls)
+        body = {"text": text if isinstance(text, str) else list(text)}
+        last_error: Exception | None = None
+        for url in urls:
+            try:
+                response = self.http.post(
+                    self.router.prediction_url(model_id, url),
+                    json=body,
+                    params={"raw": "1"} if raw else None,
+                )
+            except httpx.TransportError as exc:
+                last_error = exc
+                continue
+            if response.status_code in RETRYABLE_STATUS:
+                last_error = RoutingError(f"{url} answered {response.status_code}")
+                continue
+            response.raise_for_status()
+            return response.json()
+        raise RoutingError(f"no replica of {model_id} answered: {last_error}")
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,192 @@
+"""The model contract (load, ready, predict) and the repository that owns loading."""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from serving.modeling import configure_tokenizer, encode
+from serving.store import ArtifactStore, StoreError, materialize
+from serving.tracing import artifact_prefix
+
+
+class ModelState(enum.StrEnum):
+    PENDING = "pending"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ModelNotFound(KeyError):
+    def __init__(self, model_id: str) -> None:
+        super().__init__(model_id)
+        self.model_id = model_id
+
+    def __str__(self) -> str:
+        return f"model {self.model_id!r} is not served here"
+
+
+class ModelNotReady(RuntimeError):
+    def __init__(self, model_id: str, state: ModelState, reason: str | None) -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"model {model_id!r} is {state.value}{detail}")
+        self.model_id = model_id
+        self.state = state
+
+
+class InvalidInput(ValueError):
+    """The request's content cannot be served (empty text, too many texts)."""
+
+
+@dataclass
+class ServedModel:
+    """A traced model from the store, with its tokenizer and post-processing."""
+
+    model_id: str
+    processor: str
+    prefix: str
+    state: ModelState = ModelState.PENDING
+    reason: str | None = None
+    task: str = ""
+    max_length: int = 0
+    labels: list[str] = field(default_factory=list)
+    memory_bytes: int = 0
+    load_seconds: float = 0.0
+    module: torch.jit.ScriptModule | None = None
+    tokenizer: Tokenizer | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def load(self, store: ArtifactStore, cache_dir: Path | None) -> None:
+        started = time.perf_counter()
+        self.state = ModelState.LOADING
+        try:
+            directory, manifest = materialize(store, self.prefix, cache_dir)
+            meta = manifest.metadata
+            self.task = meta["task"]
+            self.max_length = int(meta["max_length"])
+            self.labels = list(meta.get("labels", []))
+            if self.processor == "gpu":
+                self.device = torch.device("cuda")
+            elif self.processor == "inf":
+                import torch_neuron  # noqa: F401  (registers the Neuron ops the trace uses)
+            self.tokenizer = configure_tokenizer(
+                Tokenizer.from_file(str(directory / "tokenizer.json")), self.max_length
+            )
+            self.module = torch.jit.load(str(directory / "model.ts"), map_location=self.device)
+            self.memory_bytes = sum(
+                t.numel() * t.element_size() for t in self.module.state_dict().values()
+            )
+            # TorchScript's profiling executor optimises the graph over the first two calls;
+            # doing them here keeps that cost off the first real requests.
+            self.state = ModelState.READY
+            for _ in range(2):
+                self.predict(["warm-up"])
+        except (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError) as exc:
+            self.state = ModelState.FAILED
+            self.reason = f"{type(exc).__name__}: {exc}"
+            return
+        finally:
+            self.load_seconds = time.perf_counter() - started
+        self.state = ModelState.READY
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    def predict(self, texts: list[str], raw: bool = False) -> list[dict]:
+        """Run one batch; safe to call from worker threads (TorchScript releases the GIL)."""
+        if not self.ready or self.module is None or self.tokenizer is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        if not texts:
+            raise InvalidInput("no text given")
+        input_ids, attention_mask = encode(self.tokenizer, texts)
+        with torch.inference_mode():
+            output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
+        output = output.float().cpu()
+        if self.task == "embedding":
+            return [{"embedding": row.tolist()} for row in output]
+        if raw:
+            return [{"logits": row.tolist()} for row in output]
+        probabilities = output.softmax(dim=-1)
+        results = []
+        for row in probabilities:
+            best = int(row.argmax())
+            results.append(
+                {
+                    "label": self.labels[best] if best < len(self.labels) else str(best),
+                    "score": float(row[best]),
+                    "probabilities": {
+                        (self.labels[i] if i < len(self.labels) else str(i)): float(p)
+                        for i, p in enumerate(row)
+                    },
+                }
+            )
+        return results
+
+    def describe(self) -> dict:
+        return {
+            "id": self.model_id,
+            "processor": self.processor,
+            "state": self.state.value,
+            "reason": self.reason,
+            "task": self.task or None,
+            "max_length": self.max_length or None,
+            "memory_bytes": self.memory_bytes,
+            "load_seconds": round(self.load_seconds, 4),
+        }
+
+
+class ModelRepository:
+    """Owns the models of one server: loads them in parallel and reports each one's state."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        model_ids: Iterable[str],
+        processor: str = "cpu",
+        cache_dir: Path | None = None,
+        load_workers: int = 2,
+    ) -> None:
+        self.store = store
+        self.cache_dir = cache_dir
+        self.load_workers = load_workers
+        self.models: dict[str, ServedModel] = {
+            model_id: ServedModel(model_id, processor, artifact_prefix(model_id, processor))
+            for model_id in model_ids
+        }
+        self._loaded = threading.Event()
+
+    def get(self, model_id: str) -> ServedModel:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise ModelNotFound(model_id) from None
+
+    def load_all(self) -> None:
+        # A few workers bound peak memory (one artifact being read per worker) while still
+        # overlapping store I/O with deserialisation.
+        with ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="load") as pool:
+            list(pool.map(lambda m: m.load(self.store, self.cache_dir), self.models.values()))
+        self._loaded.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and all(m.ready for m in self.models.values())
+
+    @property
+    def finished_loading(self) -> bool:
+        return self._loaded.is_set()
+
+    def failed(self) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.state is ModelState.FAILED]
+
+    def describe(self) -> list[dict]:
+        return [m.describe() for m in self.models.values()]

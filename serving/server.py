@@ -1,0 +1,74 @@
+"""Run one model server: the models of one plan server (or an explicit list) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from packing.contracts import Plan
+from packing.io import load
+
+SERVER_PORT_DEFAULT = 8080
+
+
+def server_models(plan: Plan, server_id: str) -> tuple[list[str], str]:
+    server = plan.server(server_id)
+    return list(server.model_ids), server.processor
+
+
+def serve(
+    model_ids: list[str],
+    processor: str,
+    store_uri: str | None,
+    host: str = "127.0.0.1",
+    port: int = SERVER_PORT_DEFAULT,
+    threads: int = 1,
+    cache_dir: Path | None = None,
+) -> None:
+    import torch
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.models import ModelRepository
+    from serving.store import open_store
+
+    # Many servers share a machine; one intra-op thread each keeps them from fighting over cores.
+    torch.set_num_threads(threads)
+    repository = ModelRepository(open_store(store_uri), model_ids, processor, cache_dir)
+    app = create_app(repository, workers=threads)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=os.environ.get("MYRIAD_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=30,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    parser.add_argument("--plan", type=Path, help="plan.json; serve the models of --server")
+    parser.add_argument("--server", help="server id in the plan")
+    parser.add_argument("--models", help="comma-separated model ids (instead of --plan)")
+    parser.add_argument("--processor", default="cpu", choices=["cpu", "gpu", "inf"])
+    parser.add_argument(
+        "--store", help="artifact store URI (default: $MYRIAD_STORE or ./.myriad/store)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=SERVER_PORT_DEFAULT)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.plan:
+        if not args.server:
+            parser.error("--plan needs --server")
+        model_ids, processor = server_models(load(args.plan, Plan), args.server)
+    elif args.models:
+        model_ids, processor = [m for m in args.models.split(",") if m], args.processor
+    else:
+        parser.error("give --plan PLAN --server ID, or --models a,b,c")
+    serve(model_ids, processor, args.store, args.host, args.port, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Trace a model for a processor, check the trace against the eager model, profile it and commit
+the artifact to the store. The whole step is keyed by a content hash, so an unchanged model is
+never traced twice.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import torch
+
+from packing.contracts import ModelSpec, Processor
+from serving import sources
+from serving.modeling import EagerModel, configure_tokenizer, encode, load_eager
+from serving.store import ArtifactStore, put_artifact, read_manifest
+
+# Bump when the traced artifact would differ for the same source and settings.
+TRACE_FORMAT_VERSION = 1
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+PARITY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Serving thousands of models at once is mostly a packing problem.",
+    "ok",
+    "A much longer sentence that keeps going, so that the attention mask and the padding both "
+    "matter for the result, with numbers like 3.14 and 2,718 and punctuation!",
+]
+
+
+class TraceError(RuntimeError):
+    """Tracing, the parity check or profiling failed; the message names the model."""
+
+
+class TraceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    precision: Precision | None = None  # None: fp32 on cpu, fp16 on gpu, bf16 on inf
+    profile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    profile_repeats: int = 5
+    # Absolute tolerance of the parity check on the traced output (logits or unit vectors).
+    parity_atol_fp32: float = 1e-4
+    parity_atol_half: float = 3e-2
+    neuron_pipeline_cores: int | None = None
+
+    def precision_for(self, processor: Processor) -> Precision:
+        if self.precision is not None:
+            return self.precision
+        return {"cpu": "fp32", "gpu": "fp16", "inf": "bf16"}[processor]
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    model_id: str
+    processor: str
+    prefix: str
+    trace_key: str
+    cached: bool
+    seconds: float
+    profile: dict
+
+
+def artifact_prefix(model_id: str, processor: str) -> str:
+    return f"models/{model_id}/{processor}"
+
+
+def trace_key(
+    spec: ModelSpec, processor: Processor, settings: TraceSettings, content_hash: str
+) -> str:
+    return sources._sha256_text(
+        sources.canonical_json(
+            {
+                "format": TRACE_FORMAT_VERSION,
+                "source": content_hash,
+                "processor": processor,
+                "task": spec.task,
+                "max_length": spec.max_length,
+                "num_labels": spec.num_labels,
+                "settings": msgspec.to_builtins(settings),
+                "torch": torch.__version__.split("+")[0],
+            }
+        )
+    )
+
+
+def trace_to_store(
+    spec: ModelSpec,
+    processor: Processor,
+    store: ArtifactStore,
+    settings: TraceSettings | None = None,
+    *,
+    base_dir: Path | None = None,
+    force: bool = False,
+) -> TraceResult:
+    """Trace ``spec`` for ``processor`` unless the store already holds this exact trace."""
+    settings = settings or TraceSettings()
+    started = time.perf_counter()
+    source = sources.resolve(spec, base_dir)
+    key = trace_key(spec, processor, settings, source.content_hash)
+    prefix = artifact_prefix(spec.id, processor)
+    existing = read_manifest(store, prefix)
+    if existing is not None and existing.metadata.get("trace_key") == key and not force:
+        profile = json.loads(store.get_bytes(f"{prefix}/profile.json"))
+        return TraceResult(spec.id, processor, prefix, key, True, 0.0, profile)
+
+    device = _device_for(processor)
+    eager = load_eager(spec, source)
+    with tempfile.TemporaryDirectory(prefix=f"myriad-trace-{spec.id}-") as tmp:
+        out = Path(tmp)
+        precision = settings.precision_for(processor)
+        traced = _trace(spec, processor, eager, precision, device, settings)
+        torch.jit.save(traced, str(out / "model.ts"))
+        _save_weights(eager, out / "weights.safetensors")
+        (out / "config.json").write_text(eager.config_json)
+        eager.tokenizer.save(str(out / "tokenizer.json"))
+        max_error = parity_check(spec, eager, traced, precision, device, settings)
+        profile = profile_artifact(out / "model.ts", spec, processor, eager, device, settings)
+        profile["parity_max_abs_error"] = max_error
+        (out / "profile.json").write_text(json.dumps(profile, indent=2))
+        metadata = {
+            "trace_key": key,
+            "model_id": spec.id,
+            "processor": processor,
+            "task": spec.task,
+            "max_length": spec.max_length,
+            "precision": precision,
+            "labels": eager.labels,
+            "source": spec.source,
+            "source_hash": source.content_hash,
+        }
+        put_artifact(store, prefix, out, metadata)
+    seconds = time.perf_counter() - started
+    return TraceResult(spec.id, processor, prefix, key, False, seconds, profile)
+
+
+def _device_for(processor: Processor) -> torch.device:
+    if processor == "gpu":
+        if not torch.cuda.is_available():
+            raise TraceError("processor 'gpu' asked for, but torch sees no CUDA device here")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _dtype(precision: Precision) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _example_inputs(
+    spec: ModelSpec, eager: EagerModel, device: torch.device, batch: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer = configure_tokenizer(eager.tokenizer, spec.max_length)
+    texts = (PARITY_TEXTS * batch)[:batch]
+    input_ids, attention_mask = encode(tokenizer, texts)
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _trace(
+    spec: ModelSpec,
+    processor: Processor,
+    eager: EagerModel,
+    precision: Precision,
+    device: torch.device,
+    settings: TraceSettings,
+) -> torch.jit.ScriptModule:
+    example = _example_inputs(spec, eager, device)
+    if processor == "inf":
+        return _trace_neuron(spec, eager, example, settings)
+    module = eager.module.to(device=device, dtype=_dtype(precision))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The trace is fixed to max_length tokens; the warnings are about exactly that.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(module, example, check_trace=False)
+    except Exception as exc:  # torch raises many types here; all mean "cannot trace"
+        raise TraceError(f"model {spec.id}: torch.jit.trace failed: {exc}") from exc
+    finally:
+        eager.module.to(device="cpu", dtype=torch.float32)
+    return traced
+
+
+def _trace_neuron(
+    spec: ModelSpec,
+    eager: EagerModel,
+    example: tuple[torch.Tensor, torch.Tensor],
+    settings: TraceSettings,
+) -> torch.jit.ScriptModule:
+    try:
+        import torch_neuron  # noqa: F401  (registers torch.neuron)
+    except ImportError:
+        raise TraceError(
+            f"model {spec.id}: processor 'inf' needs torch-neuron from the AWS Neuron SDK "
+            "(pip install torch-neuron --extra-index-url https://pip.repos.neuron.amazonaws.com); "
+            "it is not installed here"
+        ) from None
+    compiler_args = []
+    if settings.neuron_pipeline_cores:
+        compiler_args = ["--neuroncore-pipeline-cores", str(settings.neuron_pipeline_cores)]
+    return torch.neuron.trace(eager.module, example, compiler_args=compiler_args)  # type: ignore[attr-defined]
+
+
+def parity_check(
+    spec: ModelSpec,
+    eager: EagerModel,
+    traced: torch.jit.ScriptModule,
+    precision: Precision,
+    device: torch.device,
+    settings: TraceSettings,
+) -> float:
+    """Compare traced and eager fp32 outputs at several batch sizes; raise past the tolerance."""
+    tolerance = settings.parity_atol_fp32 if precision == "fp32" else settings.parity_atol_half
+    worst = 0.0
+    for batch in (1, len(PARITY_TEXTS)):
+        input_ids, attention_mask = _example_inputs(spec, eager, torch.device("cpu"), batch)
+        with torch.no_grad():
+            expected = eager.module(input_ids, attention_mask).float()
+            got = traced(input_ids.to(device), attention_mask.to(device)).float().cpu()
+        if got.shape != expected.shape:
+            raise TraceError(
+                f"model {spec.id}: traced output shape {tuple(got.shape)} differs from eager "
+                f"{tuple(expected.shape)}"
+            )
+        worst = max(worst, float((got - expected).abs().max()))
+    if not worst <= tolerance:
+        raise TraceError(
+            f"model {spec.id}: traced output differs from eager by {worst:.3g} "
+            f"(tolerance {tolerance:g} at {precision})"
+        )
+    return worst
+
+
+def _save_weights(eager: EagerModel, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(eager.module, str(path))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def profile_artifact(
+    model_path: Path,
+    spec: ModelSpec,
+    processor: Processor,
+    eager: EagerModel,
+    device: torch.device,
+    settings: TraceSettings,
+) -> dict:
+    """Resident memory and seconds per request at each batch size, measured on this machine.
+
+    On CPU it measures one intra-op thread, as servers run (serving.server), so that the
+    packer's CPU capacity (one request per physical core) matches what is profiled.
+    """
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _measure_profile(model_path, spec, processor, eager, device, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_profile(
+    model_path: Path,
+    spec: ModelSpec,
+    processor: Processor,
+    eager: EagerModel,
+    device: torch.device,
+    settings: TraceSettings,
+) -> dict:
+    rss_before = _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    module = torch.jit.load(str(model_path), map_location=device)
+    weights_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    timings: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in settings.profile_batch_sizes:
+            input_ids, attention_mask = _example_inputs(spec, eager, device, batch)
+            module(input_ids, attention_mask)  # warm-up: first calls run the profiling executor
+            samples = []
+            for _ in range(settings.profile_repeats):
+                start = time.perf_counter()
+                module(input_ids, attention_mask)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                samples.append(time.perf_counter() - start)
+            timings[str(batch)] = statistics.median(samples)
+    if device.type == "cuda":
+        measured = torch.cuda.max_memory_allocated() - base
+    else:
+        measured = _rss_bytes() - rss_before
+    # Freed pages from earlier work can be reused, so RSS growth can undercount; the weights
+    # themselves are a floor.
+    memory_bytes = max(measured, weights_bytes)
+    best_batch = min(timings, key=lambda b: timings[b] / int(b))
+    return {
+        "processor": processor,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "max_length": spec.max_length,
+        "weights_bytes": weights_bytes,
+        "measured_bytes": measured,
+        "memory_bytes": memory_bytes,
+        "seconds_per_batch": timings,
+        "batch_size": int(best_batch),
+        "seconds_per_request": timings[best_batch] / int(best_batch),
+        "seconds_per_request_batch1": timings[str(min(settings.profile_batch_sizes))],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
