@@ -1,0 +1,319 @@
+"""The ``myriad`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
+)
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="artifact store URI: file:///path or s3://bucket/prefix "
+        "(default: $MYRIAD_STORE, else ./.myriad/store)",
+    ),
+]
+
+
+def _embedded_prefect_defaults() -> None:
+    """Without PREFECT_API_URL, flows run on a temporary local Prefect server whose SQLite
+    database lives under the project's data directory, not in the user's home."""
+    from tasks.paths import data_dir
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(data_dir() / "prefect"))
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    fleet: Annotated[Path, typer.Option(help="fleet file")] = Path("examples/demo.yaml"),
+    catalog: Annotated[Path, typer.Option(help="instance catalog")] = Path("catalogs/aws.yaml"),
+    store: StoreOption = None,
+    runtime: Annotated[str, typer.Option(help="local | docker | kubernetes")] = "local",
+    duration: Annotated[float, typer.Option(help="seconds of random load")] = 10.0,
+    concurrency: Annotated[int, typer.Option(help="closed-loop clients")] = 8,
+    time_limit: Annotated[float, typer.Option(help="packer time limit, seconds")] = 10.0,
+    spot: Annotated[bool, typer.Option(help="pack with spot prices")] = False,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 | fp16 | bf16 (default: fp32 cpu, fp16 gpu)")
+    ] = None,
+    keep_running: Annotated[bool, typer.Option(help="leave the servers up afterwards")] = False,
+) -> None:
+    """Run the whole pipeline: build, trace, pack, deploy, load test, report."""
+    from flows.pipeline import pipeline
+
+    summary = pipeline(
+        fleet=str(fleet),
+        catalog=str(catalog),
+        store=store,
+        runtime=runtime,
+        duration_s=duration,
+        concurrency=concurrency,
+        time_limit_s=time_limit,
+        spot=spot,
+        precision=precision,
+        keep_running=keep_running,
+    )
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    from tasks.report import _fmt
+
+    table = Table(title="Myriad pipeline summary", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+@app.command()
+def trace(
+    fleet: Annotated[Path, typer.Option(help="fleet file")] = Path("examples/demo.yaml"),
+    store: StoreOption = None,
+    force: Annotated[bool, typer.Option(help="trace even what the store already holds")] = False,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 | fp16 | bf16 (default: fp32 cpu, fp16 gpu)")
+    ] = None,
+) -> None:
+    """Trace every model of a fleet for each of its processors (skips unchanged models)."""
+    import msgspec
+    from rich.progress import Progress
+
+    from packing.contracts import Fleet
+    from packing.io import load
+    from serving.store import open_store
+    from serving.tracing import TraceSettings, trace_to_store
+    from tasks.trace import trace_jobs
+
+    fleet_spec = load(fleet, Fleet)
+    settings = msgspec.convert({"precision": precision} if precision else {}, TraceSettings)
+    artifact_store = open_store(store)
+    jobs = trace_jobs(fleet_spec)
+    traced = 0
+    with Progress(console=console) as progress:
+        bar = progress.add_task("tracing", total=len(jobs))
+        for spec, processor in jobs:
+            progress.update(bar, description=f"{spec.id} ({processor})")
+            result = trace_to_store(
+                spec,
+                processor,
+                artifact_store,
+                settings,
+                base_dir=fleet.resolve().parent,
+                force=force,
+            )
+            traced += not result.cached
+            progress.advance(bar)
+    console.print(f"{traced} traced, {len(jobs) - traced} unchanged, in {artifact_store.uri}")
+
+
+@app.command()
+def pack(
+    problem: Annotated[Path | None, typer.Option(help="packing-problem file")] = None,
+    fleet: Annotated[
+        Path | None, typer.Option(help="or: a traced fleet (profiles from the store)")
+    ] = None,
+    catalog: Annotated[Path, typer.Option(help="catalog, with --fleet")] = Path(
+        "catalogs/aws.yaml"
+    ),
+    store: StoreOption = None,
+    out: Annotated[Path, typer.Option(help="where to write plan.json")] = Path("plan.json"),
+    time_limit: Annotated[float, typer.Option(help="solver time limit, seconds")] = 10.0,
+    workers: Annotated[int, typer.Option(help="solver workers")] = 2,
+    spot: Annotated[bool, typer.Option(help="use spot prices")] = False,
+) -> None:
+    """Pack models onto the cheapest instances and write a plan."""
+    import json
+
+    from packing.contracts import Catalog, Fleet, Problem
+    from packing.io import load, save
+    from serving.store import open_store
+    from serving.tracing import artifact_prefix
+
+    if problem is not None:
+        spec = load(problem, Problem)
+        if spot:
+            import msgspec
+
+            spec = msgspec.structs.replace(spec, price="spot")
+    elif fleet is not None:
+        from tasks.pack import build_problem
+
+        fleet_spec = load(fleet, Fleet)
+        artifact_store = open_store(store)
+        results = []
+        for spec_model in fleet_spec.all_models():
+            for processor in fleet_spec.processors_for(spec_model):
+                key = f"{artifact_prefix(spec_model.id, processor)}/profile.json"
+                if not artifact_store.exists(key):
+                    _fail(
+                        f"model {spec_model.id} has no {processor} profile in "
+                        f"{artifact_store.uri}; run `myriad trace` first"
+                    )
+                results.append(
+                    {
+                        "model_id": spec_model.id,
+                        "processor": processor,
+                        "profile": json.loads(artifact_store.get_bytes(key)),
+                    }
+                )
+        spec = build_problem(
+            fleet_spec, results, load(catalog, Catalog), price="spot" if spot else "on_demand"
+        )
+    else:
+        _fail("give --problem PROBLEM, or --fleet FLEET to pack traced profiles")
+    from packing.report import plan_table
+    from packing.solver import solve
+
+    with console.status("solving"):
+        plan = solve(spec, time_limit_s=time_limit, workers=workers)
+    save(plan, out)
+    table = Table(title=f"plan {plan.plan_id} ({plan.solver_status})")
+    rows = plan_table(spec, plan)
+    for column in rows[0] if rows else []:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    console.print(
+        f"cost ${plan.cost_per_hour:.4f}/h, lower bound ${plan.lower_bound_cost_per_hour:.4f}/h, "
+        f"gap {plan.gap:.2%}, {plan.solve_seconds:.1f} s → {out}"
+    )
+
+
+@app.command()
+def serve(
+    plan: Annotated[Path | None, typer.Option(help="plan.json")] = None,
+    server: Annotated[str | None, typer.Option(help="server id in the plan")] = None,
+    models: Annotated[str | None, typer.Option(help="or: comma-separated model ids")] = None,
+    processor: Annotated[str, typer.Option(help="with --models")] = "cpu",
+    store: StoreOption = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    threads: int = 1,
+) -> None:
+    """Run one model server in the foreground."""
+    from serving.server import main as serve_main
+
+    argv = [
+        "--processor",
+        processor,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+    ]
+    if plan:
+        argv += ["--plan", str(plan)]
+    if server:
+        argv += ["--server", server]
+    if models:
+        argv += ["--models", models]
+    if store:
+        argv += ["--store", store]
+    serve_main(argv)
+
+
+@app.command()
+def deploy(
+    plan: Annotated[Path, typer.Option(help="plan.json")],
+    runtime: Annotated[str, typer.Option(help="local | docker | kubernetes")] = "local",
+    store: StoreOption = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+) -> None:
+    """Start the servers of a plan and wait until every model is loaded."""
+    from tasks.deploy import deploy as deploy_plan
+
+    with console.status(f"starting servers of {plan}"):
+        deployment = deploy_plan(plan, store, runtime, name)
+    table = Table(title=f"deployment {name} ({runtime})")
+    table.add_column("server")
+    table.add_column("address")
+    for server_id, url in deployment.servers.items():
+        table.add_row(server_id, url)
+    console.print(table)
+    console.print(f"stop them with: myriad teardown --name {name}")
+
+
+@app.command()
+def teardown(name: Annotated[str, typer.Option(help="deployment name")] = "local") -> None:
+    """Stop the servers of a deployment."""
+    from tasks.deploy import teardown_local
+
+    stopped = teardown_local(name)
+    console.print(f"stopped {len(stopped)} servers of {name}")
+
+
+@app.command()
+def loadtest(
+    plan: Annotated[Path, typer.Option(help="plan.json")],
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    duration: Annotated[float, typer.Option(help="seconds of random load")] = 10.0,
+    concurrency: Annotated[int, typer.Option(help="closed-loop clients")] = 8,
+    out: Annotated[
+        Path | None, typer.Option(help="directory for report.json and report.md")
+    ] = None,
+) -> None:
+    """Load-test a running deployment of a plan."""
+    import json
+
+    from packing.contracts import Plan
+    from packing.io import load, write_atomic
+    from tasks.deploy import read_deployment
+    from tasks.loadtest import run_load_test
+    from tasks.report import summarize, to_markdown
+
+    plan_spec = load(plan, Plan)
+    with console.status(f"load test, {duration:.0f} s at concurrency {concurrency}"):
+        figures = run_load_test(plan_spec, read_deployment(name), duration, concurrency)
+    summary = summarize(plan_spec, figures)
+    if out:
+        write_atomic(
+            out / "report.json",
+            json.dumps({"summary": summary, "load": figures}, indent=2).encode(),
+        )
+        write_atomic(out / "report.md", to_markdown(summary).encode())
+    print_summary(summary)
+
+
+def main() -> None:
+    _embedded_prefect_defaults()
+    from packing.io import ContractError
+
+    try:
+        app()
+    except ContractError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        # Typed domain errors (trace, deploy, store, infeasible plans) end here with one line.
+        if os.environ.get("MYRIAD_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

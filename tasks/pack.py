@@ -1,0 +1,86 @@
+"""Turn traced profiles into a packing problem, solve it and publish the plan to the store."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from packing.solver import solve
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from packing.contracts import Catalog, Fleet, Limits, Plan, Problem, ProblemModel, Profile
+from packing.io import decode, to_json
+from serving.store import open_store
+
+
+def build_problem(
+    fleet: Fleet,
+    trace_results: list[dict],
+    catalog: Catalog,
+    limits: Limits | None = None,
+    price: str = "on_demand",
+) -> Problem:
+    """One packing model per fleet model, with a profile per processor it was traced for.
+
+    Traffic spread over many models rarely forms batches, so the packer is given the batch-1
+    cost per request: the conservative figure.
+    """
+    profiles: dict[str, list[Profile]] = {}
+    for result in trace_results:
+        profile = result["profile"]
+        profiles.setdefault(result["model_id"], []).append(
+            Profile(
+                processor=result["processor"],
+                memory_bytes=int(profile["memory_bytes"]),
+                seconds_per_request=float(profile["seconds_per_request_batch1"]),
+                batch_size=1,
+            )
+        )
+    models = []
+    for spec in fleet.all_models():
+        if spec.id not in profiles:
+            raise ValueError(f"model {spec.id} has no traced profile; trace it before packing")
+        models.append(
+            ProblemModel(
+                id=spec.id,
+                traffic_rps=spec.traffic_rps,
+                replicas=spec.replicas,
+                profiles=profiles[spec.id],
+            )
+        )
+    return Problem(
+        name=fleet.name, price=price, limits=limits or Limits(), catalog=catalog, models=models
+    )
+
+
+def publish_plan(plan: Plan, store_uri: str | None) -> str:
+    """Write ``plans/<id>/plan.json`` (immutable) and point ``plans/latest`` at it."""
+    store = open_store(store_uri)
+    key = f"plans/{plan.plan_id}/plan.json"
+    if not store.exists(key):
+        store.put_bytes(key, to_json(plan))
+    store.put_bytes("plans/latest", plan.plan_id.encode())
+    return store.url_for(key)
+
+
+def latest_plan(store_uri: str | None) -> Plan:
+    store = open_store(store_uri)
+    plan_id = store.get_bytes("plans/latest").decode().strip()
+    key = f"plans/{plan_id}/plan.json"
+    return decode(store.get_bytes(key), Plan, store.url_for(key))
+
+
+@task(name="pack-models", cache_policy=NO_CACHE)
+def pack_models(
+    problem_json: str, store_uri: str | None, time_limit_s: float = 10.0, workers: int = 2
+) -> dict:
+    problem = decode(problem_json, Problem, "packing problem")
+    started = time.perf_counter()
+    plan = solve(problem, time_limit_s=time_limit_s, workers=workers)
+    uri = publish_plan(plan, store_uri)
+    return {
+        "plan_uri": uri,
+        "plan": json.loads(to_json(plan)),
+        "wall_seconds": time.perf_counter() - started,
+    }
