@@ -1,0 +1,333 @@
+"""The packer: every plan passes the independent validator; small problems match brute force."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from packing.contracts import (
+    Catalog,
+    InstanceType,
+    Limits,
+    Problem,
+    ProblemModel,
+    Profile,
+)
+from packing.io import load
+from packing.report import plan_table
+from packing.solver import InfeasibleError, solve
+from packing.validate import PlanError, check, violations
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+def instance_type(
+    name: str, price: float, devices: int = 1, memory_gib: float = 8, processor: str = "gpu"
+) -> InstanceType:
+    return InstanceType(
+        name=name,
+        family=name.split(".")[0],
+        processor=processor,
+        devices=devices,
+        device_memory_gib=memory_gib,
+        host_memory_gib=memory_gib * devices,
+        vcpus=2,
+        on_demand_per_hour=price,
+        price_source="test",
+    )
+
+
+def problem_of(
+    models: list[ProblemModel], types: list[InstanceType], quotas: dict | None = None
+) -> Problem:
+    catalog = Catalog(
+        name="test",
+        region="test-1",
+        prices_as_of="2026-11-01",
+        source="test",
+        instance_types=types,
+    )
+    return Problem(
+        name="test",
+        catalog=catalog,
+        limits=Limits(
+            max_memory_fraction=1.0, max_compute_utilization=1.0, instance_quotas=quotas or {}
+        ),
+        models=models,
+    )
+
+
+def model(
+    model_id: str, memory_gib: float, compute: float = 0.0, replicas: int = 1, processor="gpu"
+) -> ProblemModel:
+    """``compute`` is the whole model's demand in device-seconds per second."""
+    return ProblemModel(
+        id=model_id,
+        traffic_rps=compute * 100 if compute else 0.0,
+        replicas=replicas,
+        profiles=[
+            Profile(
+                processor=processor,
+                memory_bytes=int(memory_gib * GIB),
+                seconds_per_request=0.01,
+            )
+        ],
+    )
+
+
+def brute_force_cost(problem: Problem) -> float:
+    """Exhaustive search: replicas one by one onto opened instances or a fresh one of any type.
+    Instances are opened in order, so only symmetric duplicates are skipped."""
+    limits = problem.limits
+    types = problem.catalog.instance_types
+    replicas = [(m, r) for m in problem.models for r in range(m.replicas)]
+    best = [float("inf")]
+
+    def demand(m: ProblemModel, t: InstanceType) -> tuple[float, float]:
+        profile = m.profile_for(t)
+        assert profile is not None
+        return profile.memory_bytes, m.traffic_rps * profile.seconds_per_request / m.replicas
+
+    def fits(load: list, t: InstanceType, m: ProblemModel) -> bool:
+        memory, compute = demand(m, t)
+        return (
+            load[0] + memory <= limits.max_memory_fraction * t.device_memory_bytes + 1e-6
+            and load[1] + compute <= limits.max_compute_utilization * t.compute_capacity + 1e-9
+        )
+
+    def search(k: int, opened: list, cost: float) -> None:
+        if cost >= best[0] - 1e-9:
+            return
+        if k == len(replicas):
+            best[0] = cost
+            return
+        m, _ = replicas[k]
+        for t, devices, holds in opened:
+            if m.id in holds:
+                continue
+            for device in devices:
+                if fits(device, t, m):
+                    memory, compute = demand(m, t)
+                    device[0] += memory
+                    device[1] += compute
+                    holds.add(m.id)
+                    search(k + 1, opened, cost)
+                    holds.discard(m.id)
+                    device[0] -= memory
+                    device[1] -= compute
+        for t in types:
+            quota = limits.instance_quotas.get(t.name)
+            if quota is not None and sum(1 for o in opened if o[0] is t) >= quota:
+                continue
+            devices = [[0.0, 0.0] for _ in range(t.devices)]
+            if fits(devices[0], t, m):
+                memory, compute = demand(m, t)
+                devices[0] = [memory, compute]
+                opened.append((t, devices, {m.id}))
+                search(k + 1, opened, cost + t.on_demand_per_hour)
+                opened.pop()
+
+    search(0, [], 0.0)
+    return best[0]
+
+
+def random_problem(seed: int) -> Problem:
+    rng = random.Random(seed)
+    types = [
+        instance_type("small.x", round(rng.uniform(0.2, 0.6), 3), 1, 8),
+        instance_type("big.x", round(rng.uniform(0.8, 1.6), 3), 2, 16),
+        instance_type("wide.x", round(rng.uniform(0.9, 2.0), 3), 4, 8),
+    ]
+    models = [
+        model(
+            f"m{i}",
+            memory_gib=rng.choice([1.5, 3, 5, 7, 10]),
+            compute=rng.choice([0.0, 0.2, 0.45, 0.7]),
+            replicas=rng.choice([1, 1, 1, 2]),
+        )
+        for i in range(rng.randint(3, 5))
+    ]
+    quotas = {"small.x": rng.choice([1, 2, 3])} if rng.random() < 0.4 else {}
+    return problem_of(models, types, quotas)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_small_problems_are_optimal_against_brute_force(seed: int) -> None:
+    problem = random_problem(seed)
+    plan = solve(problem, time_limit_s=5)
+    assert violations(problem, plan) == []
+    assert plan.cost_per_hour == pytest.approx(brute_force_cost(problem), abs=1e-6)
+    assert plan.lower_bound_cost_per_hour <= plan.cost_per_hour + 1e-9
+    assert plan.solver_status == "optimal" and plan.gap == 0
+
+
+def test_lower_bound_never_exceeds_the_optimum() -> None:
+    for seed in range(12, 20):
+        problem = random_problem(seed)
+        plan = solve(problem, time_limit_s=5)
+        assert plan.lower_bound_cost_per_hour <= brute_force_cost(problem) + 1e-6
+
+
+def test_replicas_land_on_distinct_instances() -> None:
+    problem = problem_of(
+        [model("a", 1, replicas=3), model("b", 1, replicas=2)], [instance_type("g.x", 1.0, 4)]
+    )
+    plan = solve(problem, time_limit_s=5)
+    check(problem, plan)
+    assert len(plan.instances) == 3
+    assert {len(plan.servers_for("a")), len(plan.servers_for("b"))} == {3, 2}
+
+
+def test_quota_forces_the_dearer_type() -> None:
+    models = [model(f"m{i}", 6) for i in range(3)]
+    types = [instance_type("cheap.x", 0.5), instance_type("dear.x", 0.9)]
+    plan = solve(problem_of(models, types, {"cheap.x": 1}), time_limit_s=5)
+    assert sorted(i.type for i in plan.instances) == ["cheap.x", "dear.x", "dear.x"]
+    assert plan.cost_per_hour == pytest.approx(2.3)
+
+
+def test_spot_prices_are_used_when_asked() -> None:
+    types = [
+        InstanceType(
+            name="s.x",
+            family="s",
+            processor="gpu",
+            devices=1,
+            device_memory_gib=8,
+            host_memory_gib=8,
+            vcpus=2,
+            on_demand_per_hour=1.0,
+            spot_per_hour=0.3,
+            price_source="test",
+        ),
+        instance_type("o.x", 0.5),
+    ]
+    problem = problem_of([model("a", 1)], types)
+    assert solve(problem, time_limit_s=5).instances[0].type == "o.x"
+    spot_problem = Problem(
+        name="t", price="spot", catalog=problem.catalog, limits=problem.limits,
+        models=problem.models,
+    )
+    plan = solve(spot_problem, time_limit_s=5)
+    assert [(i.type, i.price_per_hour) for i in plan.instances] == [("s.x", 0.3)]
+    check(spot_problem, plan)
+
+
+@pytest.mark.parametrize(
+    ("models", "quotas", "expected"),
+    [
+        ([model("huge", 20), model("ok", 1)], {}, ["model huge", "GiB per replica"]),
+        ([model("hot", 1, compute=3.0)], {}, ["model hot", "raise replicas"]),
+        ([model("a", 1, replicas=3)], {"g.x": 2}, ["model a", "3 replicas", "quotas"]),
+        ([model(f"m{i}", 7) for i in range(3)], {"g.x": 2}, ["instance_quotas", "m0"]),
+    ],
+)
+def test_infeasible_problems_name_models_and_constraint(
+    models: list[ProblemModel], quotas: dict, expected: list[str]
+) -> None:
+    problem = problem_of(models, [instance_type("g.x", 1.0, 1, 8)], quotas)
+    with pytest.raises(InfeasibleError) as raised:
+        solve(problem, time_limit_s=5)
+    for fragment in expected:
+        assert fragment in str(raised.value)
+
+
+def test_no_profile_for_any_type_is_named() -> None:
+    problem = problem_of([model("cpu-only", 1, processor="cpu")], [instance_type("g.x", 1.0)])
+    with pytest.raises(InfeasibleError, match="cpu-only: no profile matches"):
+        solve(problem, time_limit_s=5)
+
+
+def test_validator_catches_broken_plans() -> None:
+    problem = problem_of(
+        [model("a", 5, replicas=2), model("b", 5)], [instance_type("g.x", 1.0, 2, 8)]
+    )
+    plan = solve(problem, time_limit_s=5)
+    check(problem, plan)
+    first = plan.servers[0]
+    crowded = first.__class__(
+        **{
+            **{f: getattr(first, f) for f in first.__struct_fields__},
+            "model_ids": ["a", "b"],
+        }
+    )
+    broken = plan.__class__(
+        **{
+            **{f: getattr(plan, f) for f in plan.__struct_fields__},
+            "servers": [crowded, *plan.servers[1:]],
+            "cost_per_hour": 0.5,
+        }
+    )
+    with pytest.raises(PlanError) as raised:
+        check(problem, broken)
+    message = str(raised.value)
+    for fragment in ("exceed the memory cap", "cost_per_hour 0.5", "placed"):
+        assert fragment in message
+
+
+def test_reference_3000_bert_base_on_inf1_matches_its_40_instances() -> None:
+    """76 models per inf1.6xlarge (19 per chip) at 2.05 requests/s each, as the reference."""
+    catalog = load(ROOT / "catalogs/aws.yaml", Catalog)
+    chip = catalog.get("inf1.6xlarge")
+    limits = Limits()
+    per_model = int(limits.max_memory_fraction * chip.device_memory_bytes / 19)
+    models = [
+        ProblemModel(
+            id=f"bert-{i:04d}",
+            traffic_rps=2.05,
+            profiles=[
+                Profile(
+                    processor="inf",
+                    memory_bytes=per_model,
+                    seconds_per_request=0.02,
+                    instance_types=["inf1.6xlarge"],
+                )
+            ],
+        )
+        for i in range(3000)
+    ]
+    problem = Problem(name="reference-3000", catalog=catalog, limits=limits, models=models)
+    plan = solve(problem, time_limit_s=30)
+    check(problem, plan)
+    assert len(plan.instances) <= 40
+    assert {i.type for i in plan.instances} == {"inf1.6xlarge"}
+    assert plan.cost_per_hour == pytest.approx(40 * 1.18)
+    assert plan.gap == 0 and plan.solver_status == "optimal"
+    rows = plan_table(problem, plan)
+    assert rows[0]["instance type"] == "inf1.6xlarge"
+    assert rows[0]["instances"] == 40
+    assert rows[-1]["cost per hour"] == "$47.2000"
+
+
+def test_mixed_fleet_on_the_aws_catalog_is_valid_and_near_the_bound() -> None:
+    catalog = load(ROOT / "catalogs/aws.yaml", Catalog)
+    rng = random.Random(7)
+    sizes = [(0.05, 0.004), (0.45, 0.02), (1.3, 0.05)]  # GiB, seconds per request on GPU
+    models = []
+    for i in range(300):
+        memory, seconds = rng.choice(sizes)
+        rate = rng.choice([0.5, 2.0, 10.0])
+        models.append(
+            ProblemModel(
+                id=f"m{i:03d}",
+                traffic_rps=rate,
+                replicas=rng.choice([1, 1, 2]),
+                profiles=[
+                    Profile(
+                        processor="gpu", memory_bytes=int(memory * GIB), seconds_per_request=seconds
+                    ),
+                    Profile(
+                        processor="cpu",
+                        memory_bytes=int(memory * 1.2 * GIB),
+                        seconds_per_request=seconds * 12,
+                    ),
+                ],
+            )
+        )
+    problem = Problem(name="mixed", catalog=catalog, models=models)
+    plan = solve(problem, time_limit_s=10)
+    check(problem, plan)
+    assert plan.gap < 0.05, plan.gap

