@@ -184,9 +184,11 @@ def pack(
         _fail("give --problem PROBLEM, or --fleet FLEET to pack traced profiles")
     from packing.report import plan_table
     from packing.solver import solve
+    from packing.validate import check
 
     with console.status("solving"):
         plan = solve(spec, time_limit_s=time_limit, workers=workers)
+    check(spec, plan)
     save(plan, out)
     table = Table(title=f"plan {plan.plan_id} ({plan.solver_status})")
     rows = plan_table(spec, plan)

@@ -121,9 +121,7 @@ def solve(
     types = _drop_dominated(types, classes)
 
     greedy = _greedy_assignment(types, classes)
-    exact_size = len(problem.models) * sum(
-        t.devices * _instance_bound(t, classes) for t in types
-    )
+    exact_size = len(problem.models) * sum(t.devices * _instance_bound(t, classes) for t in types)
     exact = exact_size <= _EXACT_MAX_BOOLEANS
     share = 0.5 if exact else 0.95
     assignment, lower_bound = _solve_aggregated(
@@ -320,9 +318,7 @@ def _greedy_assignment(types: list[_Type], classes: list[_Class]) -> dict[tuple[
     assignment: dict[tuple[int, int], int] = {}
     used: dict[int, int] = {}
     by_type = {t.index: t for t in types}
-    for ci, group in sorted(
-        enumerate(classes), key=lambda item: -item[1].total_replicas
-    ):
+    for ci, group in sorted(enumerate(classes), key=lambda item: -item[1].total_replicas):
         remaining = group.total_replicas
         ranked = sorted(
             group.options,
@@ -362,10 +358,7 @@ def _solve_aggregated(
         for ti in group.options:
             x[ci, ti] = model.new_int_var(0, group.total_replicas, f"x_{ci}_{ti}")
         model.add(sum(x[ci, ti] for ti in group.options) == group.total_replicas)
-    y = {
-        t.index: model.new_int_var(0, _instance_bound(t, classes), f"y_{t.index}")
-        for t in types
-    }
+    y = {t.index: model.new_int_var(0, _instance_bound(t, classes), f"y_{t.index}") for t in types}
     for t in types:
         on_type = [(ci, g) for ci, g in enumerate(classes) if t.index in g.options]
         if not on_type:
@@ -374,12 +367,9 @@ def _solve_aggregated(
         for ci, group in on_type:
             model.add(x[ci, t.index] <= group.count * y[t.index])
         for dim, cap in ((0, t.memory_cap), (1, t.compute_cap)):
-            demand = [
-                (math.floor(_SCALE * g.options[t.index][dim] / cap), ci) for ci, g in on_type
-            ]
+            demand = [(math.floor(_SCALE * g.options[t.index][dim] / cap), ci) for ci, g in on_type]
             model.add(
-                sum(a * x[ci, t.index] for a, ci in demand if a)
-                <= _SCALE * t.devices * y[t.index]
+                sum(a * x[ci, t.index] for a, ci in demand if a) <= _SCALE * t.devices * y[t.index]
             )
             big = [ci for ci, g in on_type if g.options[t.index][dim] > cap / 2 * (1 + _EPS)]
             if big:
@@ -584,7 +574,9 @@ def _solve_exact(
     for t in types:
         if t.quota is not None:
             model.add(sum(used[k] for k, (s, _) in enumerate(slots) if s is t) <= t.quota)
-    model.minimize(sum(math.floor(t.price * _PRICE_SCALE) * used[k] for k, (t, _) in enumerate(slots)))
+    model.minimize(
+        sum(math.floor(t.price * _PRICE_SCALE) * used[k] for k, (t, _) in enumerate(slots))
+    )
 
     # Warm start: the realised plan, instance by instance in slot order.
     next_slot: dict[int, int] = {}
@@ -651,9 +643,7 @@ def _deal(classes: list[_Class], instances: list[_Instance]) -> dict[tuple[int, 
             for ci, n in sorted(device.load.items()):
                 ids = classes[ci].model_ids
                 start = cursor[ci]
-                dealt.setdefault((i, d), []).extend(
-                    ids[(start + s) % len(ids)] for s in range(n)
-                )
+                dealt.setdefault((i, d), []).extend(ids[(start + s) % len(ids)] for s in range(n))
                 cursor[ci] = start + n
     return dealt
 
@@ -696,7 +686,9 @@ def _plan(
                     model_ids=sorted(dealt[i, d]),
                     memory_bytes=round(device.memory),
                     memory_capacity_bytes=round(instance.type.memory_cap),
-                    compute_utilization=round(device.compute / instance.type.spec.compute_capacity, 6),
+                    compute_utilization=round(
+                        device.compute / instance.type.spec.compute_capacity, 6
+                    ),
                 )
             )
     digest = hashlib.sha256(to_json(problem)).hexdigest()[:12]

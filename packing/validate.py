@@ -66,8 +66,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
             profile = model.profile_for(instance_type)
             if profile is None:
                 found.append(
-                    f"server {server.id}: model {model_id} has no profile for "
-                    f"{instance_type.name}"
+                    f"server {server.id}: model {model_id} has no profile for {instance_type.name}"
                 )
                 continue
             placements[model_id] += 1

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 
-from packing.solver import solve
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Catalog, Fleet, Limits, Plan, Problem, ProblemModel, Profile
 from packing.io import decode, to_json
+from packing.validate import check
+from packing.solver import solve
 from serving.store import open_store
 
 
@@ -78,6 +79,7 @@ def pack_models(
     problem = decode(problem_json, Problem, "packing problem")
     started = time.perf_counter()
     plan = solve(problem, time_limit_s=time_limit_s, workers=workers)
+    check(problem, plan)
     uri = publish_plan(plan, store_uri)
     return {
         "plan_uri": uri,

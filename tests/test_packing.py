@@ -208,7 +208,10 @@ def test_spot_prices_are_used_when_asked() -> None:
     problem = problem_of([model("a", 1)], types)
     assert solve(problem, time_limit_s=5).instances[0].type == "o.x"
     spot_problem = Problem(
-        name="t", price="spot", catalog=problem.catalog, limits=problem.limits,
+        name="t",
+        price="spot",
+        catalog=problem.catalog,
+        limits=problem.limits,
         models=problem.models,
     )
     plan = solve(spot_problem, time_limit_s=5)
