@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Catalog, Fleet, Limits, Plan, Problem, ProblemModel, Profile
 from packing.io import decode, to_json
-from packing.validate import check
 from packing.solver import solve
+from packing.validate import check
 from serving.store import open_store
 
 
