@@ -143,8 +143,18 @@ def pack(
     time_limit: Annotated[float, typer.Option(help="solver time limit, seconds")] = 10.0,
     workers: Annotated[int, typer.Option(help="solver workers")] = 2,
     spot: Annotated[bool, typer.Option(help="use spot prices")] = False,
+    current: Annotated[
+        Path | None,
+        typer.Option(help="the running plan: repack incrementally, keeping models in place"),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="with --current: accepted cost above a fresh solve (0.05 = 5%)")
+    ] = 0.05,
+    png: Annotated[
+        Path | None, typer.Option(help="packing figure (default: next to --out, .png)")
+    ] = None,
 ) -> None:
-    """Pack models onto the cheapest instances and write a plan."""
+    """Pack models onto the cheapest instances and write a plan, its table and figure."""
     import json
 
     from packing.contracts import Catalog, Fleet, Problem
@@ -184,14 +194,30 @@ def pack(
         )
     else:
         _fail("give --problem PROBLEM, or --fleet FLEET to pack traced profiles")
+    from packing.plot import plot_plan
     from packing.report import plan_table
     from packing.solver import solve
     from packing.validate import check
 
+    repacked = None
     with console.status("solving"):
-        plan = solve(spec, time_limit_s=time_limit, workers=workers)
+        if current is not None:
+            from packing.contracts import Plan
+            from packing.repack import repack
+
+            repacked = repack(
+                spec,
+                load(current, Plan),
+                tolerance=tolerance,
+                time_limit_s=time_limit,
+                workers=workers,
+            )
+            plan = repacked.plan
+        else:
+            plan = solve(spec, time_limit_s=time_limit, workers=workers)
     check(spec, plan)
     save(plan, out)
+    figure = plot_plan(spec, plan, png or out.with_suffix(".png"))
     table = Table(title=f"plan {plan.plan_id} ({plan.solver_status})")
     rows = plan_table(spec, plan)
     for column in rows[0] if rows else []:
@@ -201,8 +227,16 @@ def pack(
     console.print(table)
     console.print(
         f"cost ${plan.cost_per_hour:.4f}/h, lower bound ${plan.lower_bound_cost_per_hour:.4f}/h, "
-        f"gap {plan.gap:.2%}, {plan.solve_seconds:.1f} s → {out}"
+        f"gap {plan.gap:.2%}, {plan.solve_seconds:.1f} s → {out}, {figure}"
     )
+    if repacked is not None:
+        moves = out.with_name(f"{out.stem}.moves.json")
+        save(repacked.moves, moves)
+        how = "incremental" if repacked.incremental else "fresh (incremental was dearer)"
+        console.print(
+            f"{how}: {repacked.kept_replicas} replicas kept in place, {len(repacked.moves)} "
+            f"moves → {moves}; a fresh solve costs ${repacked.fresh_cost_per_hour:.4f}/h"
+        )
 
 
 @app.command()

@@ -114,7 +114,8 @@ def solve(
 ) -> Plan:
     """The cheapest plan found within ``time_limit_s``, with its lower bound and gap."""
     started = time.perf_counter()
-    deadline = started + max(time_limit_s, 0.1)
+    # Leave room for building the plan after the last solve.
+    deadline = started + max(time_limit_s * 0.95 - 0.2, 0.1)
     types = _types(problem)
     classes = _classes(problem, types)
     _check_feasible(problem, types, classes)
@@ -123,17 +124,31 @@ def solve(
     greedy = _greedy_assignment(types, classes)
     exact_size = len(problem.models) * sum(t.devices * _instance_bound(t, classes) for t in types)
     exact = exact_size <= _EXACT_MAX_BOOLEANS
-    share = 0.5 if exact else 0.95
+    share = 0.5 if exact else 0.4
     assignment, lower_bound = _solve_aggregated(
         types, classes, greedy, (deadline - time.perf_counter()) * share, workers
     )
     instances = _realise(types, classes, assignment)
+    instances = _evacuate(instances, classes, deadline)
     instances = _downsize(instances, types, classes)
     if exact:
-        instances, exact_bound = _solve_exact(
-            types, classes, instances, deadline - time.perf_counter(), workers
+        every = {t.index: _instance_bound(t, classes) for t in types}
+        instances, exact_bound = _solve_devices(
+            types, classes, instances, every, True, deadline - time.perf_counter(), workers
         )
         lower_bound = max(lower_bound, exact_bound)
+    elif time.perf_counter() < deadline:
+        # Refine where the volume model's fractional packing met whole devices.
+        near: dict[int, int] = {}
+        for instance in instances:
+            near[instance.type.index] = near.get(instance.type.index, 0) + 1
+        for ti in {ti for (_, ti) in assignment}:
+            near.setdefault(ti, 0)
+        by_type = {t.index: t for t in types}
+        near = {ti: min(n + 1, _instance_bound(by_type[ti], classes)) for ti, n in near.items()}
+        instances, _ = _solve_devices(
+            types, classes, instances, near, False, deadline - time.perf_counter(), workers
+        )
     cost = sum(i.type.price for i in instances)
     lower_bound = min(lower_bound, cost)
     gap = (cost - lower_bound) / cost if cost > 0 else 0.0
@@ -430,53 +445,116 @@ def _realise(
 
 
 def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_Instance]:
-    """First-fit decreasing by dominant share, filling each device with as many replicas of a
-    class as fit at once; anti-affinity caps a class at its model count per instance."""
-
-    def share(ci: int) -> float:
-        memory, compute = classes[ci].options[t.index]
-        return max(memory / t.memory_cap, compute / t.compute_cap)
-
+    """Fill one device at a time with the replica that best matches what the device has left
+    (the dot-product heuristic for vector bin packing), so memory-heavy and compute-heavy
+    classes share devices; anti-affinity caps a class at its model count per instance."""
+    remaining = dict(items)
     opened: list[_Instance] = []
-    for ci in sorted(items, key=share, reverse=True):
-        memory, compute = classes[ci].options[t.index]
-        remaining = items[ci]
-        for instance in opened:
-            remaining = _fill(instance, ci, classes[ci].count, memory, compute, remaining)
-            if not remaining:
-                break
-        while remaining:
-            instance = _Instance(t, [_Device() for _ in range(t.devices)])
-            opened.append(instance)
-            left = _fill(instance, ci, classes[ci].count, memory, compute, remaining)
-            if left == remaining:
-                raise AssertionError(f"class {ci} does not fit an empty {t.name}")
-            remaining = left
+    while any(remaining.values()):
+        instance = _Instance(t, [_Device() for _ in range(t.devices)])
+        for device in instance.devices:
+            _fill_device(instance, device, classes, remaining)
+        if instance.empty:
+            stuck = [ci for ci, n in remaining.items() if n]
+            raise AssertionError(f"classes {stuck} do not fit an empty {t.name}")
+        opened.append(instance)
     return opened
 
 
-def _fill(
-    instance: _Instance, ci: int, model_count: int, memory: float, compute: float, remaining: int
-) -> int:
+def _fill_device(
+    instance: _Instance, device: _Device, classes: list[_Class], remaining: dict[int, int]
+) -> None:
     t = instance.type
-    room_on_instance = model_count - instance.count_of(ci)
+    on_instance = {ci: instance.count_of(ci) for ci in remaining}
+    while True:
+        free_memory = t.memory_cap - device.memory
+        free_compute = t.compute_cap - device.compute
+        best, best_score, best_fit = -1, -1.0, 0
+        for ci, n in remaining.items():
+            room = min(n, classes[ci].count - on_instance[ci])
+            if room <= 0:
+                continue
+            memory, compute = classes[ci].options[t.index]
+            fit = min(room, _room(free_memory, memory, room), _room(free_compute, compute, room))
+            if fit <= 0:
+                continue
+            score = (memory / t.memory_cap) * (free_memory / t.memory_cap) + (
+                compute / t.compute_cap
+            ) * (free_compute / t.compute_cap)
+            if score > best_score:
+                best, best_score, best_fit = ci, score, fit
+        if best < 0:
+            return
+        # Take a slice of the best class, not all that fits, so the others can still mix in.
+        take = max(1, best_fit // 4)
+        memory, compute = classes[best].options[t.index]
+        device.memory += take * memory
+        device.compute += take * compute
+        device.load[best] = device.load.get(best, 0) + take
+        remaining[best] -= take
+        on_instance[best] += take
+
+
+def _place(instance: _Instance, ci: int, group: _Class, count: int) -> int:
+    """Put up to ``count`` replicas of a class on an instance's devices; returns how many."""
+    option = group.options.get(instance.type.index)
+    if option is None:
+        return 0
+    t = instance.type
+    room = min(count, group.count - instance.count_of(ci))
+    placed = 0
     for device in instance.devices:
-        if remaining == 0 or room_on_instance == 0:
+        if placed == room:
             break
         fit = min(
-            remaining,
-            room_on_instance,
-            _room(t.memory_cap - device.memory, memory, remaining),
-            _room(t.compute_cap - device.compute, compute, remaining),
+            room - placed,
+            _room(t.memory_cap - device.memory, option[0], room),
+            _room(t.compute_cap - device.compute, option[1], room),
         )
-        if fit <= 0:
-            continue
-        device.memory += fit * memory
-        device.compute += fit * compute
-        device.load[ci] = device.load.get(ci, 0) + fit
-        remaining -= fit
-        room_on_instance -= fit
-    return remaining
+        if fit > 0:
+            device.memory += fit * option[0]
+            device.compute += fit * option[1]
+            device.load[ci] = device.load.get(ci, 0) + fit
+            placed += fit
+    return placed
+
+
+def _evacuate(instances: list[_Instance], classes: list[_Class], deadline: float) -> list[_Instance]:
+    """Close instances whose replicas all fit in the others' spare room, dearest per unit of
+    use first; a move is kept only when the whole instance empties."""
+
+    def use(instance: _Instance) -> float:
+        t = instance.type
+        return sum(
+            max(d.memory / t.memory_cap, d.compute / t.compute_cap) for d in instance.devices
+        ) / t.devices
+
+    kept = list(instances)
+    for victim in sorted(instances, key=lambda i: use(i) / i.type.price):
+        if time.perf_counter() > deadline:
+            break
+        others = [i for i in kept if i is not victim]
+        snapshot = [[(d.memory, d.compute, dict(d.load)) for d in i.devices] for i in others]
+        moved_all = True
+        for device in victim.devices:
+            for ci, n in device.load.items():
+                left = n
+                for other in others:
+                    left -= _place(other, ci, classes[ci], left)
+                    if not left:
+                        break
+                if left:
+                    moved_all = False
+                    break
+            if not moved_all:
+                break
+        if moved_all:
+            kept = others
+        else:
+            for other, saved in zip(others, snapshot, strict=True):
+                for device, (memory, compute, load) in zip(other.devices, saved, strict=True):
+                    device.memory, device.compute, device.load = memory, compute, load
+    return kept
 
 
 def _room(free: float, each: float, wanted: int) -> int:
@@ -531,19 +609,24 @@ def _moved_devices(used: list[_Device], t: _Type, classes: list[_Class]) -> list
 # ------------------------------------------------------------------------------- exact
 
 
-def _solve_exact(
+def _solve_devices(
     types: list[_Type],
     classes: list[_Class],
     start: list[_Instance],
+    slot_counts: dict[int, int],
+    relax: bool,
     time_limit_s: float,
     workers: int,
 ) -> tuple[list[_Instance], float]:
-    """Device-level CP-SAT over every candidate instance; class counts stand in for models
-    (anti-affinity per class ≤ its model count per instance, which the dealing honours)."""
+    """Device-level CP-SAT over ``slot_counts[t]`` candidate instances of each type; class
+    counts stand in for models (at most a class's model count per instance, which the dealing
+    honours). With every candidate a plan could need (``relax``: demands rounded down, the
+    result checked exactly) its bound is a lower bound; otherwise demands round up and it only
+    improves ``start``."""
     model = cp_model.CpModel()
     slots: list[tuple[_Type, int]] = []
     for t in types:
-        slots.extend((t, j) for j in range(_instance_bound(t, classes)))
+        slots.extend((t, j) for j in range(slot_counts.get(t.index, 0)))
     used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
     z: dict[tuple[int, int, int], cp_model.IntVar] = {}
     for k, (t, j) in enumerate(slots):
@@ -559,7 +642,8 @@ def _solve_exact(
                 z[k, d, ci] = var
                 for dim in (0, 1):
                     cap = t.memory_cap if dim == 0 else t.compute_cap
-                    a = math.floor(_SCALE * option[dim] / cap)
+                    exact = _SCALE * option[dim] / cap
+                    a = math.floor(exact) if relax else math.ceil(exact)
                     if a:
                         terms[dim].append(a * var)
             for dim in (0, 1):

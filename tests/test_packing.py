@@ -16,6 +16,8 @@ from packing.contracts import (
     Profile,
 )
 from packing.io import load
+from packing.plot import plot_plan
+from packing.repack import repack
 from packing.report import plan_table
 from packing.solver import InfeasibleError, solve
 from packing.validate import PlanError, check, violations
@@ -334,3 +336,51 @@ def test_mixed_fleet_on_the_aws_catalog_is_valid_and_near_the_bound() -> None:
     plan = solve(problem, time_limit_s=10)
     check(problem, plan)
     assert plan.gap < 0.05, plan.gap
+
+
+def test_repack_keeps_models_in_place_and_reports_moves() -> None:
+    types = [instance_type("g.x", 1.0, 2, 8), instance_type("h.x", 0.7, 1, 8)]
+    before = problem_of([model(f"m{i:02d}", 1.5, compute=0.1) for i in range(20)], types)
+    current = solve(before, time_limit_s=5)
+    models = [model(f"m{i:02d}", 1.5, compute=0.1) for i in range(2, 20)]  # m00, m01 removed
+    models[0] = model("m02", 2.5, compute=0.1)  # resized
+    models += [model(f"n{i}", 1.0) for i in range(3)]  # added
+    after = problem_of(models, types)
+    result = repack(after, current, tolerance=0.5, time_limit_s=5)
+    check(after, result.plan)
+    assert result.incremental
+    where_before = {m: s.id for s in current.servers for m in s.model_ids}
+    where_after = {m: s.id for s in result.plan.servers for m in s.model_ids}
+    unchanged = [f"m{i:02d}" for i in range(3, 20)]
+    assert all(where_after[m] == where_before[m] for m in unchanged)
+    by_model = {}
+    for move in result.moves:
+        by_model.setdefault(move.model_id, []).append(move)
+    assert {m.target for m in by_model["m00"] + by_model["m01"]} == {None}
+    assert {m.source for m in by_model["n0"]} == {None}
+    assert set(by_model) <= {"m00", "m01", "m02", "n0", "n1", "n2"}
+    assert result.kept_replicas >= len(unchanged)
+
+
+def test_repack_falls_back_to_a_fresh_plan_past_the_tolerance() -> None:
+    types = [instance_type("g.x", 1.0, 1, 8)]
+    current = solve(problem_of([model(c, 6) for c in "abcd"], types), time_limit_s=5)
+    assert len(current.instances) == 4
+    shrunk = problem_of([model(c, 1) for c in "abcd"], types)
+    result = repack(shrunk, current, tolerance=0.1, time_limit_s=5)
+    check(shrunk, result.plan)
+    assert not result.incremental
+    assert result.plan.cost_per_hour == pytest.approx(1.0)
+    assert len(result.moves) == 3  # one model stays where it was
+    generous = repack(shrunk, current, tolerance=4.0, time_limit_s=5)
+    assert generous.incremental and generous.moves == []
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    problem = problem_of(
+        [model(f"m{i}", 1 + i % 3, compute=0.1 * (i % 4), replicas=1 + i % 2) for i in range(12)],
+        [instance_type("g.x", 1.0, 2, 8)],
+    )
+    out = plot_plan(problem, solve(problem, time_limit_s=5), tmp_path / "plan.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
