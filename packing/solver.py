@@ -519,15 +519,18 @@ def _place(instance: _Instance, ci: int, group: _Class, count: int) -> int:
     return placed
 
 
-def _evacuate(instances: list[_Instance], classes: list[_Class], deadline: float) -> list[_Instance]:
+def _evacuate(
+    instances: list[_Instance], classes: list[_Class], deadline: float
+) -> list[_Instance]:
     """Close instances whose replicas all fit in the others' spare room, dearest per unit of
     use first; a move is kept only when the whole instance empties."""
 
     def use(instance: _Instance) -> float:
         t = instance.type
-        return sum(
-            max(d.memory / t.memory_cap, d.compute / t.compute_cap) for d in instance.devices
-        ) / t.devices
+        return (
+            sum(max(d.memory / t.memory_cap, d.compute / t.compute_cap) for d in instance.devices)
+            / t.devices
+        )
 
     kept = list(instances)
     for victim in sorted(instances, key=lambda i: use(i) / i.type.price):
