@@ -445,11 +445,53 @@ def _realise(
 
 
 def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_Instance]:
-    """Fill one device at a time with the replica that best matches what the device has left
-    (the dot-product heuristic for vector bin packing), so memory-heavy and compute-heavy
-    classes share devices; anti-affinity caps a class at its model count per instance."""
-    remaining = dict(items)
-    opened: list[_Instance] = []
+    """Spread each class evenly over the fewest instances the volumes allow, so every device
+    gets about the average mix of memory-heavy and compute-heavy replicas (what the volume
+    model assumed); what does not fit goes to extra instances filled by best match."""
+
+    def share(ci: int) -> float:
+        memory, compute = classes[ci].options[t.index]
+        return max(memory / t.memory_cap, compute / t.compute_cap)
+
+    memory_volume = sum(n * classes[ci].options[t.index][0] for ci, n in items.items())
+    compute_volume = sum(n * classes[ci].options[t.index][1] for ci, n in items.items())
+    needed = max(
+        math.ceil(memory_volume / (t.memory_cap * t.devices) - 1e-6),
+        math.ceil(compute_volume / (t.compute_cap * t.devices) - 1e-6),
+        max(math.ceil(n / classes[ci].count) for ci, n in items.items()),
+        1,
+    )
+    opened = [_Instance(t, [_Device() for _ in range(t.devices)]) for _ in range(needed)]
+    bins = [
+        (instance, device)
+        for device_index in range(t.devices)
+        for instance in opened
+        for device in [instance.devices[device_index]]
+    ]
+    remaining: dict[int, int] = {}
+    for ci in sorted(items, key=share, reverse=True):
+        group = classes[ci]
+        memory, compute = group.options[t.index]
+        left = items[ci]
+        # Largest first, each replica onto the device it leaves least loaded: the
+        # longest-processing-time rule in two dimensions.
+        while left:
+            best, best_key = None, None
+            for instance, device in bins:
+                after_memory = (device.memory + memory) / t.memory_cap
+                after_compute = (device.compute + compute) / t.compute_cap
+                if after_memory > 1 + _EPS or after_compute > 1 + _EPS:
+                    continue
+                key = (max(after_memory, after_compute), after_memory + after_compute)
+                if best_key is None or key < best_key:
+                    if instance.count_of(ci) < group.count:
+                        best, best_key = (instance, device), key
+            if best is None:
+                break
+            _put(best[0], best[1], ci, group, memory, compute, 1)
+            left -= 1
+        if left:
+            remaining[ci] = left
     while any(remaining.values()):
         instance = _Instance(t, [_Device() for _ in range(t.devices)])
         for device in instance.devices:
@@ -458,7 +500,31 @@ def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_
             stuck = [ci for ci, n in remaining.items() if n]
             raise AssertionError(f"classes {stuck} do not fit an empty {t.name}")
         opened.append(instance)
-    return opened
+    return [i for i in opened if not i.empty]
+
+
+def _put(
+    instance: _Instance,
+    device: _Device,
+    ci: int,
+    group: _Class,
+    memory: float,
+    compute: float,
+    want: int,
+) -> int:
+    t = instance.type
+    fit = min(
+        want,
+        group.count - instance.count_of(ci),
+        _room(t.memory_cap - device.memory, memory, want),
+        _room(t.compute_cap - device.compute, compute, want),
+    )
+    if fit <= 0:
+        return 0
+    device.memory += fit * memory
+    device.compute += fit * compute
+    device.load[ci] = device.load.get(ci, 0) + fit
+    return fit
 
 
 def _fill_device(
