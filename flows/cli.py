@@ -308,32 +308,57 @@ def teardown(name: Annotated[str, typer.Option(help="deployment name")] = "local
 def loadtest(
     plan: Annotated[Path, typer.Option(help="plan.json")],
     name: Annotated[str, typer.Option(help="deployment name")] = "local",
-    duration: Annotated[float, typer.Option(help="seconds of random load")] = 10.0,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option(help="sequential | random | closed | sweep | rate (repeat for several)"),
+    ] = None,
+    duration: Annotated[float, typer.Option(help="seconds per run (and per sweep step)")] = 10.0,
     concurrency: Annotated[int, typer.Option(help="closed-loop clients")] = 8,
+    max_concurrency: Annotated[int, typer.Option(help="sweep: highest level")] = 256,
+    latency_target_ms: Annotated[float, typer.Option(help="sweep: stop past this P90")] = 100.0,
+    rate: Annotated[float, typer.Option(help="open loop: requests per second")] = 50.0,
+    zipf: Annotated[float, typer.Option(help="Zipf exponent of model choice; 0 = uniform")] = 0.0,
+    tokens: Annotated[int, typer.Option(help="tokens per request text")] = 16,
+    processes: Annotated[int, typer.Option(help="load-generator processes")] = 1,
+    seed: int = 0,
     out: Annotated[
-        Path | None, typer.Option(help="directory for report.json and report.md")
+        Path | None, typer.Option(help="directory for report.json, report.md and the plots")
     ] = None,
 ) -> None:
     """Load-test a running deployment of a plan."""
-    import json
+    from rich.progress import Progress
 
     from packing.contracts import Plan
-    from packing.io import load, write_atomic
+    from packing.io import load
     from tasks.deploy import read_deployment
-    from tasks.loadtest import run_load_test
-    from tasks.report import summarize, to_markdown
+    from tasks.loadtest import LoadSettings, run_load_test
+    from tasks.report import summarize, write_report
 
+    levels = [2**k for k in range(11)]
+    settings = LoadSettings(
+        modes=mode or ["sequential", "random", "closed"],
+        duration_s=duration,
+        concurrency=concurrency,
+        sweep_levels=[level for level in levels if level <= max_concurrency],
+        latency_target_ms=latency_target_ms,
+        rate=rate,
+        zipf=zipf,
+        tokens=tokens,
+        processes=processes,
+        seed=seed,
+    )
     plan_spec = load(plan, Plan)
-    with console.status(f"load test, {duration:.0f} s at concurrency {concurrency}"):
-        figures = run_load_test(plan_spec, read_deployment(name), duration, concurrency)
-    summary = summarize(plan_spec, figures)
-    if out:
-        write_atomic(
-            out / "report.json",
-            json.dumps({"summary": summary, "load": figures}, indent=2).encode(),
-        )
-        write_atomic(out / "report.md", to_markdown(summary).encode())
+    with Progress(console=console) as progress:
+        bar = progress.add_task("load test", total=1.0)
+
+        def advance(label: str, fraction: float) -> None:
+            progress.update(bar, completed=fraction, description=f"load test: {label} done")
+
+        figures = run_load_test(plan_spec, read_deployment(name), settings, progress=advance)
+    summary = write_report(plan_spec, figures, out) if out else summarize(plan_spec, figures)
     print_summary(summary)
+    if out:
+        console.print(f"report: {out}/report.md, report.json and plots")
 
 
 def main() -> None:

@@ -7,13 +7,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.loadtest import loadtest
 from packing.contracts import Catalog, Fleet, Limits
 from packing.io import load, to_json
 from tasks.build import build_image
 from tasks.deploy import deploy_servers, teardown_servers
-from tasks.loadtest import load_test
 from tasks.pack import build_problem, pack_models
-from tasks.report import publish_report
 from tasks.trace import submit_traces
 
 
@@ -31,6 +30,9 @@ def pipeline(
     precision: str | None = None,
     deployment_name: str = "pipeline",
     keep_running: bool = False,
+    repack_tolerance: float | None = None,
+    load_modes: list[str] | None = None,
+    zipf: float = 0.0,
 ) -> dict:
     logger = get_run_logger()
     fleet_spec = load(fleet, Fleet)
@@ -48,7 +50,11 @@ def pipeline(
     problem = build_problem(
         fleet_spec, traces, catalog_spec, Limits(), "spot" if spot else "on_demand"
     )
-    packed = pack_models(to_json(problem).decode(), store, time_limit_s)
+    packed = pack_models(
+        to_json(problem).decode(), store, time_limit_s, repack_tolerance=repack_tolerance
+    )
+    if packed["moves"] is not None:
+        logger.info("repacked the running plan: %d replica moves", packed["moves"])
     plan_json = to_json_plan(packed["plan"])
     logger.info(
         "plan %s: %d instances, %d servers, $%.4f/h (lower bound $%.4f/h)",
@@ -60,11 +66,15 @@ def pipeline(
     )
     deployment = deploy_servers(plan_json, store, runtime, deployment_name)
     try:
-        load_figures = load_test(plan_json, deployment, duration_s, concurrency)
-        summary = publish_report(plan_json, load_figures, store)
+        settings = {"duration_s": duration_s, "concurrency": concurrency, "zipf": zipf}
+        if load_modes:
+            settings["modes"] = load_modes
+        summary = loadtest(plan_json, deployment, settings, store)
     finally:
         if not keep_running:
             teardown_servers(deployment_name)
+    if packed["moves"] is not None:
+        summary["moves"] = packed["moves"]
     summary["traced"] = fresh
     summary["reused"] = len(traces) - fresh
     return summary

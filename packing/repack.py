@@ -10,12 +10,22 @@ model that changed place is reported as a move.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
 
-from packing.contracts import Plan, PlannedInstance, PlannedServer, Problem, ProblemModel
+from packing.contracts import (
+    Limits,
+    Plan,
+    PlannedInstance,
+    PlannedServer,
+    Problem,
+    ProblemModel,
+)
+from packing.io import to_json
 from packing.solver import solve
 
 
@@ -116,10 +126,9 @@ def _incremental(
         instance_type = catalog[instance.type]
         memory_cap = limits.max_memory_fraction * instance_type.device_memory_bytes
         compute_cap = limits.max_compute_utilization * instance_type.compute_capacity
-        return (
-            used[server.id][0] + need[0] <= memory_cap * (1 + 1e-9)
-            and used[server.id][1] + need[1] <= compute_cap * (1 + 1e-9)
-        )
+        return used[server.id][0] + need[0] <= memory_cap * (1 + 1e-9) and used[server.id][
+            1
+        ] + need[1] <= compute_cap * (1 + 1e-9)
 
     def put(server: _Server, model: ProblemModel) -> None:
         need = demand(model, instances[server.instance].type)
@@ -195,8 +204,7 @@ def _incremental(
             model_ids=sorted(s.model_ids),
             memory_bytes=round(used[s.id][0]),
             memory_capacity_bytes=round(
-                limits.max_memory_fraction
-                * catalog[instances[s.instance].type].device_memory_bytes
+                limits.max_memory_fraction * catalog[instances[s.instance].type].device_memory_bytes
             ),
             compute_utilization=round(
                 used[s.id][1] / catalog[instances[s.instance].type].compute_capacity, 6
@@ -210,13 +218,15 @@ def _incremental(
     ] + new_instances
     cost = sum(i.price_per_hour for i in instances_out)
     lower = min(fresh.lower_bound_cost_per_hour, cost)
+    servers_out = planned + new_servers
+    digest = hashlib.sha256(to_json(problem) + to_json(servers_out)).hexdigest()[:12]
     return Plan(
-        plan_id=f"{fresh.plan_id}-r",
+        plan_id=f"plan-{digest}",
         created_at=fresh.created_at,
         problem=problem.name,
         price=problem.price,
         instances=instances_out,
-        servers=planned + new_servers,
+        servers=servers_out,
         cost_per_hour=round(cost, 6),
         lower_bound_cost_per_hour=lower,
         gap=round((cost - lower) / cost, 6) if cost else 0.0,
@@ -225,9 +235,9 @@ def _incremental(
     )
 
 
-def _remaining_quotas(problem: Problem, kept: object) -> object:
+def _remaining_quotas(problem: Problem, kept: Iterable[PlannedInstance]) -> Limits:
     counts: dict[str, int] = {}
-    for instance in kept:  # type: ignore[attr-defined]
+    for instance in kept:
         counts[instance.type] = counts.get(instance.type, 0) + 1
     quotas = {
         name: max(0, quota - counts.get(name, 0))

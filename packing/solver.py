@@ -844,7 +844,8 @@ def _plan(
                     ),
                 )
             )
-    digest = hashlib.sha256(to_json(problem)).hexdigest()[:12]
+    # Plans are immutable in the store, so the id names the problem and the placement both.
+    digest = hashlib.sha256(to_json(problem) + to_json(servers)).hexdigest()[:12]
     return Plan(
         plan_id=plan_id or f"plan-{digest}",
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -1,148 +1,169 @@
-"""Real HTTP load against a deployment: each model once in order, then closed-loop clients
-sending to random models for a fixed time."""
+"""Load-test a deployment of a plan: the modes of :mod:`tasks.loadgen` in sequence, the
+figures the report needs, and the Prefect task that runs them with a progress artifact."""
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-import httpx
-import numpy as np
+import msgspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Plan
 from serving.client import Deployment, Router
+from tasks import loadgen
 
-SAMPLE_TEXTS = [
-    "The service was quick and the staff were friendly.",
-    "My order arrived late and the box was damaged.",
-    "Could you tell me how to reset my password?",
-    "This is the best purchase I have made all year.",
-    "The meeting is moved to Thursday at three.",
-]
+MODES = ("sequential", "random", "closed", "sweep", "rate")
 
 
-@dataclass
-class LoadResult:
-    mode: str
-    concurrency: int
-    duration_s: float = 0.0
-    latencies_s: list[float] = field(default_factory=list)
-    per_model: dict[str, list[float]] = field(default_factory=dict)
-    errors: Counter = field(default_factory=Counter)
+class LoadSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    modes: list[str] = msgspec.field(default_factory=lambda: ["sequential", "random", "closed"])
+    duration_s: float = 10.0  # per closed/rate run and per sweep step
+    concurrency: int = 8  # closed loop
+    sweep_levels: list[int] = msgspec.field(default_factory=lambda: [2**k for k in range(9)])
+    latency_target_ms: float = 100.0  # the sweep stops past this P90
+    max_error_rate: float = 0.01  # ... or this error rate
+    rate: float = 50.0  # open loop, requests per second
+    zipf: float = 0.0
+    tokens: int = 16
+    random_requests: int = 200  # single random requests (bounded by duration_s as well)
+    processes: int = 1
+    seed: int = 0
+    timeout_s: float = 30.0
 
-    def record(self, model_id: str, seconds: float) -> None:
-        self.latencies_s.append(seconds)
-        self.per_model.setdefault(model_id, []).append(seconds)
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes) - set(MODES))
+        if unknown or not self.modes:
+            raise ValueError(f"modes {unknown or '[]'}: choose from {', '.join(MODES)}")
+        for name in ("duration_s", "rate", "timeout_s", "latency_target_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
+        if self.concurrency < 1 or self.processes < 1 or self.tokens < 1:
+            raise ValueError("concurrency, processes and tokens must be at least 1")
+        if self.zipf < 0:
+            raise ValueError(f"zipf must be 0 (uniform) or positive, got {self.zipf}")
 
-    def summary(self) -> dict:
-        lat = np.array(self.latencies_s) * 1000.0
-        completed = len(self.latencies_s)
-        total = completed + sum(self.errors.values())
-        percentiles = (
-            {f"p{p}_ms": float(np.percentile(lat, p)) for p in (50, 90, 95, 99)}
-            if completed
-            else {}
-        )
-        return {
-            "mode": self.mode,
-            "concurrency": self.concurrency,
-            "duration_s": self.duration_s,
-            "requests": total,
-            "completed": completed,
-            "errors": dict(self.errors),
-            "error_rate": (total - completed) / total if total else 0.0,
-            "requests_per_s": completed / self.duration_s if self.duration_s else 0.0,
-            "min_ms": float(lat.min()) if completed else None,
-            "max_ms": float(lat.max()) if completed else None,
-            **percentiles,
+
+def targets_for(plan: Plan, deployment: Deployment) -> loadgen.Targets:
+    router = Router(plan, deployment)
+    return loadgen.Targets(
+        routes={
+            m: [router.prediction_url(m, url) for url in router.urls_for(m)]
+            for m in router.model_ids
         }
-
-
-async def _one(
-    http: httpx.AsyncClient, router: Router, model_id: str, text: str, result: LoadResult
-) -> None:
-    urls = router.urls_for(model_id)
-    url = router.prediction_url(model_id, random.choice(urls))
-    started = time.perf_counter()
-    try:
-        response = await http.post(url, json={"text": text})
-    except httpx.TransportError as exc:
-        result.errors[type(exc).__name__] += 1
-        return
-    if response.status_code == 200:
-        result.record(model_id, time.perf_counter() - started)
-    else:
-        result.errors[f"http_{response.status_code}"] += 1
-
-
-async def sequential(router: Router) -> LoadResult:
-    """Every model once, one at a time: the best-case latency of each model."""
-    result = LoadResult(mode="sequential", concurrency=1)
-    started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=30.0) as http:
-        for i, model_id in enumerate(router.model_ids):
-            await _one(http, router, model_id, SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)], result)
-    result.duration_s = time.perf_counter() - started
-    return result
-
-
-async def closed_loop(
-    router: Router,
-    duration_s: float,
-    concurrency: int,
-    seed: int = 0,
-    max_requests: int | None = None,
-) -> LoadResult:
-    """``concurrency`` clients, each sending its next request when the last one answers."""
-    result = LoadResult(mode="random", concurrency=concurrency)
-    rng = random.Random(seed)
-    model_ids = router.model_ids
-    deadline = time.perf_counter() + duration_s
-    sent = 0
-
-    async def client() -> None:
-        nonlocal sent
-        while time.perf_counter() < deadline and (max_requests is None or sent < max_requests):
-            sent += 1
-            await _one(http, router, rng.choice(model_ids), rng.choice(SAMPLE_TEXTS), result)
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=30.0, limits=limits) as http:
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    result.duration_s = time.perf_counter() - started
-    return result
+    )
 
 
 def run_load_test(
     plan: Plan,
     deployment: Deployment,
-    duration_s: float = 10.0,
-    concurrency: int = 8,
-    seed: int = 0,
+    settings: LoadSettings,
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict:
-    router = Router(plan, deployment)
-    first = asyncio.run(sequential(router))
-    random_load = asyncio.run(closed_loop(router, duration_s, concurrency, seed))
-    per_model_seq = {m: v[0] * 1000 for m, v in first.per_model.items()}
-    return {
-        "sequential": first.summary(),
-        "random": random_load.summary(),
-        "sequential_ms_by_model": per_model_seq,
-        "random_ms_range_by_model": {
-            m: [min(v) * 1000, max(v) * 1000] for m, v in random_load.per_model.items()
-        },
-    }
+    """Every requested mode in order; returns their summaries, the sweep curve, per-model and
+    per-server figures and the latency CDF of the main run (closed, else rate, else random)."""
+    targets = targets_for(plan, deployment)
+    shape = loadgen.Shape(zipf=settings.zipf, tokens=settings.tokens, seed=settings.seed)
+    bounds = loadgen.Bounds(duration_s=settings.duration_s, timeout_s=settings.timeout_s)
+    steps = len(settings.modes) + (
+        len(settings.sweep_levels) - 1 if "sweep" in settings.modes else 0
+    )
+    done = 0
+
+    def advance(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(label, done / steps)
+
+    figures: dict = {"settings": msgspec.to_builtins(settings)}
+    recorders: dict[str, loadgen.Recorder] = {}
+    for mode in settings.modes:
+        if mode == "sequential":
+            recorder = asyncio.run(loadgen.sequential(targets, bounds))
+            figures["sequential"] = recorder.summary("sequential", concurrency=1)
+            figures["sequential_ms_by_model"] = {
+                m: v["min_ms"] for m, v in recorder.per_model_ms().items()
+            }
+        elif mode == "random":
+            single = msgspec.structs.replace(bounds, max_requests=settings.random_requests)
+            recorder = asyncio.run(loadgen.closed_loop(targets, shape, single, 1))
+            figures["random"] = recorder.summary("random", concurrency=1)
+            figures["random_ms_range_by_model"] = {
+                m: [v["min_ms"], v["max_ms"]] for m, v in recorder.per_model_ms().items()
+            }
+        elif mode == "closed":
+            recorder = loadgen.run(
+                "closed", targets, shape, bounds, settings.concurrency, settings.processes
+            )
+            figures["closed"] = recorder.summary("closed", concurrency=settings.concurrency)
+        elif mode == "rate":
+            recorder = loadgen.run(
+                "rate", targets, shape, bounds, settings.rate, settings.processes
+            )
+            figures["rate"] = recorder.summary("rate", rate=settings.rate)
+        else:
+            figures["sweep"], recorder = _sweep(targets, shape, bounds, settings, advance)
+        recorders[mode] = recorder
+        advance(mode)
+    if progress and done < steps:
+        progress("finished early", 1.0)  # the sweep stopped before its last level
+    main = next((m for m in ("closed", "rate", "sweep", "random") if m in recorders), None)
+    if main is not None:
+        chosen = recorders[main]
+        figures["main"] = main
+        figures["cdf_ms"] = chosen.cdf_ms()
+        figures["per_server_requests"] = dict(chosen.per_server)
+        slowest = sorted(chosen.per_model_ms().items(), key=lambda kv: -kv[1]["p90_ms"])
+        figures["slowest_models"] = dict(slowest[:10])
+    return figures
+
+
+def _sweep(
+    targets: loadgen.Targets,
+    shape: loadgen.Shape,
+    bounds: loadgen.Bounds,
+    settings: LoadSettings,
+    advance: Callable[[str], None],
+) -> tuple[list[dict], loadgen.Recorder]:
+    """Closed loop at each level until the error rate or the P90 target breaks; the last
+    recorder returned is the best level that met both."""
+    points: list[dict] = []
+    best: loadgen.Recorder | None = None
+    last: loadgen.Recorder | None = None
+    for i, level in enumerate(settings.sweep_levels):
+        last = loadgen.run("closed", targets, shape, bounds, level, settings.processes)
+        point = last.summary("closed", concurrency=level)
+        ok = (
+            point["error_rate"] <= settings.max_error_rate
+            and point.get("p90_ms", float("inf")) <= settings.latency_target_ms
+        )
+        point["within_target"] = ok
+        points.append(point)
+        if ok:
+            best = last
+        else:
+            break
+        if i < len(settings.sweep_levels) - 1:
+            advance(f"sweep {level}")
+    assert last is not None
+    return points, best or last
 
 
 @task(name="load-test", cache_policy=NO_CACHE)
-def load_test(plan_json: str, deployment: dict, duration_s: float, concurrency: int) -> dict:
-    import msgspec
+def load_test(plan_json: str, deployment: dict, settings: dict) -> dict:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     plan = msgspec.json.decode(plan_json, type=Plan)
-    return run_load_test(plan, msgspec.convert(deployment, Deployment), duration_s, concurrency)
+    load_settings = msgspec.convert(settings, LoadSettings)
+    artifact = create_progress_artifact(
+        progress=0.0, key="myriad-load-test-progress", description="load test progress"
+    )
+
+    def progress(label: str, fraction: float) -> None:
+        update_progress_artifact(artifact_id=artifact, progress=round(100 * fraction, 1))
+
+    return run_load_test(
+        plan, msgspec.convert(deployment, Deployment), load_settings, progress=progress
+    )

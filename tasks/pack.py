@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Catalog, Fleet, Limits, Plan, Problem, ProblemModel, Profile
 from packing.io import decode, to_json
+from packing.repack import repack
 from packing.solver import solve
 from packing.validate import check
 from serving.store import open_store
@@ -72,17 +73,42 @@ def latest_plan(store_uri: str | None) -> Plan:
     return decode(store.get_bytes(key), Plan, store.url_for(key))
 
 
+def _current_plan(store_uri: str | None) -> Plan | None:
+    store = open_store(store_uri)
+    return latest_plan(store_uri) if store.exists("plans/latest") else None
+
+
 @task(name="pack-models", cache_policy=NO_CACHE)
 def pack_models(
-    problem_json: str, store_uri: str | None, time_limit_s: float = 10.0, workers: int = 2
+    problem_json: str,
+    store_uri: str | None,
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    repack_tolerance: float | None = None,
 ) -> dict:
+    """Solve afresh, or with ``repack_tolerance`` repack the store's latest plan incrementally
+    (models stay where they are unless that costs more than the tolerance above a fresh
+    solve)."""
     problem = decode(problem_json, Problem, "packing problem")
     started = time.perf_counter()
-    plan = solve(problem, time_limit_s=time_limit_s, workers=workers)
+    current = _current_plan(store_uri) if repack_tolerance is not None else None
+    moves = None
+    if current is not None:
+        result = repack(
+            problem,
+            current,
+            tolerance=repack_tolerance,
+            time_limit_s=time_limit_s,
+            workers=workers,
+        )
+        plan, moves = result.plan, len(result.moves)
+    else:
+        plan = solve(problem, time_limit_s=time_limit_s, workers=workers)
     check(problem, plan)
     uri = publish_plan(plan, store_uri)
     return {
         "plan_uri": uri,
         "plan": json.loads(to_json(plan)),
         "wall_seconds": time.perf_counter() - started,
+        "moves": moves,
     }

@@ -74,3 +74,53 @@ def test_errors_exit_2_without_traceback(
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_pack_a_problem_file_then_repack_it(tmp_path: Path) -> None:
+    import msgspec
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.packing import generate
+    from packing.contracts import Catalog, Plan
+    from packing.io import load, save
+
+    problem = generate(60, 3, load(ROOT / "catalogs/aws.yaml", Catalog))
+    save(problem, tmp_path / "problem.yaml")
+    first = myriad(
+        "pack",
+        "--problem",
+        str(tmp_path / "problem.yaml"),
+        "--out",
+        str(tmp_path / "plan.json"),
+        "--time-limit",
+        "5",
+        home=tmp_path,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "lower bound" in first.stdout and "total" in first.stdout
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    plan = load(tmp_path / "plan.json", Plan)
+    assert len(plan.model_ids()) == 60
+
+    changed = msgspec.structs.replace(problem, models=problem.models[5:])
+    save(changed, tmp_path / "changed.yaml")
+    second = myriad(
+        "pack",
+        "--problem",
+        str(tmp_path / "changed.yaml"),
+        "--out",
+        str(tmp_path / "next.json"),
+        "--current",
+        str(tmp_path / "plan.json"),
+        "--tolerance",
+        "0.5",
+        "--time-limit",
+        "5",
+        home=tmp_path,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "incremental:" in second.stdout
+    moves = msgspec.json.decode((tmp_path / "next.moves.json").read_bytes())
+    removed = {m.id for m in problem.models[:5]}
+    assert {m["model_id"] for m in moves if m["target"] is None} >= removed
+    assert load(tmp_path / "next.json", Plan).model_ids() == sorted(m.id for m in changed.models)

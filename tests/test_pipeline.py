@@ -54,6 +54,8 @@ def test_demo_pipeline_end_to_end(
     assert first["cost_per_model_hour"] == pytest.approx(first["cost_per_hour"] / 13)
     report = Path(first["report_uri"].removeprefix("file://"))
     assert report.is_file() and report.with_name("report.md").is_file()
+    assert report.with_name("latency_cdf.png").is_file()
+    assert first["generator_saturated"] is not None
 
     # Nothing left running: teardown removed the deployment and every server process ended.
     deployments = tmp_path / "home" / "deployments"
@@ -68,11 +70,19 @@ def test_demo_pipeline_end_to_end(
         and str(tmp_path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     )
 
-    second = pipeline(**arguments)
+    assert "moves" not in first
+    second = pipeline(**arguments, repack_tolerance=0.05)
     assert second["traced"] == 0 and second["reused"] == 13
-    assert second["plan_id"] == first["plan_id"]
+    # Nothing changed, so the incremental repack keeps every replica where it was.
+    assert second["moves"] == 0
+    assert second["cost_per_hour"] == first["cost_per_hour"]
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
     keys = {a.key for a in artifacts}
-    assert {"myriad-summary", "myriad-report"} <= keys
+    assert {
+        "myriad-summary",
+        "myriad-results",
+        "myriad-report",
+        "myriad-load-test-progress",
+    } <= keys
