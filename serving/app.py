@@ -21,6 +21,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.response import Response
 
+from serving.family import DeadlineExceeded, Overloaded
 from serving.models import InvalidInput, ModelNotFound, ModelNotReady, ModelRepository
 
 MAX_BODY_BYTES = 1 << 20
@@ -29,9 +30,11 @@ MAX_TEXTS_PER_REQUEST = 64
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
 
 
-def _problem(status: int, title: str):
+def _problem(status: int, title: str, headers: dict[str, str] | None = None):
     def convert(exc: Exception) -> ProblemDetailsException:
-        return ProblemDetailsException(status_code=status, title=title, detail=str(exc))
+        return ProblemDetailsException(
+            status_code=status, title=title, detail=str(exc), headers=headers
+        )
 
     return convert
 
@@ -135,6 +138,8 @@ def create_app(
                 ModelNotFound: _problem(404, "Model not found"),
                 ModelNotReady: _problem(503, "Model not ready"),
                 InvalidInput: _problem(400, "Invalid input"),
+                Overloaded: _problem(503, "Overloaded", {"Retry-After": "1"}),
+                DeadlineExceeded: _problem(504, "Deadline exceeded"),
             },
         )
     )

@@ -25,7 +25,10 @@ def serve(
     port: int = SERVER_PORT_DEFAULT,
     threads: int = 1,
     cache_dir: Path | None = None,
+    engine: dict | None = None,
 ) -> None:
+    """``engine``: None for one TorchScript module per model, or the settings of the
+    cross-model engine (serving.family.EngineSettings fields) for models of one BERT shape."""
     import torch
     import uvicorn
 
@@ -35,8 +38,20 @@ def serve(
 
     # Many servers share a machine; one intra-op thread each keeps them from fighting over cores.
     torch.set_num_threads(threads)
-    repository = ModelRepository(open_store(store_uri), model_ids, processor, cache_dir)
-    app = create_app(repository, workers=threads)
+    if engine is None:
+        repository = ModelRepository(open_store(store_uri), model_ids, processor, cache_dir)
+        workers = threads
+    else:
+        from serving.family import EngineSettings, FamilyRepository
+
+        settings = EngineSettings(**{"slots": max(1, len(model_ids)), **engine})
+        repository = FamilyRepository(
+            open_store(store_uri), model_ids, processor, cache_dir, settings
+        )
+        # Requests wait in the engine's queue, not for a worker thread: enough threads for a
+        # full batch to form.
+        workers = max(threads, 2 * settings.max_batch)
+    app = create_app(repository, workers=workers)
     uvicorn.run(
         app,
         host=host,
@@ -58,6 +73,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=SERVER_PORT_DEFAULT)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--engine",
+        default="torchscript",
+        choices=["torchscript", "cross-model"],
+        help="cross-model: batch requests to different BERT models of one shape together",
+    )
+    parser.add_argument("--slots", type=int, help="cross-model: models resident at once")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--int8", action="store_true", help="cross-model: int8 linear weights")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
     if args.plan:
         if not args.server:
@@ -67,7 +93,17 @@ def main(argv: list[str] | None = None) -> None:
         model_ids, processor = [m for m in args.models.split(",") if m], args.processor
     else:
         parser.error("give --plan PLAN --server ID, or --models a,b,c")
-    serve(model_ids, processor, args.store, args.host, args.port, args.threads)
+    engine = None
+    if args.engine == "cross-model":
+        engine = {
+            "precision": args.precision,
+            "int8": args.int8,
+            "max_batch": args.max_batch,
+            "max_wait_s": args.max_wait_ms / 1000,
+        }
+        if args.slots:
+            engine["slots"] = args.slots
+    serve(model_ids, processor, args.store, args.host, args.port, args.threads, engine=engine)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def model_server(
     log_path: Path,
     wait_for: str = "ready",
     timeout_s: float = 120,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Run ``python -m serving`` for ``model_ids``; yields its base URL once ``wait_for``
     ("ready": every model loaded, "finished": loading ended, even with failures)."""
@@ -44,6 +45,7 @@ def model_server(
             store_uri,
             "--port",
             str(port),
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

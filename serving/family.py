@@ -1,0 +1,355 @@
+"""A model family behind the model contract: requests to different models of one BERT shape
+are batched together and run by :class:`serving.crossmodel.CrossModelExecutor`.
+
+The :class:`FamilyEngine` owns one scheduler thread. Callers (the server's worker threads)
+submit texts and wait; the scheduler takes what has arrived within ``max_wait_s`` (up to
+``max_batch`` texts, at most one bank's worth of distinct models), drops requests past their
+deadline, pads to a sequence-length bucket, swaps in models that are not resident, and runs one
+cross-model forward. A full queue is refused at once (:class:`Overloaded`), never queued
+without end.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from serving.crossmodel import (
+    BertShape,
+    CrossModelExecutor,
+    FamilyError,
+    ModelPool,
+    WeightBank,
+    bert_weights,
+)
+from serving.modeling import configure_tokenizer
+from serving.models import InvalidInput, ModelNotReady, ModelRepository, ModelState
+from serving.store import ArtifactStore, StoreError, materialize
+from serving.tracing import artifact_prefix
+
+BUCKETS = (16, 32, 64, 128, 256, 512)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Overloaded(RuntimeError):
+    """The engine's queue is full: answer 503 with Retry-After instead of queueing."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request waited past its deadline and was dropped before it was computed."""
+
+
+@dataclass
+class EngineSettings:
+    slots: int = 64
+    precision: str = "fp32"
+    int8: bool = False
+    max_batch: int = 64
+    max_wait_s: float = 0.005
+    max_queue: int = 4096
+    deadline_s: float = 30.0
+    device: str = "cpu"
+
+
+@dataclass
+class _Member:
+    tokenizer: Tokenizer
+    labels: list[str]
+    max_length: int
+
+
+@dataclass
+class _Request:
+    model_id: str
+    text: str
+    raw: bool
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+
+class FamilyEngine:
+    def __init__(self, settings: EngineSettings) -> None:
+        if settings.precision not in DTYPES:
+            raise ValueError(f"precision {settings.precision!r}: choose fp32, bf16 or fp16")
+        self.settings = settings
+        self.shape: BertShape | None = None
+        self.pool: ModelPool | None = None
+        self.executor: CrossModelExecutor | None = None
+        self.members: dict[str, _Member] = {}
+        self.queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.max_queue)
+        self.batches = 0
+        self.batched_texts = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="family-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------ membership
+
+    def add(
+        self,
+        model_id: str,
+        shape: BertShape,
+        weights: dict[str, torch.Tensor],
+        tokenizer: Tokenizer,
+        labels: list[str],
+        max_length: int,
+    ) -> None:
+        with self._lock:
+            if self.shape is None:
+                bank = WeightBank(
+                    shape,
+                    self.settings.slots,
+                    device=self.settings.device,
+                    dtype=DTYPES[self.settings.precision],
+                    int8=self.settings.int8,
+                )
+                self.shape = shape
+                self.pool = ModelPool(bank)
+                self.executor = CrossModelExecutor(bank)
+            elif shape != self.shape:
+                raise FamilyError(
+                    f"model {model_id} has shape {shape}, this engine serves {self.shape}"
+                )
+            assert self.pool is not None
+            self.pool.add(model_id, weights)
+            self.members[model_id] = _Member(tokenizer, labels, max_length)
+
+    # --------------------------------------------------------------------------- requests
+
+    def submit(self, model_id: str, texts: list[str], raw: bool = False) -> list[Future]:
+        if model_id not in self.members:
+            raise ModelNotReady(model_id, ModelState.PENDING, "not in the engine")
+        deadline = time.monotonic() + self.settings.deadline_s
+        requests = [_Request(model_id, text, raw, deadline) for text in texts]
+        for request in requests:
+            try:
+                self.queue.put_nowait(request)
+            except queue.Full:
+                for queued in requests:
+                    queued.future.cancel()
+                raise Overloaded(
+                    f"{self.settings.max_queue} requests are waiting; retry shortly"
+                ) from None
+        return [r.future for r in requests]
+
+    def predict(self, model_id: str, texts: list[str], raw: bool = False) -> list[dict]:
+        futures = self.submit(model_id, texts, raw)
+        return [f.result(timeout=self.settings.deadline_s + 5) for f in futures]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    # -------------------------------------------------------------------------- scheduler
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            until = time.monotonic() + self.settings.max_wait_s
+            while len(batch) < self.settings.max_batch:
+                remaining = until - time.monotonic()
+                try:
+                    if remaining > 0:
+                        batch.append(self.queue.get(timeout=remaining))
+                    else:
+                        batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            now = time.monotonic()
+            live = []
+            for request in batch:
+                if request.future.cancelled():
+                    continue
+                if request.deadline < now:
+                    request.future.set_exception(
+                        DeadlineExceeded("request waited past its deadline; not computed")
+                    )
+                else:
+                    live.append(request)
+            for chunk in self._chunks(live):
+                try:
+                    self._execute(chunk)
+                except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
+                    for request in chunk:
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+
+    def _chunks(self, requests: list[_Request]) -> list[list[_Request]]:
+        """Split so that no chunk names more distinct models than the bank has slots."""
+        assert self.pool is not None or not requests
+        limit = self.pool.bank.slots if self.pool else 1
+        chunks: list[list[_Request]] = []
+        current: list[_Request] = []
+        models: set[str] = set()
+        for request in requests:
+            if request.model_id not in models and len(models) == limit:
+                chunks.append(current)
+                current, models = [], set()
+            current.append(request)
+            models.add(request.model_id)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _execute(self, chunk: list[_Request]) -> None:
+        assert self.pool is not None and self.executor is not None and self.shape is not None
+        encoded = []
+        for request in chunk:
+            # The tokenizer may pad to max_length itself; keep the real tokens only.
+            encoding = self.members[request.model_id].tokenizer.encode(request.text)
+            encoded.append(encoding.ids[: sum(encoding.attention_mask)])
+        longest = max(len(ids) for ids in encoded)
+        length = next((b for b in BUCKETS if b >= longest), longest)
+        input_ids = torch.zeros((len(chunk), length), dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        slots = self.pool.acquire([r.model_id for r in chunk])
+        try:
+            output = self.executor.forward(torch.tensor(slots), input_ids, attention_mask)
+        finally:
+            self.pool.release(slots)
+        self.batches += 1
+        self.batched_texts += len(chunk)
+        for request, row in zip(chunk, output, strict=True):
+            request.future.set_result(self._answer(request, row))
+
+    def _answer(self, request: _Request, row: torch.Tensor) -> dict:
+        assert self.shape is not None
+        if self.shape.task == "embedding":
+            return {"embedding": row.tolist()}
+        if request.raw:
+            return {"logits": row.tolist()}
+        labels = self.members[request.model_id].labels
+        probabilities = row.softmax(dim=-1)
+        best = int(probabilities.argmax())
+
+        def name(i: int) -> str:
+            return labels[i] if i < len(labels) else str(i)
+
+        return {
+            "label": name(best),
+            "score": float(probabilities[best]),
+            "probabilities": {name(i): float(p) for i, p in enumerate(probabilities)},
+        }
+
+
+class FamilyModel:
+    """One model of a family: loads its artifact into the engine; predicts through it."""
+
+    def __init__(self, model_id: str, processor: str, engine: FamilyEngine) -> None:
+        self.model_id = model_id
+        self.processor = processor
+        self.prefix = artifact_prefix(model_id, processor)
+        self.engine = engine
+        self.state = ModelState.PENDING
+        self.reason: str | None = None
+        self.task = ""
+        self.max_length = 0
+        self.memory_bytes = 0
+        self.load_seconds = 0.0
+
+    def load(self, store: ArtifactStore, cache_dir: Path | None) -> None:
+        started = time.perf_counter()
+        self.state = ModelState.LOADING
+        try:
+            directory, manifest = materialize(store, self.prefix, cache_dir)
+            meta = manifest.metadata
+            self.task = meta["task"]
+            self.max_length = int(meta["max_length"])
+            shape, weights = bert_weights(rebuild_module(directory, self.task), self.task)
+            tokenizer = configure_tokenizer(
+                Tokenizer.from_file(str(directory / "tokenizer.json")), self.max_length
+            )
+            self.engine.add(
+                self.model_id,
+                shape,
+                weights,
+                tokenizer,
+                list(meta.get("labels", [])),
+                self.max_length,
+            )
+            self.memory_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+            self.state = ModelState.READY
+        except (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError) as exc:
+            self.state = ModelState.FAILED
+            self.reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.load_seconds = time.perf_counter() - started
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    def predict(self, texts: list[str], raw: bool = False) -> list[dict]:
+        if not self.ready:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        if not texts:
+            raise InvalidInput("no text given")
+        return self.engine.predict(self.model_id, texts, raw)
+
+    def describe(self) -> dict:
+        return {
+            "id": self.model_id,
+            "processor": self.processor,
+            "state": self.state.value,
+            "reason": self.reason,
+            "task": self.task or None,
+            "max_length": self.max_length or None,
+            "memory_bytes": self.memory_bytes,
+            "load_seconds": round(self.load_seconds, 4),
+            "engine": "cross-model",
+        }
+
+
+def rebuild_module(directory: Path, task: str) -> torch.nn.Module:
+    """The eager BERT of a traced artifact, from its config.json and weights.safetensors."""
+    from safetensors.torch import load_model
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from serving.modeling import ClassificationLogits, MeanPoolEmbedding
+
+    config = BertConfig.from_json_file(str(directory / "config.json"))
+    if config.model_type != "bert":
+        raise FamilyError(f"the cross-model engine runs BERT encoders, not {config.model_type}")
+    if task == "embedding":
+        module: torch.nn.Module = MeanPoolEmbedding(BertModel(config))
+    else:
+        module = ClassificationLogits(BertForSequenceClassification(config))
+    load_model(module, str(directory / "weights.safetensors"), strict=False)
+    return module.eval()
+
+
+class FamilyRepository(ModelRepository):
+    """A repository whose models all run on one cross-model engine."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        model_ids: list[str],
+        processor: str = "cpu",
+        cache_dir: Path | None = None,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        super().__init__(store, [], processor, cache_dir)
+        # transformers' lazy module is not safe to import from several loader threads at once.
+        from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: F401
+
+        settings = settings or EngineSettings(slots=max(1, len(model_ids)))
+        if processor == "gpu":
+            settings.device = "cuda"
+        self.engine = FamilyEngine(settings)
+        self.models = {m: FamilyModel(m, processor, self.engine) for m in model_ids}  # type: ignore[misc]
