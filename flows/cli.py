@@ -58,6 +58,11 @@ def run(
         str | None, typer.Option(help="fp32 | fp16 | bf16 (default: fp32 cpu, fp16 gpu)")
     ] = None,
     keep_running: Annotated[bool, typer.Option(help="leave the servers up afterwards")] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8"),
+    ] = None,
+    zipf: Annotated[float, typer.Option(help="Zipf exponent of model choice; 0 = uniform")] = 0.0,
 ) -> None:
     """Run the whole pipeline: build, trace, pack, deploy, load test, report."""
     from flows.pipeline import pipeline
@@ -73,6 +78,8 @@ def run(
         spot=spot,
         precision=precision,
         keep_running=keep_running,
+        engine=engine,
+        zipf=zipf,
     )
     print_summary(summary)
 

@@ -33,7 +33,10 @@ def pipeline(
     repack_tolerance: float | None = None,
     load_modes: list[str] | None = None,
     zipf: float = 0.0,
+    engine: str | None = None,
 ) -> dict:
+    """``engine`` (fp32, bf16, fp16, int8): serve on the cross-model engine, and pack with its
+    bytes per model and batched cost per request."""
     logger = get_run_logger()
     fleet_spec = load(fleet, Fleet)
     catalog_spec = load(catalog, Catalog)
@@ -48,7 +51,7 @@ def pipeline(
     logger.info("traced %d artifacts, %d reused from the store", fresh, len(traces) - fresh)
 
     problem = build_problem(
-        fleet_spec, traces, catalog_spec, Limits(), "spot" if spot else "on_demand"
+        fleet_spec, traces, catalog_spec, Limits(), "spot" if spot else "on_demand", engine
     )
     packed = pack_models(
         to_json(problem).decode(), store, time_limit_s, repack_tolerance=repack_tolerance
@@ -64,7 +67,7 @@ def pipeline(
         packed["plan"]["cost_per_hour"],
         packed["plan"]["lower_bound_cost_per_hour"],
     )
-    deployment = deploy_servers(plan_json, store, runtime, deployment_name)
+    deployment = deploy_servers(plan_json, store, runtime, deployment_name, engine)
     try:
         settings = {"duration_s": duration_s, "concurrency": concurrency, "zipf": zipf}
         if load_modes:

@@ -193,6 +193,25 @@ class WeightBank:
         return total + sum(s[0].numel() * s.element_size() for s in self.scales.values())
 
 
+ENGINE_PRECISIONS = {"fp32": (4, False), "bf16": (2, False), "fp16": (2, False), "int8": (2, True)}
+
+
+def planned_bytes(shape: BertShape) -> dict[str, int]:
+    """Bytes one model takes in a weight bank at each engine precision ("int8": int8 linear
+    weights with bf16 scales, embeddings and norms), for the packer's profiles."""
+    sizes = {}
+    for precision, (width, int8) in ENGINE_PRECISIONS.items():
+        total = 0
+        for name, dims in _example_shapes(shape).items():
+            count = math.prod(dims)
+            if int8 and name.endswith(".w") and name.split(".")[1] in LINEARS:
+                total += count + dims[1] * width
+            else:
+                total += count * width
+        sizes[precision] = total
+    return sizes
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel of an ``[in, out]`` weight."""
     w = weight.float()

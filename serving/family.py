@@ -14,8 +14,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,14 @@ from serving.crossmodel import (
     bert_weights,
 )
 from serving.modeling import configure_tokenizer
-from serving.models import InvalidInput, ModelNotReady, ModelRepository, ModelState
+from serving.models import (
+    InvalidInput,
+    ModelNotReady,
+    ModelRepository,
+    ModelState,
+    answers,
+    describe,
+)
 from serving.store import ArtifactStore, StoreError, materialize
 from serving.tracing import artifact_prefix
 
@@ -229,38 +236,30 @@ class FamilyEngine:
 
     def _answer(self, request: _Request, row: torch.Tensor) -> dict:
         assert self.shape is not None
-        if self.shape.task == "embedding":
-            return {"embedding": row.tolist()}
-        if request.raw:
-            return {"logits": row.tolist()}
         labels = self.members[request.model_id].labels
-        probabilities = row.softmax(dim=-1)
-        best = int(probabilities.argmax())
-
-        def name(i: int) -> str:
-            return labels[i] if i < len(labels) else str(i)
-
-        return {
-            "label": name(best),
-            "score": float(probabilities[best]),
-            "probabilities": {name(i): float(p) for i, p in enumerate(probabilities)},
-        }
+        return answers(self.shape.task, labels, row.unsqueeze(0), request.raw)[0]
 
 
 class FamilyModel:
-    """One model of a family: loads its artifact into the engine; predicts through it."""
+    """One model behind the model contract, run by the engine of its shape.
 
-    def __init__(self, model_id: str, processor: str, engine: FamilyEngine) -> None:
+    Loading has two steps: :meth:`load` reads and verifies the artifact (in the repository's
+    loader threads); the repository then hands it to the engine of its shape (:meth:`join`).
+    """
+
+    def __init__(self, model_id: str, processor: str) -> None:
         self.model_id = model_id
         self.processor = processor
         self.prefix = artifact_prefix(model_id, processor)
-        self.engine = engine
+        self.engine: FamilyEngine | None = None
         self.state = ModelState.PENDING
         self.reason: str | None = None
         self.task = ""
         self.max_length = 0
         self.memory_bytes = 0
         self.load_seconds = 0.0
+        self.shape: BertShape | None = None
+        self._loaded: tuple[dict[str, torch.Tensor], Tokenizer, list[str]] | None = None
 
     def load(self, store: ArtifactStore, cache_dir: Path | None) -> None:
         started = time.perf_counter()
@@ -270,49 +269,47 @@ class FamilyModel:
             meta = manifest.metadata
             self.task = meta["task"]
             self.max_length = int(meta["max_length"])
-            shape, weights = bert_weights(rebuild_module(directory, self.task), self.task)
+            self.shape, weights = bert_weights(rebuild_module(directory, self.task), self.task)
             tokenizer = configure_tokenizer(
                 Tokenizer.from_file(str(directory / "tokenizer.json")), self.max_length
             )
-            self.engine.add(
-                self.model_id,
-                shape,
-                weights,
-                tokenizer,
-                list(meta.get("labels", [])),
-                self.max_length,
-            )
+            self._loaded = (weights, tokenizer, list(meta.get("labels", [])))
             self.memory_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-            self.state = ModelState.READY
         except (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError) as exc:
-            self.state = ModelState.FAILED
-            self.reason = f"{type(exc).__name__}: {exc}"
+            self._fail(exc)
         finally:
             self.load_seconds = time.perf_counter() - started
+
+    def join(self, engine: FamilyEngine) -> None:
+        if self._loaded is None or self.shape is None:
+            return
+        weights, tokenizer, labels = self._loaded
+        try:
+            engine.add(self.model_id, self.shape, weights, tokenizer, labels, self.max_length)
+        except (RuntimeError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.engine = engine
+        self._loaded = None
+        self.state = ModelState.READY
+
+    def _fail(self, exc: Exception) -> None:
+        self.state = ModelState.FAILED
+        self.reason = f"{type(exc).__name__}: {exc}"
 
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
 
     def predict(self, texts: list[str], raw: bool = False) -> list[dict]:
-        if not self.ready:
+        if not self.ready or self.engine is None:
             raise ModelNotReady(self.model_id, self.state, self.reason)
         if not texts:
             raise InvalidInput("no text given")
         return self.engine.predict(self.model_id, texts, raw)
 
     def describe(self) -> dict:
-        return {
-            "id": self.model_id,
-            "processor": self.processor,
-            "state": self.state.value,
-            "reason": self.reason,
-            "task": self.task or None,
-            "max_length": self.max_length or None,
-            "memory_bytes": self.memory_bytes,
-            "load_seconds": round(self.load_seconds, 4),
-            "engine": "cross-model",
-        }
+        return {**describe(self), "engine": "cross-model"}
 
 
 def rebuild_module(directory: Path, task: str) -> torch.nn.Module:
@@ -334,7 +331,7 @@ def rebuild_module(directory: Path, task: str) -> torch.nn.Module:
 
 
 class FamilyRepository(ModelRepository):
-    """A repository whose models all run on one cross-model engine."""
+    """A repository whose models run on cross-model engines, one per BERT shape and head."""
 
     def __init__(
         self,
@@ -348,8 +345,23 @@ class FamilyRepository(ModelRepository):
         # transformers' lazy module is not safe to import from several loader threads at once.
         from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: F401
 
-        settings = settings or EngineSettings(slots=max(1, len(model_ids)))
+        self.settings = settings or EngineSettings(slots=0)
         if processor == "gpu":
-            settings.device = "cuda"
-        self.engine = FamilyEngine(settings)
-        self.models = {m: FamilyModel(m, processor, self.engine) for m in model_ids}  # type: ignore[misc]
+            self.settings.device = "cuda"
+        self.engines: dict[BertShape, FamilyEngine] = {}
+        self.models = {m: FamilyModel(m, processor) for m in model_ids}  # type: ignore[misc]
+
+    def load_all(self) -> None:
+        with ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="load") as pool:
+            list(pool.map(lambda m: m.load(self.store, self.cache_dir), self.models.values()))
+        families: dict[BertShape, list[FamilyModel]] = {}
+        for model in self.models.values():
+            if model.shape is not None and model.state is ModelState.LOADING:
+                families.setdefault(model.shape, []).append(model)  # type: ignore[arg-type]
+        for shape, members in families.items():
+            slots = self.settings.slots or len(members)
+            engine = FamilyEngine(replace(self.settings, slots=min(slots, len(members))))
+            self.engines[shape] = engine
+            for model in members:
+                model.join(engine)
+        self._loaded.set()

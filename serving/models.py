@@ -110,38 +110,48 @@ class ServedModel:
         input_ids, attention_mask = encode(self.tokenizer, texts)
         with torch.inference_mode():
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
-        output = output.float().cpu()
-        if self.task == "embedding":
-            return [{"embedding": row.tolist()} for row in output]
-        if raw:
-            return [{"logits": row.tolist()} for row in output]
-        probabilities = output.softmax(dim=-1)
-        results = []
-        for row in probabilities:
-            best = int(row.argmax())
-            results.append(
-                {
-                    "label": self.labels[best] if best < len(self.labels) else str(best),
-                    "score": float(row[best]),
-                    "probabilities": {
-                        (self.labels[i] if i < len(self.labels) else str(i)): float(p)
-                        for i, p in enumerate(row)
-                    },
-                }
-            )
-        return results
+        return answers(self.task, self.labels, output.float().cpu(), raw)
 
     def describe(self) -> dict:
-        return {
-            "id": self.model_id,
-            "processor": self.processor,
-            "state": self.state.value,
-            "reason": self.reason,
-            "task": self.task or None,
-            "max_length": self.max_length or None,
-            "memory_bytes": self.memory_bytes,
-            "load_seconds": round(self.load_seconds, 4),
-        }
+        return describe(self)
+
+
+def answers(task: str, labels: list[str], output: torch.Tensor, raw: bool) -> list[dict]:
+    """The JSON answers for a batch of outputs: vectors for embeddings, logits when ``raw``,
+    else the best label with its probability and every label's probability."""
+    if task == "embedding":
+        return [{"embedding": row.tolist()} for row in output]
+    if raw:
+        return [{"logits": row.tolist()} for row in output]
+
+    def name(i: int) -> str:
+        return labels[i] if i < len(labels) else str(i)
+
+    results = []
+    for row in output.softmax(dim=-1):
+        best = int(row.argmax())
+        results.append(
+            {
+                "label": name(best),
+                "score": float(row[best]),
+                "probabilities": {name(i): float(p) for i, p in enumerate(row)},
+            }
+        )
+    return results
+
+
+def describe(model: ServedModel | object) -> dict:
+    """A model's entry in ``GET /models``: state, reason, task and memory."""
+    return {
+        "id": model.model_id,
+        "processor": model.processor,
+        "state": model.state.value,
+        "reason": model.reason,
+        "task": model.task or None,
+        "max_length": model.max_length or None,
+        "memory_bytes": model.memory_bytes,
+        "load_seconds": round(model.load_seconds, 4),
+    }
 
 
 class ModelRepository:

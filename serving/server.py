@@ -44,7 +44,8 @@ def serve(
     else:
         from serving.family import EngineSettings, FamilyRepository
 
-        settings = EngineSettings(**{"slots": max(1, len(model_ids)), **engine})
+        # slots 0: as many as the models of each shape (all resident).
+        settings = EngineSettings(**{"slots": 0, **engine})
         repository = FamilyRepository(
             open_store(store_uri), model_ids, processor, cache_dir, settings
         )

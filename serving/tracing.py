@@ -304,6 +304,7 @@ def _measure_profile(
     memory_bytes = max(measured, weights_bytes)
     best_batch = min(timings, key=lambda b: timings[b] / int(b))
     return {
+        "engine_bytes": _engine_bytes(eager, spec),
         "processor": processor,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
         "torch_threads": torch.get_num_threads(),
@@ -316,6 +317,17 @@ def _measure_profile(
         "seconds_per_request": timings[best_batch] / int(best_batch),
         "seconds_per_request_batch1": timings[str(min(settings.profile_batch_sizes))],
     }
+
+
+def _engine_bytes(eager: EagerModel, spec: ModelSpec) -> dict[str, int] | None:
+    """Bytes per model in the cross-model engine at each precision; None for non-BERT models."""
+    from serving.crossmodel import FamilyError, bert_weights, planned_bytes
+
+    try:
+        shape, _ = bert_weights(eager.module, spec.task)
+    except FamilyError:
+        return None
+    return planned_bytes(shape)
 
 
 def _cpu_name() -> str:

@@ -51,8 +51,10 @@ def deploy_local(
     name: str = "local",
     ready_timeout_s: float = 300.0,
     threads: int = 1,
+    engine: str | None = None,
 ) -> Deployment:
-    """Start every server of ``plan``; return once each reports all its models loaded."""
+    """Start every server of ``plan``; return once each reports all its models loaded.
+    ``engine``: run each server's models on the cross-model engine at this precision."""
     if deployment_path(name).exists():
         teardown_local(name)
     log_dir = deployments_dir() / name
@@ -77,6 +79,8 @@ def deploy_local(
             ]
             if store_uri:
                 command += ["--store", store_uri]
+            if engine:
+                command += engine_arguments(engine)
             log = (log_dir / f"{server.id}.log").open("wb")
             # A session of its own, so a Ctrl-C in the pipeline's terminal does not skip teardown.
             processes[server.id] = subprocess.Popen(
@@ -188,8 +192,20 @@ def teardown_local(name: str = "local") -> list[str]:
     return sorted(deployment.pids)
 
 
+def engine_arguments(engine: str) -> list[str]:
+    if engine not in ("fp32", "bf16", "fp16", "int8"):
+        raise DeployError(f"engine precision {engine!r}: choose fp32, bf16, fp16 or int8")
+    if engine == "int8":
+        return ["--engine", "cross-model", "--precision", "bf16", "--int8"]
+    return ["--engine", "cross-model", "--precision", engine]
+
+
 def deploy(
-    plan_path: Path, store_uri: str | None, runtime: str = "local", name: str = "local"
+    plan_path: Path,
+    store_uri: str | None,
+    runtime: str = "local",
+    name: str = "local",
+    engine: str | None = None,
 ) -> Deployment:
     if runtime not in RUNTIMES:
         raise DeployError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -198,15 +214,17 @@ def deploy(
             f"runtime {runtime!r} is not available in this version: only 'local' deploys today "
             "(docker and kubernetes runtimes are planned work)"
         )
-    return deploy_local(load(plan_path, Plan), plan_path, store_uri, name)
+    return deploy_local(load(plan_path, Plan), plan_path, store_uri, name, engine=engine)
 
 
 @task(name="deploy-servers", cache_policy=NO_CACHE)
-def deploy_servers(plan_json: str, store_uri: str | None, runtime: str, name: str) -> dict:
+def deploy_servers(
+    plan_json: str, store_uri: str | None, runtime: str, name: str, engine: str | None = None
+) -> dict:
     plan = msgspec.json.decode(plan_json, type=Plan)
     plan_path = deployments_dir() / f"{name}.plan.json"
     save(plan, plan_path)
-    return msgspec.to_builtins(deploy(plan_path, store_uri, runtime, name))
+    return msgspec.to_builtins(deploy(plan_path, store_uri, runtime, name, engine))
 
 
 @task(name="teardown-servers", cache_policy=NO_CACHE)

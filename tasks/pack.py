@@ -22,21 +22,40 @@ def build_problem(
     catalog: Catalog,
     limits: Limits | None = None,
     price: str = "on_demand",
+    engine: str | None = None,
 ) -> Problem:
     """One packing model per fleet model, with a profile per processor it was traced for.
 
-    Traffic spread over many models rarely forms batches, so the packer is given the batch-1
-    cost per request: the conservative figure.
+    Traffic spread over many models rarely forms batches within one model, so by default the
+    packer is given the batch-1 cost per request: the conservative figure. With ``engine`` (a
+    cross-model engine precision: fp32, bf16, fp16, int8) batches form across the models of a
+    server, so a model costs its bytes in the engine's weight bank and its best batched seconds
+    per request; models the engine cannot run (not BERT) keep the TorchScript figures.
     """
     profiles: dict[str, list[Profile]] = {}
     for result in trace_results:
         profile = result["profile"]
+        engine_bytes = (profile.get("engine_bytes") or {}).get(engine) if engine else None
+        if engine and engine_bytes is None and profile.get("engine_bytes") is not None:
+            raise ValueError(f"engine precision {engine!r}: choose fp32, bf16, fp16 or int8")
+        if engine_bytes is not None:
+            memory, seconds, batch = (
+                int(engine_bytes),
+                float(profile["seconds_per_request"]),
+                int(profile["batch_size"]),
+            )
+        else:
+            memory, seconds, batch = (
+                int(profile["memory_bytes"]),
+                float(profile["seconds_per_request_batch1"]),
+                1,
+            )
         profiles.setdefault(result["model_id"], []).append(
             Profile(
                 processor=result["processor"],
-                memory_bytes=int(profile["memory_bytes"]),
-                seconds_per_request=float(profile["seconds_per_request_batch1"]),
-                batch_size=1,
+                memory_bytes=memory,
+                seconds_per_request=seconds,
+                batch_size=batch,
             )
         )
     models = []

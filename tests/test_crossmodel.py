@@ -208,14 +208,23 @@ def test_server_with_the_cross_model_engine(tmp_path: Path) -> None:
         ModelSpec(id=f"fam-{i}", source="synthetic:bert-tiny", num_labels=3, max_length=32)
         for i in range(3)
     ]
-    for spec in specs:
+    # Another shape (an embedding head) on the same server gets an engine of its own.
+    embedder = ModelSpec(id="fam-emb", source="synthetic:bert-tiny", task="embedding")
+    for spec in [*specs, embedder]:
         trace_to_store(
             spec, "cpu", store, TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
         )
     args = ("--engine", "cross-model", "--slots", "2", "--max-wait-ms", "10")
-    with model_server(uri, [s.id for s in specs], tmp_path / "server.log", extra_args=args) as url:
+    ids = [s.id for s in [*specs, embedder]]
+    with model_server(uri, ids, tmp_path / "server.log", extra_args=args) as url:
         listing = httpx.get(f"{url}/models").json()
         assert {m["engine"] for m in listing["models"]} == {"cross-model"}
+        assert listing["ready"]
+        vector = httpx.post(f"{url}/predictions/fam-emb", json={"text": TEXTS[0]}).json()
+        eager_embedder = load_eager(embedder, sources.resolve(embedder))
+        np.testing.assert_allclose(
+            vector["embedding"], alone(eager_embedder, TEXTS[0], 128).numpy(), atol=FP32_TOLERANCE
+        )
         for spec in specs:
             eager = load_eager(spec, sources.resolve(spec))
             answer = httpx.post(
@@ -240,3 +249,38 @@ def test_real_minilm_through_the_engine_matches_it_alone() -> None:
     for row, text in enumerate(TEXTS):
         expected = alone(eager, text, max_length=128)
         torch.testing.assert_close(out[row], expected, atol=FP32_TOLERANCE, rtol=0)
+
+
+def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
+    from packing.contracts import Catalog, Fleet
+    from packing.io import load
+    from serving.crossmodel import planned_bytes
+    from tasks.pack import build_problem
+
+    fleet = Fleet(
+        name="f",
+        processors=["cpu"],
+        models=[ModelSpec(id="a", source="synthetic:bert-tiny", num_labels=3)],
+    )
+    spec = fleet.models[0]
+    shape, _ = bert_weights(load_eager(spec, sources.resolve(spec)).module, spec.task)
+    engine = planned_bytes(shape)
+    profile = {
+        "memory_bytes": 10**9,
+        "seconds_per_request": 0.001,
+        "batch_size": 8,
+        "seconds_per_request_batch1": 0.004,
+        "engine_bytes": engine,
+    }
+    catalog = load(Path(__file__).resolve().parent.parent / "catalogs/aws.yaml", Catalog)
+    traces = [{"model_id": "a", "processor": "cpu", "profile": profile}]
+    plain = build_problem(fleet, traces, catalog).models[0].profiles[0]
+    assert (plain.memory_bytes, plain.seconds_per_request) == (10**9, 0.004)
+    packed = build_problem(fleet, traces, catalog, engine="int8").models[0].profiles[0]
+    assert packed.memory_bytes == engine["int8"] < engine["bf16"] < engine["fp32"]
+    assert (packed.seconds_per_request, packed.batch_size) == (0.001, 8)
+    # The planning figure is what a bank really allocates.
+    assert engine["fp32"] == WeightBank(shape, 1).bytes_per_slot
+    assert engine["int8"] == WeightBank(shape, 1, dtype=torch.bfloat16, int8=True).bytes_per_slot
+    with pytest.raises(ValueError, match="engine precision"):
+        build_problem(fleet, traces, catalog, engine="fp64")
