@@ -436,15 +436,43 @@ def _realise(
     types: list[_Type], classes: list[_Class], assignment: dict[tuple[int, int], int]
 ) -> list[_Instance]:
     instances: list[_Instance] = []
-    by_type = {t.index: t for t in types}
+    leftovers: dict[int, int] = {}
     for t in types:
         items = {ci: n for (ci, ti), n in assignment.items() if ti == t.index and n}
         if items:
-            instances.extend(_pack_type(by_type[t.index], classes, items))
+            packed, left = _pack_type(t, classes, items, t.quota)
+            instances.extend(packed)
+            for ci, n in left.items():
+                leftovers[ci] = leftovers.get(ci, 0) + n
+    # A quota stopped a type from opening the extra instances it needed: place the rest on
+    # the other types the classes can use, cheapest per replica first.
+    for ci, left in leftovers.items():
+        group = classes[ci]
+        ranked = sorted(
+            (t for t in types if t.index in group.options),
+            key=lambda t: t.price / max(_per_instance(group, t), 1),
+        )
+        for t in ranked:
+            used = sum(1 for i in instances if i.type.index == t.index)
+            room = None if t.quota is None else t.quota - used
+            if left == 0:
+                break
+            if room is not None and room <= 0:
+                continue
+            packed, rest = _pack_type(t, classes, {ci: left}, room)
+            instances.extend(packed)
+            left = rest.get(ci, 0)
+        if left:
+            raise InfeasibleError(
+                f"{_name_models(group.model_ids)}: {left} replicas found no room within "
+                f"limits.instance_quotas"
+            )
     return instances
 
 
-def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_Instance]:
+def _pack_type(
+    t: _Type, classes: list[_Class], items: dict[int, int], limit: int | None = None
+) -> tuple[list[_Instance], dict[int, int]]:
     """Spread each class evenly over the fewest instances the volumes allow, so every device
     gets about the average mix of memory-heavy and compute-heavy replicas (what the volume
     model assumed); what does not fit goes to extra instances filled by best match."""
@@ -461,6 +489,8 @@ def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_
         max(math.ceil(n / classes[ci].count) for ci, n in items.items()),
         1,
     )
+    if limit is not None:
+        needed = min(needed, limit)
     opened = [_Instance(t, [_Device() for _ in range(t.devices)]) for _ in range(needed)]
     bins = [
         (instance, device)
@@ -492,7 +522,7 @@ def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_
             left -= 1
         if left:
             remaining[ci] = left
-    while any(remaining.values()):
+    while any(remaining.values()) and (limit is None or len(opened) < limit):
         instance = _Instance(t, [_Device() for _ in range(t.devices)])
         for device in instance.devices:
             _fill_device(instance, device, classes, remaining)
@@ -500,7 +530,7 @@ def _pack_type(t: _Type, classes: list[_Class], items: dict[int, int]) -> list[_
             stuck = [ci for ci, n in remaining.items() if n]
             raise AssertionError(f"classes {stuck} do not fit an empty {t.name}")
         opened.append(instance)
-    return [i for i in opened if not i.empty]
+    return [i for i in opened if not i.empty], {ci: n for ci, n in remaining.items() if n}
 
 
 def _put(
