@@ -27,6 +27,7 @@ from packing.contracts import (
 )
 from packing.io import to_json
 from packing.solver import solve
+from packing.validate import violations
 
 
 class Move(msgspec.Struct, kw_only=True):
@@ -69,6 +70,7 @@ def repack(
     incremental = _incremental(problem, current, time_limit_s / 2, workers, fresh)
     if (
         incremental is not None
+        and not violations(problem, incremental)
         and incremental.cost_per_hour <= fresh.cost_per_hour * (1 + tolerance) + 1e-9
     ):
         plan, chosen = incremental, True
@@ -92,11 +94,24 @@ def _incremental(
     models = {m.id: m for m in problem.models}
     catalog = {t.name: t for t in problem.catalog.instance_types}
     limits = problem.limits
-    instances = {
-        i.id: i
-        for i in current.instances
-        if i.type in catalog and problem.limits.instance_quotas.get(i.type) != 0
-    }
+    # Keep instances whose type is still offered at this price kind, at most a (possibly
+    # lowered) quota of each, the most loaded first.
+    load = {i.id: 0 for i in current.instances}
+    for server in current.servers:
+        load[server.instance] = load.get(server.instance, 0) + len(server.model_ids)
+    kept_count: dict[str, int] = {}
+    instances = {}
+    for instance in sorted(current.instances, key=lambda i: -load[i.id]):
+        instance_type = catalog.get(instance.type)
+        if instance_type is None:
+            continue
+        if problem.price == "spot" and instance_type.spot_per_hour is None:
+            continue
+        quota = problem.limits.instance_quotas.get(instance.type)
+        if quota is not None and kept_count.get(instance.type, 0) >= quota:
+            continue
+        kept_count[instance.type] = kept_count.get(instance.type, 0) + 1
+        instances[instance.id] = instance
     servers = [
         _Server(s.id, s.instance, s.device, s.processor, [])
         for s in current.servers

@@ -49,6 +49,12 @@ _EXACT_MAX_BOOLEANS = 20_000
 _EPS = 1e-9
 
 
+def _scaled_price(t: _Type) -> int:
+    # Rounded down (so bounds stay valid), after absorbing binary noise: 0.072 * 1e5 is
+    # 7199.999..., which must count as 7200 or a proven optimum reads as a gap.
+    return math.floor(t.price * _PRICE_SCALE + 1e-6)
+
+
 class InfeasibleError(ValueError):
     """No plan meets the limits; the message names the models and the constraint."""
 
@@ -137,17 +143,32 @@ def solve(
             types, classes, instances, every, True, deadline - time.perf_counter(), workers
         )
         lower_bound = max(lower_bound, exact_bound)
-    elif time.perf_counter() < deadline:
-        # Refine where the volume model's fractional packing met whole devices.
+    else:
+        # Refine where the volume model's fractional packing met whole devices (and repair a
+        # realisation that had to go past a quota).
         near: dict[int, int] = {}
         for instance in instances:
             near[instance.type.index] = near.get(instance.type.index, 0) + 1
         for ti in {ti for (_, ti) in assignment}:
             near.setdefault(ti, 0)
+        if _over_quota(instances):
+            near.update({t.index: near.get(t.index, 0) for t in types})
         by_type = {t.index: t for t in types}
         near = {ti: min(n + 1, _instance_bound(by_type[ti], classes)) for ti, n in near.items()}
         instances, _ = _solve_devices(
-            types, classes, instances, near, False, deadline - time.perf_counter(), workers
+            types,
+            classes,
+            instances,
+            near,
+            False,
+            max(deadline - time.perf_counter(), 1.0 if _over_quota(instances) else 0.0),
+            workers,
+        )
+    broken = _over_quota(instances)
+    if broken:
+        raise InfeasibleError(
+            f"no plan within limits.instance_quotas was found in the time limit "
+            f"({', '.join(broken)}); raise the time limit or the quotas"
         )
     cost = sum(i.type.price for i in instances)
     lower_bound = min(lower_bound, cost)
@@ -389,7 +410,7 @@ def _solve_aggregated(
             big = [ci for ci, g in on_type if g.options[t.index][dim] > cap / 2 * (1 + _EPS)]
             if big:
                 model.add(sum(x[ci, t.index] for ci in big) <= t.devices * y[t.index])
-    model.minimize(sum(math.floor(t.price * _PRICE_SCALE) * y[t.index] for t in types))
+    model.minimize(sum(_scaled_price(t) * y[t.index] for t in types))
 
     by_type = {t.index: t for t in types}
     for (ci, ti), var in x.items():
@@ -444,8 +465,15 @@ def _realise(
             instances.extend(packed)
             for ci, n in left.items():
                 leftovers[ci] = leftovers.get(ci, 0) + n
+    # Replicas the assignment left out (a time-limited solve that fell back to a greedy start
+    # cut short by quotas) are leftovers too.
+    for ci, group in enumerate(classes):
+        assigned = sum(n for (c, _), n in assignment.items() if c == ci)
+        if assigned < group.total_replicas:
+            leftovers[ci] = leftovers.get(ci, 0) + group.total_replicas - assigned
     # A quota stopped a type from opening the extra instances it needed: place the rest on
-    # the other types the classes can use, cheapest per replica first.
+    # the other types the classes can use, cheapest per replica first; past every quota, on
+    # the cheapest type regardless, for the device-level search to repair (it keeps quotas).
     for ci, left in leftovers.items():
         group = classes[ci]
         ranked = sorted(
@@ -453,21 +481,33 @@ def _realise(
             key=lambda t: t.price / max(_per_instance(group, t), 1),
         )
         for t in ranked:
-            used = sum(1 for i in instances if i.type.index == t.index)
-            room = None if t.quota is None else t.quota - used
             if left == 0:
                 break
+            used = sum(1 for i in instances if i.type.index == t.index)
+            room = None if t.quota is None else t.quota - used
             if room is not None and room <= 0:
                 continue
             packed, rest = _pack_type(t, classes, {ci: left}, room)
             instances.extend(packed)
             left = rest.get(ci, 0)
         if left:
-            raise InfeasibleError(
-                f"{_name_models(group.model_ids)}: {left} replicas found no room within "
-                f"limits.instance_quotas"
-            )
+            # Past every quota: on the cheapest type regardless; the device-level search, which
+            # keeps quotas, repairs it (solve() refuses a plan that still breaks one).
+            packed, _ = _pack_type(ranked[0], classes, {ci: left})
+            instances.extend(packed)
     return instances
+
+
+def _over_quota(instances: list[_Instance]) -> list[str]:
+    counts: dict[int, int] = {}
+    for instance in instances:
+        counts[instance.type.index] = counts.get(instance.type.index, 0) + 1
+    by_index = {i.type.index: i.type for i in instances}
+    return [
+        f"{by_index[ti].name}: {n} instances, quota {by_index[ti].quota}"
+        for ti, n in sorted(counts.items())
+        if by_index[ti].quota is not None and n > by_index[ti].quota
+    ]
 
 
 def _pack_type(
@@ -757,9 +797,7 @@ def _solve_devices(
     for t in types:
         if t.quota is not None:
             model.add(sum(used[k] for k, (s, _) in enumerate(slots) if s is t) <= t.quota)
-    model.minimize(
-        sum(math.floor(t.price * _PRICE_SCALE) * used[k] for k, (t, _) in enumerate(slots))
-    )
+    model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
 
     # Warm start: the realised plan, instance by instance in slot order.
     next_slot: dict[int, int] = {}
@@ -767,8 +805,12 @@ def _solve_devices(
     for instance in start:
         j = next_slot.get(instance.type.index, 0)
         next_slot[instance.type.index] = j + 1
-        k = next(i for i, (t, jj) in enumerate(slots) if t is instance.type and jj == j)
-        chosen[k] = instance
+        k = next(
+            (i for i, (t, jj) in enumerate(slots) if t.index == instance.type.index and jj == j),
+            None,
+        )
+        if k is not None:  # a start beyond the candidate slots (over a quota) gives no hint
+            chosen[k] = instance
     for k, (t, _) in enumerate(slots):
         instance = chosen.get(k)
         model.add_hint(used[k], instance is not None)
@@ -807,7 +849,8 @@ def _solve_devices(
         for i in found
         for d in i.devices
     )
-    if overfull or sum(i.type.price for i in found) > sum(i.type.price for i in start) + _EPS:
+    dearer = sum(i.type.price for i in found) > sum(i.type.price for i in start) + _EPS
+    if overfull or (dearer and not _over_quota(start)):
         return start, bound
     return [i for i in found if not i.empty], bound
 

@@ -23,16 +23,19 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
     found: list[str] = []
     limits = problem.limits
     models = {m.id: m for m in problem.models}
-    instances = {i.id: i for i in plan.instances}
     types = {}
+    ids = [i.id for i in plan.instances]
+    doubled_ids = sorted({i for i in ids if ids.count(i) > 1})
+    if doubled_ids:
+        found.append(f"instance ids listed twice: {doubled_ids[:5]}")
     for instance in plan.instances:
         try:
             instance_type = problem.catalog.get(instance.type)
-        except KeyError:
-            found.append(f"instance {instance.id}: type {instance.type} is not in the catalog")
+            price = instance_type.price(problem.price)
+        except (KeyError, ValueError) as exc:
+            found.append(f"instance {instance.id}: {exc}")
             continue
         types[instance.id] = instance_type
-        price = instance_type.price(problem.price)
         if abs(instance.price_per_hour - price) > _TOLERANCE:
             found.append(
                 f"instance {instance.id}: price {instance.price_per_hour} but the catalog's "
@@ -103,11 +106,11 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
         if doubled:
             found.append(f"instance {instance_id}: holds two replicas of {doubled[:5]}")
     for name, quota in limits.instance_quotas.items():
-        used = sum(1 for i in instances.values() if i.type == name)
+        used = sum(1 for i in plan.instances if i.type == name)
         if used > quota:
             found.append(f"{used} instances of {name} exceed its quota of {quota}")
 
-    cost = sum(types[i].price(problem.price) for i in types)
+    cost = sum(t.price(problem.price) for t in types.values())
     if abs(plan.cost_per_hour - cost) > 1e-4:
         found.append(f"cost_per_hour {plan.cost_per_hour} but the instances cost {cost:.6f}")
     if plan.lower_bound_cost_per_hour > plan.cost_per_hour + 1e-4:

@@ -71,6 +71,15 @@ def bert_weights(module: torch.nn.Module, task: str) -> tuple[BertShape, dict[st
     if config is None or not getattr(config, "num_attention_heads", None):
         raise FamilyError("the model carries no config with num_attention_heads")
     heads = int(config.num_attention_heads)
+    # The executor implements exact GELU and absolute positions; anything else would give
+    # silently different outputs.
+    activation = getattr(config, "hidden_act", "gelu")
+    positions = getattr(config, "position_embedding_type", "absolute")
+    if activation != "gelu" or positions != "absolute":
+        raise FamilyError(
+            f"the cross-model engine runs BERT with hidden_act 'gelu' and absolute positions, "
+            f"not {activation!r} / {positions!r}"
+        )
     eps = float(getattr(config, "layer_norm_eps", 1e-12))
     word = get("embeddings.word_embeddings.weight")
     weights: dict[str, torch.Tensor] = {

@@ -160,38 +160,46 @@ class FamilyEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
+                self._step()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one batch
                 continue
-            batch = [first]
-            until = time.monotonic() + self.settings.max_wait_s
-            while len(batch) < self.settings.max_batch:
-                remaining = until - time.monotonic()
-                try:
-                    if remaining > 0:
-                        batch.append(self.queue.get(timeout=remaining))
-                    else:
-                        batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            now = time.monotonic()
-            live = []
-            for request in batch:
-                if request.future.cancelled():
-                    continue
-                if request.deadline < now:
-                    request.future.set_exception(
-                        DeadlineExceeded("request waited past its deadline; not computed")
-                    )
+
+    def _step(self) -> None:
+        try:
+            first = self.queue.get(timeout=0.1)
+        except queue.Empty:
+            return
+        batch = [first]
+        until = time.monotonic() + self.settings.max_wait_s
+        while len(batch) < self.settings.max_batch:
+            remaining = until - time.monotonic()
+            try:
+                if remaining > 0:
+                    batch.append(self.queue.get(timeout=remaining))
                 else:
-                    live.append(request)
-            for chunk in self._chunks(live):
-                try:
-                    self._execute(chunk)
-                except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
-                    for request in chunk:
-                        if not request.future.done():
-                            request.future.set_exception(exc)
+                    batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        now = time.monotonic()
+        live = []
+        for request in batch:
+            # From here on a caller can no longer cancel it: no result lands on a cancelled
+            # future, and a cancelled request is not computed.
+            if not request.future.set_running_or_notify_cancel():
+                continue
+            if request.deadline < now:
+                request.future.set_exception(
+                    DeadlineExceeded("request waited past its deadline; not computed")
+                )
+            else:
+                live.append(request)
+        for chunk in self._chunks(live):
+            try:
+                self._execute(chunk)
+            except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
+                for request in chunk:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
 
     def _chunks(self, requests: list[_Request]) -> list[list[_Request]]:
         """Split so that no chunk names more distinct models than the bank has slots."""

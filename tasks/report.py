@@ -23,8 +23,9 @@ def summarize(plan: Plan, load: dict) -> dict:
     main_mode = load.get("main")
     main = load.get(main_mode) if main_mode in ("closed", "rate", "random") else None
     if main_mode == "sweep":
+        # The same level run_load_test took its CDF and per-server figures from.
         passing = [p for p in load["sweep"] if p["within_target"]] or load["sweep"][-1:]
-        main = max(passing, key=lambda p: p["requests_per_s"])
+        main = {**max(passing, key=lambda p: p["requests_per_s"]), "mode": "sweep"}
     main = main or {}
     seq = load.get("sequential", {})
     rnd = load.get("random", {})
@@ -55,6 +56,8 @@ def summarize(plan: Plan, load: dict) -> dict:
         "errors": main.get("errors", {}),
         "duration_s": main.get("duration_s"),
         "generator_saturated": generator.get("saturated"),
+        "generator_reasons": generator.get("reasons") or None,
+        "price": plan.price,
         "cost_per_hour": cost,
         "lower_bound_cost_per_hour": plan.lower_bound_cost_per_hour,
         "cost_per_model_hour": cost / len(models) if models else None,
@@ -76,7 +79,7 @@ def results_row(summary: dict) -> dict:
         "random latency": span(summary["random_ms_min"], summary["random_ms_max"]),
         "throughput (requests/s)": _fmt(summary["requests_per_s"]),
         "P90": "-" if summary["p90_ms"] is None else f"{summary['p90_ms']:.1f} ms",
-        "on-demand cost per hour": f"${summary['cost_per_hour']:.2f}",
+        f"{summary['price'].replace('_', '-')} cost per hour": f"${summary['cost_per_hour']:.2f}",
         "cost per model-hour": _money(summary["cost_per_model_hour"]),
         "cost per million requests": _money(summary["cost_per_million_requests"]),
     }
@@ -109,7 +112,7 @@ def to_markdown(summary: dict, load: dict | None = None) -> str:
     lines = ["# Myriad load-test report", ""]
     lines += _table([results_row(summary)]) + [""]
     if summary.get("generator_saturated"):
-        reasons = (load or {}).get(summary.get("load_mode") or "", {}).get("generator", {})
+        reasons = {"reasons": summary.get("generator_reasons") or []}
         lines += [
             "**The load generator was saturated**: the figures measure the client, not the "
             f"servers ({'; '.join(reasons.get('reasons', [])) or 'see report.json'}). "

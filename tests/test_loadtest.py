@@ -171,6 +171,8 @@ def test_text_length_follows_tokens() -> None:
         ({"rate": 0}, "rate"),
         ({"zipf": -1}, "zipf"),
         ({"concurrency": 0}, "concurrency"),
+        ({"sweep_levels": []}, "sweep_levels"),
+        ({"sweep_levels": [4, 0]}, "sweep_levels"),
     ],
 )
 def test_bad_settings_are_refused(settings: dict, message: str) -> None:

@@ -406,3 +406,29 @@ def test_quota_holds_when_whole_devices_need_more_than_the_volumes_say() -> None
     instances = solver._realise(kinds, classes, {(0, cheap.index): 266, (0, dear.index): 134})
     assert sum(1 for i in instances if i.type is cheap) <= 100
     assert sum(n for i in instances for d in i.devices for n in d.load.values()) == 400
+
+
+def test_tight_quota_with_a_valid_plan_is_solved() -> None:
+    """Whole-device packing must pair the 3 GiB models and group the 2 GiB ones."""
+    models = [model("a0", 3), model("a1", 3), model("b0", 2), model("b1", 2), model("b2", 2)]
+    problem = problem_of(models, [instance_type("g.x", 1.0, 1, 6)], {"g.x": 2})
+    plan = solve(problem, time_limit_s=5)
+    check(problem, plan)
+    assert len(plan.instances) == 2
+
+
+def test_prices_that_do_not_scale_exactly_still_prove_optimality() -> None:
+    problem = problem_of([model("a", 1)], [instance_type("g.x", 0.072)])
+    plan = solve(problem, time_limit_s=5)
+    assert plan.solver_status == "optimal" and plan.gap == 0
+
+
+def test_repack_respects_a_lowered_quota() -> None:
+    types = [instance_type("a.x", 1.0, 1, 8), instance_type("b.x", 1.04, 1, 8)]
+    current = solve(problem_of([model(c, 6) for c in "abc"], types), time_limit_s=5)
+    assert {i.type for i in current.instances} == {"a.x"}
+    lowered = problem_of([model(c, 6) for c in "abc"], types, {"a.x": 2})
+    result = repack(lowered, current, tolerance=0.5, time_limit_s=5)
+    check(lowered, result.plan)
+    assert sorted(i.type for i in result.plan.instances) == ["a.x", "a.x", "b.x"]
+    assert len(result.moves) == 1
