@@ -57,7 +57,7 @@ def plot_plan(problem: Problem, plan: Plan, out: Path) -> Path:
     shown = "" if len(plan.instances) <= MAX_INSTANCES else f", first {MAX_INSTANCES} shown"
     axis.set_title(
         f"{plan.plan_id}: {len(plan.model_ids())} models on {len(plan.instances)} instances"
-        f"{shown}, ${plan.cost_per_hour:.2f}/h (gap {plan.gap:.1%}); "
+        f"{shown}, ${plan.cost_per_hour:.2f}/h (gap {plan.gap:.1%})\n"
         f"caps: memory {limits.max_memory_fraction:.0%} (dashed), "
         f"compute {limits.max_compute_utilization:.0%} (dotted)",
         fontsize=9,
