@@ -165,9 +165,11 @@ class WeightBank:
         self.tensors: dict[str, torch.Tensor] = {}
         self.scales: dict[str, torch.Tensor] = {}
         for name, example in _example_shapes(shape).items():
-            if int8 and name.endswith(".w") and name.split(".")[1] in LINEARS:
+            if int8 and _quantized(name):
+                # Linear weights: a scale per output channel; word embeddings: one per row.
+                scale_shape = (slots, example[0] if name == "word" else example[1])
                 self.tensors[name] = torch.zeros((slots, *example), dtype=torch.int8, device=device)
-                self.scales[name] = torch.ones((slots, example[1]), dtype=dtype, device=device)
+                self.scales[name] = torch.ones(scale_shape, dtype=dtype, device=device)
             else:
                 self.tensors[name] = torch.zeros((slots, *example), dtype=dtype, device=device)
 
@@ -181,7 +183,10 @@ class WeightBank:
                     f"{tuple(tensor.shape[1:])}"
                 )
             if name in self.scales:
-                quantized, scale = quantize_int8(source)
+                quantized, scale = (
+                    quantize_int8(source.t()) if name == "word" else quantize_int8(source)
+                )
+                quantized = quantized.t() if name == "word" else quantized
                 tensor[slot].copy_(quantized, non_blocking=True)
                 self.scales[name][slot].copy_(scale.to(self.dtype), non_blocking=True)
             else:
@@ -213,12 +218,18 @@ def planned_bytes(shape: BertShape) -> dict[str, int]:
         total = 0
         for name, dims in _example_shapes(shape).items():
             count = math.prod(dims)
-            if int8 and name.endswith(".w") and name.split(".")[1] in LINEARS:
-                total += count + dims[1] * width
+            if int8 and _quantized(name):
+                total += count + (dims[0] if name == "word" else dims[1]) * width
             else:
                 total += count * width
         sizes[precision] = total
     return sizes
+
+
+def _quantized(name: str) -> bool:
+    """Stored as int8 in an int8 bank: linear weights and the word embeddings (the largest
+    tensors); position embeddings, biases and norms stay in the bank's dtype."""
+    return name == "word" or (name.endswith(".w") and name.split(".")[1] in LINEARS)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,8 +315,12 @@ class CrossModelExecutor:
 
         t = bank.tensors
         positions = torch.arange(length, device=device)
+        words = t["word"][slots.unsqueeze(1), ids]
+        if "word" in bank.scales:
+            scale = bank.scales["word"][slots.unsqueeze(1), ids]
+            words = words.to(bank.dtype) * scale.unsqueeze(-1)
         x = (
-            t["word"][slots.unsqueeze(1), ids]
+            words
             + t["position"][slots.unsqueeze(1), positions.unsqueeze(0)]
             + t["token_type"][slots, 0].unsqueeze(1)
         )

@@ -95,7 +95,8 @@ def test_bf16_and_int8_stay_close_to_fp32() -> None:
         cosine = torch.nn.functional.cosine_similarity(out, reference, dim=1)
         assert cosine.min().item() > floor, (options, cosine)
     int8_bank = bank_for(models, "embedding", int8=True)
-    assert int8_bank.bytes_per_slot < 0.6 * bank_for(models, "embedding").bytes_per_slot * 1.5
+    # int8 linear weights and word embeddings; position embeddings and norms stay fp32 here.
+    assert int8_bank.bytes_per_slot < 0.6 * bank_for(models, "embedding").bytes_per_slot
 
 
 def test_a_model_of_another_shape_is_refused() -> None:
