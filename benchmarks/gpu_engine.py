@@ -95,7 +95,7 @@ def engine_only(args: argparse.Namespace) -> list[dict]:
     names = [f"m{i:04d}" for i in range(args.models + args.extra_models)]
     for name in names:
         pool.host[name] = host  # shared host copy; each model still gets its own slot
-    executor = CrossModelExecutor(bank)
+    executor = CrossModelExecutor(bank, full_bank=args.full_bank)
     rng = random.Random(args.seed)
     input_ids = torch.randint(1000, shape.vocab - 1, (args.batch, args.seq))
     attention_mask = torch.ones_like(input_ids)
@@ -156,6 +156,7 @@ def engine_only(args: argparse.Namespace) -> list[dict]:
         "arch": args.arch,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "precision": "int8-weights" if args.int8 else args.precision,
+        "full_bank": executor.full_bank,
         "resident_models": args.models,
         "host_models": args.extra_models,
         "batch": args.batch,
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--int8", action="store_true")
+    parser.add_argument(
+        "--full-bank", action="store_true", help="grouped GEMM over the whole bank, no copy"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -286,9 +286,13 @@ def _example_shapes(shape: BertShape) -> dict[str, tuple[int, ...]]:
 class CrossModelExecutor:
     """The forward pass of a batch whose requests each name a slot of the bank."""
 
-    def __init__(self, bank: WeightBank, grouped: bool = True) -> None:
+    def __init__(self, bank: WeightBank, grouped: bool = True, full_bank: bool = False) -> None:
         self.bank = bank
         self.shape = bank.shape
+        # full_bank: hand the grouped GEMM the whole bank with empty groups for the slots not
+        # in the batch, instead of a copy of the batch's groups (saves a weight copy per layer;
+        # an older torch hung on empty groups on CUDA, so it is opt-in until measured there).
+        self.full_bank = full_bank and not bank.int8
         # torch._grouped_mm: one kernel for all groups on CUDA (bf16), a per-group fallback on
         # CPU (measured faster than a Python loop over groups for small models here); without
         # it (older torch), a loop of per-group matmuls over views of the bank.
@@ -310,6 +314,9 @@ class CrossModelExecutor:
         mask = attention_mask[order].to(device)
         batch, length = ids.shape
         unique, counts = torch.unique_consecutive(slots, return_counts=True)
+        if self.full_bank and self.grouped:
+            counts = torch.bincount(slots, minlength=bank.slots)
+            unique = torch.arange(bank.slots, device=device)
         token_offsets = (counts * length).cumsum(0).to(torch.int32)
         request_offsets = counts.cumsum(0).to(torch.int32)
 
@@ -369,8 +376,12 @@ class CrossModelExecutor:
         batch, length, n_in = x.shape
         flat = x.reshape(batch * length, n_in)
         if self.grouped:
-            # [G, in, out] for the models in the batch, then one grouped GEMM.
-            weights = self.bank.linear_weights(f"{name}.w", unique)
+            # [G, in, out] for the models in the batch (or the whole bank), one grouped GEMM.
+            weights = (
+                self.bank.tensors[f"{name}.w"]
+                if self.full_bank
+                else self.bank.linear_weights(f"{name}.w", unique)
+            )
             y = torch._grouped_mm(flat, weights, offs=offsets)
         else:
             pieces, start = [], 0

@@ -72,10 +72,10 @@ def bank_for(models, task: str, slots: int | None = None, **options) -> WeightBa
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "embedding"])
-@pytest.mark.parametrize("grouped", [True, False])
-def test_each_answer_is_its_own_model_alone(task: str, grouped: bool) -> None:
-    models = eager_models(task, 4)
-    executor = CrossModelExecutor(bank_for(models, task), grouped=grouped)
+@pytest.mark.parametrize(("grouped", "full_bank"), [(True, False), (False, False), (True, True)])
+def test_each_answer_is_its_own_model_alone(task: str, grouped: bool, full_bank: bool) -> None:
+    models = eager_models(task, 5)  # slot 4 gets no request: an empty group with full_bank
+    executor = CrossModelExecutor(bank_for(models, task), grouped=grouped, full_bank=full_bank)
     slots = torch.tensor([2, 0, 2, 3, 1, 0])  # repeated and interleaved models
     ids, mask = batch_of(models[0][1], TEXTS)
     out = executor.forward(slots, ids, mask)
