@@ -72,9 +72,9 @@ def test_percentiles_match_a_known_distribution(uniform_server: str) -> None:
     assert summary["completed"] > 300 and summary["errors"] == {}
     # Uniform on [10, 50] ms: the p-th percentile is 10 + 40 p / 100. Measured latency adds
     # the loopback round trip and timer slack (a few ms on a busy 2-core machine), never less.
-    for p in (50, 90, 99):
+    for p, slack in ((50, 6), (90, 6), (99, 12)):
         expected = 10 + 40 * p / 100
-        assert expected - 0.5 <= summary[f"p{p}_ms"] <= expected + 6, (p, summary)
+        assert expected - 0.5 <= summary[f"p{p}_ms"] <= expected + slack, (p, summary)
     assert summary["min_ms"] >= 10 * 0.999
     assert len(recorder.per_model) == len(MODELS)
     assert sum(recorder.per_server.values()) == summary["completed"]
@@ -131,7 +131,7 @@ def test_open_loop_exposes_a_stall_that_closed_loop_hides(fast_server: str) -> N
     assert closed_summary["p99_ms"] < 100
     # Open loop: every request scheduled during the stall counts its wait (a third of them).
     assert open_summary["p90_ms"] > 300
-    assert 250 < open_summary["completed"] < 350
+    assert 230 < open_summary["completed"] < 370  # Poisson: 300 ± 17, four deviations
 
 
 def test_saturation_check_fires_when_the_generator_is_the_bottleneck(fast_server: str) -> None:
