@@ -285,3 +285,26 @@ def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
     assert engine["int8"] == WeightBank(shape, 1, dtype=torch.bfloat16, int8=True).bytes_per_slot
     with pytest.raises(ValueError, match="engine precision"):
         build_problem(fleet, traces, catalog, engine="fp64")
+
+
+def test_overload_answers_503_with_retry_after(engine) -> None:
+    from litestar.testing import TestClient
+
+    from serving.app import create_app
+    from serving.family import FamilyModel
+    from serving.models import ModelRepository, ModelState
+
+    family, models = engine
+    family.close()  # no scheduler: the queue stays full
+    family.queue.maxsize = 1
+    spec = models[0][0]
+    family.submit(spec.id, ["fills the queue"])
+    served = FamilyModel(spec.id, "cpu")
+    served.engine, served.state = family, ModelState.READY
+    repository = ModelRepository(store=None, model_ids=[])  # type: ignore[arg-type]
+    repository.models = {spec.id: served}  # type: ignore[dict-item]
+    with TestClient(create_app(repository, load_on_startup=False)) as client:
+        response = client.post(f"/predictions/{spec.id}", json={"text": "one more"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "waiting" in response.json()["detail"]
