@@ -327,6 +327,9 @@ def loadtest(
     zipf: Annotated[float, typer.Option(help="Zipf exponent of model choice; 0 = uniform")] = 0.0,
     tokens: Annotated[int, typer.Option(help="tokens per request text")] = 16,
     processes: Annotated[int, typer.Option(help="load-generator processes")] = 1,
+    max_requests: Annotated[
+        int | None, typer.Option(help="stop a run after this many requests")
+    ] = None,
     seed: int = 0,
     out: Annotated[
         Path | None, typer.Option(help="directory for report.json, report.md and the plots")
@@ -352,6 +355,7 @@ def loadtest(
         zipf=zipf,
         tokens=tokens,
         processes=processes,
+        max_requests=max_requests,
         seed=seed,
     )
     plan_spec = load(plan, Plan)

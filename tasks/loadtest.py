@@ -31,6 +31,7 @@ class LoadSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     processes: int = 1
     seed: int = 0
     timeout_s: float = 30.0
+    max_requests: int | None = None  # per closed/rate run, besides duration_s
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.modes) - set(MODES))
@@ -39,6 +40,8 @@ class LoadSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("duration_s", "rate", "timeout_s", "latency_target_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ValueError(f"max_requests must be at least 1, got {self.max_requests}")
         if self.concurrency < 1 or self.processes < 1 or self.tokens < 1:
             raise ValueError("concurrency, processes and tokens must be at least 1")
         if not self.sweep_levels or min(self.sweep_levels) < 1:
@@ -69,7 +72,11 @@ def run_load_test(
     per-server figures and the latency CDF of the main run (closed, else rate, else random)."""
     targets = targets_for(plan, deployment)
     shape = loadgen.Shape(zipf=settings.zipf, tokens=settings.tokens, seed=settings.seed)
-    bounds = loadgen.Bounds(duration_s=settings.duration_s, timeout_s=settings.timeout_s)
+    bounds = loadgen.Bounds(
+        duration_s=settings.duration_s,
+        timeout_s=settings.timeout_s,
+        max_requests=settings.max_requests,
+    )
     steps = len(settings.modes) + (
         len(settings.sweep_levels) - 1 if "sweep" in settings.modes else 0
     )

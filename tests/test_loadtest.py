@@ -93,6 +93,16 @@ def test_histograms_merge_across_processes_exactly() -> None:
     assert sum(h.get_total_count() for h in merged.per_model.values()) == 1000
 
 
+def test_runs_stop_at_their_request_bound(fast_server: str) -> None:
+    bounds = loadgen.Bounds(duration_s=30.0, max_requests=50)
+    started = time.perf_counter()
+    closed = asyncio.run(loadgen.closed_loop(targets(fast_server), loadgen.Shape(), bounds, 4))
+    opened = asyncio.run(loadgen.open_loop(targets(fast_server), loadgen.Shape(), bounds, 200.0))
+    assert closed.summary("closed")["requests"] == 50
+    assert opened.summary("rate")["requests"] == 50
+    assert time.perf_counter() - started < 10  # the count, not the 30 s, ended both
+
+
 def test_several_generator_processes(uniform_server: str) -> None:
     recorder = loadgen.run(
         "closed",
@@ -173,6 +183,7 @@ def test_text_length_follows_tokens() -> None:
         ({"concurrency": 0}, "concurrency"),
         ({"sweep_levels": []}, "sweep_levels"),
         ({"sweep_levels": [4, 0]}, "sweep_levels"),
+        ({"max_requests": 0}, "max_requests"),
     ],
 )
 def test_bad_settings_are_refused(settings: dict, message: str) -> None:
