@@ -5,8 +5,11 @@ Errors are typed in :mod:`serving.models` and mapped to HTTP problem details in 
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import threading
+import time
 from typing import Annotated, Any
 
 import anyio
@@ -21,8 +24,25 @@ from litestar.plugins.problem_details import (
 )
 from litestar.response import Response
 
+from packing.contracts import is_model_id
 from serving.family import DeadlineExceeded, Overloaded
-from serving.models import InvalidInput, ModelNotFound, ModelNotReady, ModelRepository
+from serving.metrics import ServerMetrics
+from serving.models import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ModelRepository,
+    NotSupported,
+)
+
+
+class Unauthorized(PermissionError):
+    pass
+
+
+class Forbidden(PermissionError):
+    pass
+
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TEXTS_PER_REQUEST = 64
@@ -108,17 +128,197 @@ def model_ready(state: State, model_id: ModelIdPath) -> Response[dict[str, Any]]
     )
 
 
+_STATUS = {
+    ModelNotFound: 404,
+    ModelNotReady: 503,
+    InvalidInput: 400,
+    Overloaded: 503,
+    DeadlineExceeded: 504,
+}
+
+
+async def _measured(state: State, model_id: str, call: Any, texts: int) -> Any:
+    """Run ``call`` off the event loop and record its status and latency in the metrics."""
+    metrics: ServerMetrics = state.metrics
+    started = time.perf_counter()
+    try:
+        model = state.repository.get(model_id)
+        if not model.ready:
+            raise ModelNotReady(model_id, model.state, model.reason)
+        result = await anyio.to_thread.run_sync(lambda: call(model), limiter=state.compute_limiter)
+    except Exception as exc:
+        status = next((v for k, v in _STATUS.items() if isinstance(exc, k)), 500)
+        metrics.observe(model_id, status, time.perf_counter() - started, texts)
+        raise
+    metrics.observe(model_id, 200, time.perf_counter() - started, texts)
+    return result
+
+
 @post("/predictions/{model_id:str}", status_code=200)
 async def predict(request: Request, state: State, model_id: ModelIdPath) -> Any:
-    model = state.repository.get(model_id)
-    if not model.ready:
-        raise ModelNotReady(model_id, model.state, model.reason)
-    texts, single = parse_texts(await request.body(), request.headers.get("content-type", ""))
+    try:
+        texts, single = parse_texts(await request.body(), request.headers.get("content-type", ""))
+    except InvalidInput:
+        state.metrics.observe(model_id, 400, 0.0, 0)
+        raise
     raw = request.query_params.get("raw") in ("1", "true")
-    results = await anyio.to_thread.run_sync(
-        lambda: model.predict(texts, raw=raw), limiter=state.compute_limiter
-    )
+    results = await _measured(state, model_id, lambda m: m.predict(texts, raw=raw), len(texts))
     return results[0] if single else results
+
+
+@get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
+def metrics(state: State) -> bytes:
+    return state.metrics.exposition()
+
+
+@get("/v2/models/{model_id:str}", sync_to_thread=False)
+def model_metadata(state: State, model_id: ModelIdPath) -> dict[str, Any]:
+    """KServe v2 model metadata: text in (BYTES) or token ids (INT64), tensors out."""
+    model = state.repository.get(model_id)
+    if model.task == "embedding":
+        outputs = [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]
+    else:
+        outputs = [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "score", "datatype": "FP32", "shape": [-1]},
+        ]
+    return {
+        "name": model_id,
+        "versions": [],
+        "platform": "myriad",
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [-1]},
+            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+        ],
+        "outputs": outputs,
+    }
+
+
+@post("/v2/models/{model_id:str}/infer", status_code=200)
+async def infer(request: Request, state: State, model_id: ModelIdPath) -> dict[str, Any]:
+    """KServe v2 inference: a BYTES ``text`` input, or INT64 ``input_ids`` (and optionally
+    ``attention_mask``) the client tokenised itself."""
+    try:
+        body = json.loads(await request.body())
+        named = {i["name"]: i for i in body["inputs"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        state.metrics.observe(model_id, 400, 0.0, 0)
+        raise InvalidInput(f"expected a KServe v2 body with an inputs list: {exc}") from None
+    request_id = body.get("id") if isinstance(body, dict) else None
+    texts_input = next((i for i in named.values() if i.get("datatype") == "BYTES"), None)
+    if texts_input is not None:
+        texts, _ = parse_texts(json.dumps(texts_input.get("data")).encode(), "application/json")
+        results = await _measured(state, model_id, lambda m: m.predict(texts, raw=True), len(texts))
+    elif "input_ids" in named:
+        input_ids, attention_mask = _token_tensors(named)
+        results = await _measured(
+            state,
+            model_id,
+            lambda m: m.predict_ids(input_ids, attention_mask, raw=True),
+            len(input_ids),
+        )
+    else:
+        raise InvalidInput('send a BYTES input ("text") or an INT64 input ("input_ids")')
+    return {
+        "model_name": model_id,
+        **({"id": request_id} if request_id is not None else {}),
+        "outputs": _v2_outputs(results),
+    }
+
+
+def _token_tensors(named: dict[str, dict]) -> tuple[Any, Any]:
+    import torch
+
+    def tensor(entry: dict) -> Any:
+        if entry.get("datatype") != "INT64":
+            raise InvalidInput(f"input {entry.get('name')} must be INT64")
+        shape = entry.get("shape")
+        data = entry.get("data")
+        if not (isinstance(shape, list) and len(shape) == 2 and isinstance(data, list)):
+            raise InvalidInput(f"input {entry.get('name')} needs a 2-d shape and a data list")
+        try:
+            values = torch.tensor(data, dtype=torch.long).reshape(shape)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"input {entry.get('name')}: {exc}") from None
+        if values.numel() == 0:
+            raise InvalidInput(f"input {entry.get('name')} is empty")
+        return values
+
+    input_ids = tensor(named["input_ids"])
+    if input_ids.shape[0] > MAX_TEXTS_PER_REQUEST:
+        raise InvalidInput(f"{input_ids.shape[0]} rows; the limit is {MAX_TEXTS_PER_REQUEST}")
+    mask = tensor(named["attention_mask"]) if "attention_mask" in named else None
+    if mask is None:
+        mask = (input_ids != 0).long()
+    if mask.shape != input_ids.shape:
+        raise InvalidInput("attention_mask must have the shape of input_ids")
+    return input_ids, mask
+
+
+def _v2_outputs(results: list[dict]) -> list[dict[str, Any]]:
+    if "embedding" in results[0]:
+        width = len(results[0]["embedding"])
+        return [
+            {
+                "name": "embedding",
+                "datatype": "FP32",
+                "shape": [len(results), width],
+                "data": [v for r in results for v in r["embedding"]],
+            }
+        ]
+    import torch
+
+    logits = torch.tensor([r["logits"] for r in results])
+    probabilities = logits.softmax(-1)
+    best = probabilities.argmax(-1)
+    return [
+        {
+            "name": "logits",
+            "datatype": "FP32",
+            "shape": list(logits.shape),
+            "data": logits.flatten().tolist(),
+        },
+        {
+            "name": "label",
+            "datatype": "BYTES",
+            "shape": [len(results)],
+            "data": [str(int(i)) for i in best],
+        },
+        {
+            "name": "score",
+            "datatype": "FP32",
+            "shape": [len(results)],
+            "data": probabilities.max(-1).values.tolist(),
+        },
+    ]
+
+
+def _authorise(request: Request) -> None:
+    token = os.environ.get("MYRIAD_ADMIN_TOKEN")
+    if not token:
+        raise Forbidden("the management API is disabled: start the server with MYRIAD_ADMIN_TOKEN")
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("a valid Authorization: Bearer token is required")
+
+
+@post("/v2/repository/models/{model_id:str}/load", status_code=202)
+async def load_model(request: Request, state: State, model_id: ModelIdPath) -> dict[str, str]:
+    """Load (or reload from the store) one model; answers at once, the load runs behind."""
+    _authorise(request)
+    if not is_model_id(model_id):
+        raise InvalidInput(f"{model_id!r} is not a valid model id")
+    state.repository.load_model(model_id)
+    return {"name": model_id, "status": "loading"}
+
+
+@post("/v2/repository/models/{model_id:str}/unload", status_code=200)
+async def unload_model(request: Request, state: State, model_id: ModelIdPath) -> dict[str, str]:
+    _authorise(request)
+    state.repository.unload_model(model_id)
+    return {"name": model_id, "status": "unloaded"}
 
 
 def create_app(
@@ -139,13 +339,28 @@ def create_app(
                 ModelNotReady: _problem(503, "Model not ready"),
                 InvalidInput: _problem(400, "Invalid input"),
                 Overloaded: _problem(503, "Overloaded", {"Retry-After": "1"}),
+                NotSupported: _problem(409, "Not supported"),
+                Unauthorized: _problem(401, "Unauthorized", {"WWW-Authenticate": "Bearer"}),
+                Forbidden: _problem(403, "Forbidden"),
                 DeadlineExceeded: _problem(504, "Deadline exceeded"),
             },
         )
     )
     return Litestar(
-        route_handlers=[ping, live, ready, list_models, model_ready, predict],
-        state=State({"repository": repository}),
+        route_handlers=[
+            ping,
+            live,
+            ready,
+            list_models,
+            model_ready,
+            model_metadata,
+            predict,
+            infer,
+            metrics,
+            load_model,
+            unload_model,
+        ],
+        state=State({"repository": repository, "metrics": ServerMetrics(repository)}),
         on_startup=[start_loading],
         plugins=[problem_details],
         request_max_body_size=MAX_BODY_BYTES,

@@ -35,6 +35,7 @@ from serving.models import (
     ModelNotReady,
     ModelRepository,
     ModelState,
+    NotSupported,
     answers,
     describe,
 )
@@ -316,6 +317,9 @@ class FamilyModel:
             raise InvalidInput("no text given")
         return self.engine.predict(self.model_id, texts, raw)
 
+    def predict_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False):
+        raise InvalidInput("the cross-model engine takes text; send a BYTES input")
+
     def describe(self) -> dict:
         return {**describe(self), "engine": "cross-model"}
 
@@ -358,6 +362,12 @@ class FamilyRepository(ModelRepository):
             self.settings.device = "cuda"
         self.engines: dict[BertShape, FamilyEngine] = {}
         self.models = {m: FamilyModel(m, processor) for m in model_ids}  # type: ignore[misc]
+
+    def load_model(self, model_id: str) -> None:
+        raise NotSupported("loading models one by one is not supported by the cross-model engine")
+
+    def unload_model(self, model_id: str) -> None:
+        raise NotSupported("unloading models is not supported by the cross-model engine")
 
     def load_all(self) -> None:
         with ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="load") as pool:

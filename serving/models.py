@@ -42,6 +42,10 @@ class ModelNotReady(RuntimeError):
         self.state = state
 
 
+class NotSupported(RuntimeError):
+    """The operation exists but not for this kind of model or repository."""
+
+
 class InvalidInput(ValueError):
     """The request's content cannot be served (empty text, too many texts)."""
 
@@ -108,6 +112,19 @@ class ServedModel:
         if not texts:
             raise InvalidInput("no text given")
         input_ids, attention_mask = encode(self.tokenizer, texts)
+        return self.predict_ids(input_ids, attention_mask, raw)
+
+    def predict_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False
+    ) -> list[dict]:
+        """Run token ids the client tokenised itself (KServe v2 INT64 input)."""
+        if not self.ready or self.module is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        if input_ids.shape[1] > self.max_length:
+            raise InvalidInput(
+                f"{input_ids.shape[1]} tokens; model {self.model_id} takes at most "
+                f"{self.max_length}"
+            )
         with torch.inference_mode():
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
         return answers(self.task, self.labels, output.float().cpu(), raw)
@@ -168,6 +185,7 @@ class ModelRepository:
         self.store = store
         self.cache_dir = cache_dir
         self.load_workers = load_workers
+        self.processor = processor
         self.models: dict[str, ServedModel] = {
             model_id: ServedModel(model_id, processor, artifact_prefix(model_id, processor))
             for model_id in model_ids
@@ -200,3 +218,22 @@ class ModelRepository:
 
     def describe(self) -> list[dict]:
         return [m.describe() for m in self.models.values()]
+
+    def load_model(self, model_id: str) -> None:
+        """(Re)load one model from the store in the background; the old copy, if any, keeps
+        answering until the new one is ready."""
+        fresh = ServedModel(model_id, self.processor, artifact_prefix(model_id, self.processor))
+        previous = self.models.get(model_id)
+
+        def run() -> None:
+            fresh.load(self.store, self.cache_dir)
+            if fresh.ready or previous is None:
+                self.models[model_id] = fresh
+
+        if previous is None:
+            self.models[model_id] = fresh
+        threading.Thread(target=run, name=f"load-{model_id}", daemon=True).start()
+
+    def unload_model(self, model_id: str) -> None:
+        self.get(model_id)
+        del self.models[model_id]

@@ -29,6 +29,7 @@ def model_server(
     wait_for: str = "ready",
     timeout_s: float = 120,
     extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run ``python -m serving`` for ``model_ids``; yields its base URL once ``wait_for``
     ("ready": every model loaded, "finished": loading ended, even with failures)."""
@@ -49,7 +50,7 @@ def model_server(
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "MYRIAD_LOG_LEVEL": "warning"},
+        env={**os.environ, "MYRIAD_LOG_LEVEL": "warning", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

