@@ -5,6 +5,7 @@ Errors are typed in :mod:`serving.models` and mapped to HTTP problem details in 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -25,6 +26,7 @@ from litestar.plugins.problem_details import (
 from litestar.response import Response
 
 from packing.contracts import is_model_id
+from serving.batching import Batcher
 from serving.family import DeadlineExceeded, Overloaded
 from serving.metrics import ServerMetrics
 from serving.models import (
@@ -33,6 +35,7 @@ from serving.models import (
     ModelNotReady,
     ModelRepository,
     NotSupported,
+    ServedModel,
 )
 
 
@@ -137,15 +140,25 @@ _STATUS = {
 }
 
 
-async def _measured(state: State, model_id: str, call: Any, texts: int) -> Any:
-    """Run ``call`` off the event loop and record its status and latency in the metrics."""
+async def _measured(
+    state: State, model_id: str, call: Any, texts: int, batch: tuple[list[str], bool] | None = None
+) -> Any:
+    """Run ``call`` off the event loop (or, for ``batch`` texts of a TorchScript model, through
+    the server's batcher) and record its status and latency in the metrics."""
     metrics: ServerMetrics = state.metrics
     started = time.perf_counter()
     try:
         model = state.repository.get(model_id)
         if not model.ready:
             raise ModelNotReady(model_id, model.state, model.reason)
-        result = await anyio.to_thread.run_sync(lambda: call(model), limiter=state.compute_limiter)
+        batcher: Batcher | None = state.batcher
+        if batch is not None and batcher is not None and isinstance(model, ServedModel):
+            futures = batcher.submit(model, *batch)
+            result = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        else:
+            result = await anyio.to_thread.run_sync(
+                lambda: call(model), limiter=state.compute_limiter
+            )
     except Exception as exc:
         status = next((v for k, v in _STATUS.items() if isinstance(exc, k)), 500)
         metrics.observe(model_id, status, time.perf_counter() - started, texts)
@@ -162,7 +175,9 @@ async def predict(request: Request, state: State, model_id: ModelIdPath) -> Any:
         state.metrics.observe(model_id, 400, 0.0, 0)
         raise
     raw = request.query_params.get("raw") in ("1", "true")
-    results = await _measured(state, model_id, lambda m: m.predict(texts, raw=raw), len(texts))
+    results = await _measured(
+        state, model_id, lambda m: m.predict(texts, raw=raw), len(texts), (texts, raw)
+    )
     return results[0] if single else results
 
 
@@ -210,7 +225,9 @@ async def infer(request: Request, state: State, model_id: ModelIdPath) -> dict[s
     texts_input = next((i for i in named.values() if i.get("datatype") == "BYTES"), None)
     if texts_input is not None:
         texts, _ = parse_texts(json.dumps(texts_input.get("data")).encode(), "application/json")
-        results = await _measured(state, model_id, lambda m: m.predict(texts, raw=True), len(texts))
+        results = await _measured(
+            state, model_id, lambda m: m.predict(texts, raw=True), len(texts), (texts, True)
+        )
     elif "input_ids" in named:
         input_ids, attention_mask = _token_tensors(named)
         results = await _measured(
@@ -322,14 +339,27 @@ async def unload_model(request: Request, state: State, model_id: ModelIdPath) ->
 
 
 def create_app(
-    repository: ModelRepository, *, load_on_startup: bool = True, workers: int = 1
+    repository: ModelRepository,
+    *,
+    load_on_startup: bool = True,
+    workers: int = 1,
+    batching: dict | None = None,
 ) -> Litestar:
-    """Wire the app; models load in a background thread so liveness answers during the load."""
+    """Wire the app; models load in a background thread so liveness answers during the load.
+
+    ``batching``: :class:`serving.batching.Batcher` settings for TorchScript models (None runs
+    each request on its own)."""
 
     def start_loading(app: Litestar) -> None:
         app.state.compute_limiter = anyio.CapacityLimiter(workers)
+        app.state.batcher = Batcher(workers=workers, **batching) if batching is not None else None
         if load_on_startup:
             threading.Thread(target=repository.load_all, name="model-loader", daemon=True).start()
+
+    def stop_batching(app: Litestar) -> None:
+        # After uvicorn has drained in-flight requests: finish running batches, then stop.
+        if app.state.batcher is not None:
+            app.state.batcher.close()
 
     problem_details = ProblemDetailsPlugin(
         ProblemDetailsConfig(
@@ -362,6 +392,7 @@ def create_app(
         ],
         state=State({"repository": repository, "metrics": ServerMetrics(repository)}),
         on_startup=[start_loading],
+        on_shutdown=[stop_batching],
         plugins=[problem_details],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(title="Myriad model server", version="0.1.0"),

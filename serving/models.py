@@ -111,8 +111,16 @@ class ServedModel:
             raise ModelNotReady(self.model_id, self.state, self.reason)
         if not texts:
             raise InvalidInput("no text given")
+        return answers(self.task, self.labels, self.forward(texts), raw)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """The model's raw output rows (logits or vectors) for a batch of texts."""
+        if not self.ready or self.module is None or self.tokenizer is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
         input_ids, attention_mask = encode(self.tokenizer, texts)
-        return self.predict_ids(input_ids, attention_mask, raw)
+        with torch.inference_mode():
+            output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
+        return output.float().cpu()
 
     def predict_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False

@@ -26,6 +26,7 @@ def serve(
     threads: int = 1,
     cache_dir: Path | None = None,
     engine: dict | None = None,
+    batch: dict | None = None,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
     cross-model engine (serving.family.EngineSettings fields) for models of one BERT shape."""
@@ -38,9 +39,11 @@ def serve(
 
     # Many servers share a machine; one intra-op thread each keeps them from fighting over cores.
     torch.set_num_threads(threads)
+    batching = None
     if engine is None:
         repository = ModelRepository(open_store(store_uri), model_ids, processor, cache_dir)
         workers = threads
+        batching = dict(batch or {})
     else:
         from serving.family import EngineSettings, FamilyRepository
 
@@ -52,7 +55,7 @@ def serve(
         # Requests wait in the engine's queue, not for a worker thread: enough threads for a
         # full batch to form.
         workers = max(threads, 2 * settings.max_batch)
-    app = create_app(repository, workers=workers)
+    app = create_app(repository, workers=workers, batching=batching)
     uvicorn.run(
         app,
         host=host,
@@ -83,8 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, help="cross-model: models resident at once")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--int8", action="store_true", help="cross-model: int8 linear weights")
-    parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-batch", type=int, default=32, help="texts per model call")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="how long a batch may wait to fill"
+    )
+    parser.add_argument("--queue", type=int, default=256, help="texts waiting per model")
+    parser.add_argument("--deadline-ms", type=float, default=30_000.0)
     args = parser.parse_args(argv)
     if args.plan:
         if not args.server:
@@ -104,7 +111,24 @@ def main(argv: list[str] | None = None) -> None:
         }
         if args.slots:
             engine["slots"] = args.slots
-    serve(model_ids, processor, args.store, args.host, args.port, args.threads, engine=engine)
+    batch = {
+        "max_batch": args.max_batch,
+        "max_wait_s": args.max_wait_ms / 1000,
+        "per_model_queue": args.queue,
+        "deadline_s": args.deadline_ms / 1000,
+    }
+    if engine is not None:
+        engine["deadline_s"] = args.deadline_ms / 1000
+    serve(
+        model_ids,
+        processor,
+        args.store,
+        args.host,
+        args.port,
+        args.threads,
+        engine=engine,
+        batch=batch,
+    )
 
 
 if __name__ == "__main__":

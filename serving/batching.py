@@ -1,0 +1,150 @@
+"""Per-model dynamic batching with one fair scheduler for all the models of a server.
+
+Each model has its own bounded queue. The scheduler thread visits models round-robin; a model
+is due when it has ``max_batch`` texts waiting or its oldest has waited ``max_wait_s``. Due
+batches run on a small worker pool (the server's compute threads), so the event loop never
+computes, and one busy model cannot starve the others: each gets at most one batch per turn.
+Full queues refuse at once (:class:`Overloaded`, 503 with Retry-After); a text whose deadline
+passed while it waited is dropped (:class:`DeadlineExceeded`) and never computed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from serving.family import DeadlineExceeded, Overloaded
+from serving.models import ServedModel, answers
+
+
+@dataclass
+class _Item:
+    text: str
+    raw: bool
+    arrived: float
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(
+        self,
+        max_batch: int = 16,
+        max_wait_s: float = 0.002,
+        per_model_queue: int = 256,
+        total_queue: int = 4096,
+        deadline_s: float = 30.0,
+        workers: int = 1,
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.per_model_queue = per_model_queue
+        self.total_queue = total_queue
+        self.deadline_s = deadline_s
+        self.queues: dict[str, deque[_Item]] = {}
+        self.models: dict[str, ServedModel] = {}
+        self.waiting = 0
+        self.batches = 0
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
+        self._busy = threading.Semaphore(workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch")
+        self._lock = threading.Condition()
+        self._order: deque[str] = deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, model: ServedModel, texts: list[str], raw: bool = False) -> list[Future]:
+        now = time.monotonic()
+        items = [_Item(t, raw, now, now + self.deadline_s) for t in texts]
+        with self._lock:
+            queue = self.queues.setdefault(model.model_id, deque())
+            if len(queue) + len(items) > self.per_model_queue:
+                raise Overloaded(
+                    f"model {model.model_id} has {len(queue)} texts waiting; retry shortly"
+                )
+            if self.waiting + len(items) > self.total_queue:
+                raise Overloaded(f"{self.waiting} texts are waiting in this server; retry shortly")
+            if not queue:
+                self._order.append(model.model_id)
+            self.models[model.model_id] = model
+            queue.extend(items)
+            self.waiting += len(items)
+            self._lock.notify()
+        return [item.future for item in items]
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                batch = None
+                while batch is None:
+                    if self._stop:
+                        return
+                    batch, wait = self._next_due()
+                    if batch is None:
+                        self._lock.wait(timeout=wait)
+            model_id, items = batch
+            self._busy.acquire()
+            self._pool.submit(self._execute, model_id, items)
+
+    def _next_due(self) -> tuple[tuple[str, list[_Item]] | None, float | None]:
+        """The next model in round-robin order with a full batch or an old enough head; else
+        how long until the earliest head comes due."""
+        now = time.monotonic()
+        soonest = None
+        for _ in range(len(self._order)):
+            model_id = self._order[0]
+            self._order.rotate(-1)
+            queue = self.queues[model_id]
+            if not queue:
+                continue
+            due = queue[0].arrived + self.max_wait_s
+            if len(queue) >= self.max_batch or due <= now:
+                items = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+                self.waiting -= len(items)
+                if not queue:
+                    self._order.remove(model_id)
+                return (model_id, items), None
+            soonest = due if soonest is None else min(soonest, due)
+        return None, None if soonest is None else max(0.0, soonest - now)
+
+    def _execute(self, model_id: str, items: list[_Item]) -> None:
+        try:
+            now = time.monotonic()
+            live = []
+            for item in items:
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                if item.deadline < now:
+                    item.future.set_exception(
+                        DeadlineExceeded("request waited past its deadline; not computed")
+                    )
+                else:
+                    live.append(item)
+            if not live:
+                return
+            model = self.models[model_id]
+            try:
+                outputs = model.forward([item.text for item in live])
+            except Exception as exc:  # noqa: BLE001 - each waiting caller hears of it
+                for item in live:
+                    item.future.set_exception(exc)
+                return
+            self.batches += 1
+            self.batch_sizes.append(len(live))
+            for item, row in zip(live, outputs, strict=True):
+                item.future.set_result(
+                    answers(model.task, model.labels, row.unsqueeze(0), item.raw)[0]
+                )
+        finally:
+            self._busy.release()

@@ -1,0 +1,138 @@
+"""Per-model dynamic batching on real traced models: same answers, fairness, backpressure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from packing.contracts import ModelSpec
+from serving.batching import Batcher
+from serving.family import DeadlineExceeded, Overloaded
+from serving.models import ServedModel
+from serving.store import open_store
+from serving.tracing import TraceSettings, artifact_prefix, trace_to_store
+
+SPECS = [
+    ModelSpec(id=f"bat-{i}", source="synthetic:bert-tiny", num_labels=3, max_length=32)
+    for i in range(2)
+]
+QUICK = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
+TEXTS = [f"text number {i} with {'many ' * (i % 4)}words" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[ServedModel]:
+    store = open_store(f"file://{tmp_path_factory.mktemp('batching')}/store")
+    loaded = []
+    for spec in SPECS:
+        trace_to_store(
+            spec, "cpu", store, TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
+        )
+        model = ServedModel(spec.id, "cpu", artifact_prefix(spec.id, "cpu"))
+        model.load(store, None)
+        assert model.ready, model.reason
+        loaded.append(model)
+    return loaded
+
+
+def test_batched_answers_are_the_answers_alone(models: list[ServedModel]) -> None:
+    model = models[0]
+    batcher = Batcher(max_batch=8, max_wait_s=0.2)
+    try:
+        futures = [f for text in TEXTS for f in batcher.submit(model, [text], raw=True)]
+        answers = [f.result(timeout=30) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.batches == 1 and list(batcher.batch_sizes) == [8]
+    for text, answer in zip(TEXTS, answers, strict=True):
+        alone = model.predict([text], raw=True)[0]
+        torch.testing.assert_close(
+            torch.tensor(answer["logits"]), torch.tensor(alone["logits"]), atol=1e-5, rtol=0
+        )
+
+
+def test_a_flooded_model_does_not_starve_another(models: list[ServedModel]) -> None:
+    busy, quiet = models
+    batcher = Batcher(max_batch=4, max_wait_s=0.001, per_model_queue=1000)
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def note(name: str):
+        def done(_):
+            with lock:
+                finished.append(name)
+
+        return done
+
+    try:
+        flood = batcher.submit(busy, [TEXTS[0]] * 200)
+        for future in flood:
+            future.add_done_callback(note("busy"))
+        (single,) = batcher.submit(quiet, [TEXTS[1]])
+        single.add_done_callback(note("quiet"))
+        single.result(timeout=30)
+        for future in flood:
+            future.result(timeout=60)
+    finally:
+        batcher.close()
+    # Round-robin: the quiet model's text ran within the first few batches, not after 200.
+    assert finished.index("quiet") < 20, finished.index("quiet")
+
+
+def test_full_queues_refuse_at_once_and_late_texts_are_dropped(models: list[ServedModel]) -> None:
+    model = models[0]
+    batcher = Batcher(max_batch=2, max_wait_s=10.0, per_model_queue=3, total_queue=100)
+    try:
+        batcher.submit(model, ["a"])
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="waiting"):
+            batcher.submit(model, ["b", "c", "d"])
+        assert time.perf_counter() - started < 0.1
+    finally:
+        batcher.close()
+    late = Batcher(deadline_s=0.0, max_wait_s=0.0)
+    try:
+        (future,) = late.submit(model, ["too late"])
+        with pytest.raises(DeadlineExceeded):
+            future.result(timeout=10)
+    finally:
+        late.close()
+
+
+@pytest.mark.slow
+def test_server_flood_gets_fast_503s_then_serves_again(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.servers import model_server
+
+    store = f"file://{tmp_path}/store"
+    trace_to_store(
+        SPECS[0],
+        "cpu",
+        open_store(store),
+        TraceSettings(profile_batch_sizes=(1,), profile_repeats=1),
+    )
+    args = ("--queue", "2", "--max-batch", "2", "--max-wait-ms", "20")
+    with model_server(store, [SPECS[0].id], tmp_path / "server.log", extra_args=args) as url:
+        statuses: list[int] = []
+        retry_after: set[str] = set()
+
+        def hit() -> None:
+            response = httpx.post(f"{url}/predictions/{SPECS[0].id}", json={"text": "flood"})
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                retry_after.add(response.headers.get("retry-after", ""))
+
+        threads = [threading.Thread(target=hit) for _ in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert 503 in statuses and 200 in statuses
+        assert set(statuses) <= {200, 503} and retry_after == {"1"}
+        after = httpx.post(f"{url}/predictions/{SPECS[0].id}", json={"text": "calm again"})
+        assert after.status_code == 200
