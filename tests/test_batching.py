@@ -136,3 +136,68 @@ def test_server_flood_gets_fast_503s_then_serves_again(tmp_path: Path) -> None:
         assert set(statuses) <= {200, 503} and retry_after == {"1"}
         after = httpx.post(f"{url}/predictions/{SPECS[0].id}", json={"text": "calm again"})
         assert after.status_code == 200
+
+
+@pytest.mark.slow
+def test_graceful_shutdown_drains_requests_in_flight(tmp_path: Path) -> None:
+    """SIGTERM while requests wait in a batch: each still gets its answer, then the process
+    exits on its own."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.servers import free_port
+
+    store = f"file://{tmp_path}/store"
+    trace_to_store(SPECS[0], "cpu", open_store(store), QUICK)
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--models",
+            SPECS[0].id,
+            "--store",
+            store,
+            "--port",
+            str(port),
+            "--max-batch",
+            "64",
+            "--max-wait-ms",
+            "1500",
+        ],
+        env={**os.environ, "MYRIAD_LOG_LEVEL": "warning"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        statuses: list[int] = []
+
+        def ask(i: int) -> None:
+            answer = httpx.post(f"{url}/predictions/{SPECS[0].id}", json={"text": f"t {i}"})
+            statuses.append(answer.status_code)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # all eight are waiting for the batch to fill
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=30)
+        assert statuses == [200] * 8
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
