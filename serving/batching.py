@@ -1,9 +1,11 @@
 """Per-model dynamic batching with one fair scheduler for all the models of a server.
 
-Each model has its own bounded queue. The scheduler thread visits models round-robin; a model
-is due when it has ``max_batch`` texts waiting or its oldest has waited ``max_wait_s``. Due
-batches run on a small worker pool (the server's compute threads), so the event loop never
-computes, and one busy model cannot starve the others: each gets at most one batch per turn.
+Each model has its own bounded queue. When a worker is free, the scheduler thread visits models
+round-robin; a model is due when it has ``max_batch`` texts waiting or its oldest has waited
+``max_wait_s`` (0, the default: at once, so batches form only from what arrived while the
+workers were busy, and a lone request pays no delay). Due batches run on a small worker pool
+(the server's compute threads), so the event loop never computes, and one busy model cannot
+starve the others: each gets at most one batch per turn.
 Full queues refuse at once (:class:`Overloaded`, 503 with Retry-After); a text whose deadline
 passed while it waited is dropped (:class:`DeadlineExceeded`) and never computed.
 """
@@ -33,7 +35,7 @@ class Batcher:
     def __init__(
         self,
         max_batch: int = 16,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         per_model_queue: int = 256,
         total_queue: int = 4096,
         deadline_s: float = 30.0,
@@ -85,16 +87,19 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
+            # Wait for a free worker first: while all are busy, texts keep arriving and the
+            # next batch grows (batching under load without a fixed delay at low load).
+            self._busy.acquire()
             with self._lock:
                 batch = None
                 while batch is None:
                     if self._stop:
+                        self._busy.release()
                         return
                     batch, wait = self._next_due()
                     if batch is None:
                         self._lock.wait(timeout=wait)
             model_id, items = batch
-            self._busy.acquire()
             self._pool.submit(self._execute, model_id, items)
 
     def _next_due(self) -> tuple[tuple[str, list[_Item]] | None, float | None]:

@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int8", action="store_true", help="cross-model: int8 linear weights")
     parser.add_argument("--max-batch", type=int, default=32, help="texts per model call")
     parser.add_argument(
-        "--max-wait-ms", type=float, default=2.0, help="how long a batch may wait to fill"
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch may wait to fill (0: batch only what queued while busy)",
     )
     parser.add_argument("--queue", type=int, default=256, help="texts waiting per model")
     parser.add_argument("--deadline-ms", type=float, default=30_000.0)
