@@ -312,6 +312,23 @@ def teardown(name: Annotated[str, typer.Option(help="deployment name")] = "local
 
 
 @app.command()
+def gateway(
+    plan: Annotated[Path, typer.Option(help="plan.json of the deployment")],
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> None:
+    """One HTTP address for a deployment: routes each model to a server that holds it."""
+    from packing.contracts import Plan
+    from packing.io import load
+    from serving.gateway import serve_gateway
+    from tasks.deploy import read_deployment
+
+    console.print(f"gateway for {name} on http://{host}:{port}")
+    serve_gateway(load(plan, Plan), read_deployment(name), host, port)
+
+
+@app.command()
 def loadtest(
     plan: Annotated[Path, typer.Option(help="plan.json")],
     name: Annotated[str, typer.Option(help="deployment name")] = "local",
