@@ -352,7 +352,13 @@ def create_app(
 
     def start_loading(app: Litestar) -> None:
         app.state.compute_limiter = anyio.CapacityLimiter(workers)
-        app.state.batcher = Batcher(workers=workers, **batching) if batching is not None else None
+        server_metrics: ServerMetrics = app.state.metrics
+        app.state.batcher = (
+            Batcher(workers=workers, on_batch=server_metrics.observe_batch, **batching)
+            if batching is not None
+            else None
+        )
+        server_metrics.batcher = app.state.batcher
         if load_on_startup:
             threading.Thread(target=repository.load_all, name="model-loader", daemon=True).start()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,12 +41,14 @@ class Batcher:
         total_queue: int = 4096,
         deadline_s: float = 30.0,
         workers: int = 1,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.per_model_queue = per_model_queue
         self.total_queue = total_queue
         self.deadline_s = deadline_s
+        self.on_batch = on_batch
         self.queues: dict[str, deque[_Item]] = {}
         self.models: dict[str, ServedModel] = {}
         self.waiting = 0
@@ -147,6 +150,8 @@ class Batcher:
                 return
             self.batches += 1
             self.batch_sizes.append(len(live))
+            if self.on_batch is not None:
+                self.on_batch(model_id, len(live))
             for item, row in zip(live, outputs, strict=True):
                 item.future.set_result(
                     answers(model.task, model.labels, row.unsqueeze(0), item.raw)[0]

@@ -137,8 +137,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_gateway(plan: Plan, deployment: Deployment, host: str, port: int) -> None:
+    import logging
+
     import uvicorn
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per forwarded request
     uvicorn.run(
         create_gateway(plan, deployment),
         host=host,

@@ -33,7 +33,7 @@ class ServerMetrics:
         )
         self.batch = Histogram(
             "myriad_batch_size",
-            "Texts per model call (per request, or per cross-model forward)",
+            "Texts per model call formed by the batcher",
             ["model"],
             buckets=BATCH_BUCKETS,
             registry=self.registry,
@@ -47,9 +47,10 @@ class ServerMetrics:
         self.models = Gauge("myriad_models", "Models by state", ["state"], registry=self.registry)
         self.queue_depth = Gauge(
             "myriad_queue_depth",
-            "Requests waiting in the cross-model engines' queues",
+            "Texts waiting in the batcher and the cross-model engines' queues",
             registry=self.registry,
         )
+        self.batcher: object | None = None
         self.memory = Gauge(
             "myriad_process_resident_bytes",
             "Resident memory of the server process",
@@ -64,7 +65,9 @@ class ServerMetrics:
         self.requests.labels(label, str(status)).inc()
         if status == 200:
             self.latency.labels(label).observe(seconds)
-            self.batch.labels(label).observe(texts)
+
+    def observe_batch(self, model_id: str, texts: int) -> None:
+        self.batch.labels(self.label(model_id)).observe(texts)
 
     def exposition(self) -> bytes:
         """Refresh the gauges read at scrape time and render the text format."""
@@ -76,7 +79,8 @@ class ServerMetrics:
         for state in ("pending", "loading", "ready", "failed"):
             self.models.labels(state).set(states.get(state, 0))
         engines = getattr(self.repository, "engines", {})
-        self.queue_depth.set(sum(e.queue.qsize() for e in engines.values()))
+        waiting = getattr(self.batcher, "waiting", 0)
+        self.queue_depth.set(waiting + sum(e.queue.qsize() for e in engines.values()))
         self.memory.set(_resident_bytes())
         return generate_latest(self.registry)
 

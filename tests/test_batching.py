@@ -127,6 +127,12 @@ def test_server_flood_gets_fast_503s_then_serves_again(tmp_path: Path) -> None:
             if response.status_code == 503:
                 retry_after.add(response.headers.get("retry-after", ""))
 
+        def resident() -> float:
+            text = httpx.get(f"{url}/metrics").text
+            line = next(x for x in text.splitlines() if x.startswith("myriad_process_resident"))
+            return float(line.split()[-1])
+
+        before = resident()
         threads = [threading.Thread(target=hit) for _ in range(40)]
         for thread in threads:
             thread.start()
@@ -136,6 +142,20 @@ def test_server_flood_gets_fast_503s_then_serves_again(tmp_path: Path) -> None:
         assert set(statuses) <= {200, 503} and retry_after == {"1"}
         after = httpx.post(f"{url}/predictions/{SPECS[0].id}", json={"text": "calm again"})
         assert after.status_code == 200
+        assert resident() < before + 100e6  # the flood left no backlog behind
+        metrics = httpx.get(f"{url}/metrics").text
+        # Requests that queued while the worker was busy ran together.
+        count = next(
+            float(x.split()[-1])
+            for x in metrics.splitlines()
+            if x.startswith(f'myriad_batch_size_count{{model="{SPECS[0].id}"}}')
+        )
+        total = next(
+            float(x.split()[-1])
+            for x in metrics.splitlines()
+            if x.startswith(f'myriad_batch_size_sum{{model="{SPECS[0].id}"}}')
+        )
+        assert total > count  # some batches held more than one text
 
 
 @pytest.mark.slow

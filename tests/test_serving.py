@@ -282,3 +282,20 @@ def test_management_api_needs_the_token(server: str) -> None:
             break
         time.sleep(0.1)
     assert httpx.post(f"{server}/predictions/tiny-emb", json={"text": "x"}).status_code == 200
+
+
+def test_a_loading_model_is_not_ready_while_the_others_serve(server: str) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.post(f"{server}/v2/repository/models/minilm/unload", headers=auth).is_success
+    assert httpx.post(f"{server}/v2/repository/models/minilm/load", headers=auth).status_code == 202
+    # MiniLM takes a good fraction of a second to load: per-model readiness says so, the
+    # server as a whole is not ready, and the other models answer meanwhile.
+    assert httpx.get(f"{server}/v2/models/minilm/ready").status_code == 503
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 503
+    assert httpx.post(f"{server}/predictions/tiny-0", json={"text": "still here"}).is_success
+    for _ in range(200):
+        if httpx.get(f"{server}/v2/models/minilm/ready").status_code == 200:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    assert httpx.post(f"{server}/predictions/minilm", json={"text": "back"}).is_success
