@@ -221,3 +221,20 @@ def test_graceful_shutdown_drains_requests_in_flight(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+def test_server_drops_requests_past_their_deadline(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.servers import model_server
+
+    store = f"file://{tmp_path}/store"
+    trace_to_store(SPECS[0], "cpu", open_store(store), QUICK)
+    # A batch lingers 300 ms to fill, longer than the 50 ms deadline: dropped, never computed.
+    args = ("--max-batch", "64", "--max-wait-ms", "300", "--deadline-ms", "50")
+    with model_server(store, [SPECS[0].id], tmp_path / "server.log", extra_args=args) as url:
+        answer = httpx.post(f"{url}/predictions/{SPECS[0].id}", json={"text": "too slow"})
+        assert answer.status_code == 504
+        assert answer.json()["title"] == "Deadline exceeded"
+        assert "not computed" in answer.json()["detail"]
