@@ -164,6 +164,8 @@ def solve(
             max(deadline - time.perf_counter(), 1.0 if _over_quota(instances) else 0.0),
             workers,
         )
+    # The device-level search may leave an instance light enough to empty or downsize.
+    instances = _downsize(_evacuate(instances, classes, deadline + 1.0), types, classes)
     broken = _over_quota(instances)
     if broken:
         raise InfeasibleError(
