@@ -131,12 +131,16 @@ def model_ready(state: State, model_id: ModelIdPath) -> Response[dict[str, Any]]
     )
 
 
-_STATUS = {
-    ModelNotFound: 404,
-    ModelNotReady: 503,
-    InvalidInput: 400,
-    Overloaded: 503,
-    DeadlineExceeded: 504,
+# Typed errors and their HTTP answers: the problem-details plugin and the metrics both read it.
+ERRORS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
+    ModelNotFound: (404, "Model not found", None),
+    ModelNotReady: (503, "Model not ready", None),
+    InvalidInput: (400, "Invalid input", None),
+    Overloaded: (503, "Overloaded", {"Retry-After": "1"}),
+    NotSupported: (409, "Not supported", None),
+    Unauthorized: (401, "Unauthorized", {"WWW-Authenticate": "Bearer"}),
+    Forbidden: (403, "Forbidden", None),
+    DeadlineExceeded: (504, "Deadline exceeded", None),
 }
 
 
@@ -160,7 +164,7 @@ async def _measured(
                 lambda: call(model), limiter=state.compute_limiter
             )
     except Exception as exc:
-        status = next((v for k, v in _STATUS.items() if isinstance(exc, k)), 500)
+        status = next((v[0] for k, v in ERRORS.items() if isinstance(exc, k)), 500)
         metrics.observe(model_id, status, time.perf_counter() - started, texts)
         raise
     metrics.observe(model_id, 200, time.perf_counter() - started, texts)
@@ -371,14 +375,7 @@ def create_app(
         ProblemDetailsConfig(
             enable_for_all_http_exceptions=True,
             exception_to_problem_detail_map={
-                ModelNotFound: _problem(404, "Model not found"),
-                ModelNotReady: _problem(503, "Model not ready"),
-                InvalidInput: _problem(400, "Invalid input"),
-                Overloaded: _problem(503, "Overloaded", {"Retry-After": "1"}),
-                NotSupported: _problem(409, "Not supported"),
-                Unauthorized: _problem(401, "Unauthorized", {"WWW-Authenticate": "Bearer"}),
-                Forbidden: _problem(403, "Forbidden"),
-                DeadlineExceeded: _problem(504, "Deadline exceeded"),
+                kind: _problem(*answer) for kind, answer in ERRORS.items()
             },
         )
     )

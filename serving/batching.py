@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from serving.family import DeadlineExceeded, Overloaded
+from serving.family import Overloaded, claim
 from serving.models import ServedModel, answers
 
 
@@ -128,17 +128,7 @@ class Batcher:
 
     def _execute(self, model_id: str, items: list[_Item]) -> None:
         try:
-            now = time.monotonic()
-            live = []
-            for item in items:
-                if not item.future.set_running_or_notify_cancel():
-                    continue
-                if item.deadline < now:
-                    item.future.set_exception(
-                        DeadlineExceeded("request waited past its deadline; not computed")
-                    )
-                else:
-                    live.append(item)
+            live = claim(items)
             if not live:
                 return
             model = self.models[model_id]

@@ -82,6 +82,27 @@ class _Request:
     future: Future = field(default_factory=Future)
 
 
+def claim(queued: list) -> list:
+    """The queued requests (anything with ``future`` and ``deadline``) still worth computing.
+
+    Each future is marked running, so from here on its caller can no longer cancel it and no
+    result lands on a cancelled future; a cancelled one is skipped, and one whose deadline
+    passed while it waited gets :class:`DeadlineExceeded` instead of being computed.
+    """
+    now = time.monotonic()
+    live = []
+    for request in queued:
+        if not request.future.set_running_or_notify_cancel():
+            continue
+        if request.deadline < now:
+            request.future.set_exception(
+                DeadlineExceeded("request waited past its deadline; not computed")
+            )
+        else:
+            live.append(request)
+    return live
+
+
 class FamilyEngine:
     def __init__(self, settings: EngineSettings) -> None:
         if settings.precision not in DTYPES:
@@ -181,20 +202,7 @@ class FamilyEngine:
                     batch.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        now = time.monotonic()
-        live = []
-        for request in batch:
-            # From here on a caller can no longer cancel it: no result lands on a cancelled
-            # future, and a cancelled request is not computed.
-            if not request.future.set_running_or_notify_cancel():
-                continue
-            if request.deadline < now:
-                request.future.set_exception(
-                    DeadlineExceeded("request waited past its deadline; not computed")
-                )
-            else:
-                live.append(request)
-        for chunk in self._chunks(live):
+        for chunk in self._chunks(claim(batch)):
             try:
                 self._execute(chunk)
             except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it

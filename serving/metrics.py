@@ -81,11 +81,12 @@ class ServerMetrics:
         engines = getattr(self.repository, "engines", {})
         waiting = getattr(self.batcher, "waiting", 0)
         self.queue_depth.set(waiting + sum(e.queue.qsize() for e in engines.values()))
-        self.memory.set(_resident_bytes())
+        self.memory.set(resident_bytes())
         return generate_latest(self.registry)
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """Resident memory of this process (Linux); 0 where /proc is not there."""
     try:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * 4096

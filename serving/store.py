@@ -101,18 +101,7 @@ class FileStore(ArtifactStore):
         return self._path(key)
 
     def _write(self, key: str, fill: Any) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TEMP_MARK, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                fill(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_local_atomic(self._path(key), fill, durable=True)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda handle: handle.write(data))
@@ -254,12 +243,17 @@ def open_store(uri: str | None = None) -> ArtifactStore:
     return FileStore(Path(uri))
 
 
-def _write_local_atomic(dest: Path, fill: Any) -> None:
+def _write_local_atomic(dest: Path, fill: Any, durable: bool = False) -> None:
+    """Write through a temp file (named so listings skip it) and rename; ``durable`` also
+    fsyncs before the rename (store objects; the local cache can be refetched)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TEMP_MARK, dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             fill(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,6 +10,8 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +21,7 @@ import torch
 
 from packing.contracts import ModelSpec, Processor
 from serving import sources
+from serving.metrics import resident_bytes
 from serving.modeling import EagerModel, configure_tokenizer, encode, load_eager
 from serving.store import ArtifactStore, put_artifact, read_manifest
 
@@ -240,11 +243,6 @@ def _save_weights(eager: EagerModel, path: Path) -> None:
     save_model(eager.module, str(path))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096
-
-
 def profile_artifact(
     model_path: Path,
     spec: ModelSpec,
@@ -258,65 +256,59 @@ def profile_artifact(
     On CPU it measures one intra-op thread, as servers run (serving.server), so that the
     packer's CPU capacity (one request per physical core) matches what is profiled.
     """
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    with _intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        rss_before = resident_bytes()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        module = torch.jit.load(str(model_path), map_location=device)
+        weights_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        timings: dict[str, float] = {}
+        with torch.no_grad():
+            for batch in settings.profile_batch_sizes:
+                input_ids, attention_mask = _example_inputs(spec, eager, device, batch)
+                module(input_ids, attention_mask)  # warm-up: first calls run the profiling executor
+                samples = []
+                for _ in range(settings.profile_repeats):
+                    start = time.perf_counter()
+                    module(input_ids, attention_mask)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    samples.append(time.perf_counter() - start)
+                timings[str(batch)] = statistics.median(samples)
+        if device.type == "cuda":
+            measured = torch.cuda.max_memory_allocated() - base
+        else:
+            measured = resident_bytes() - rss_before
+        # Freed pages from earlier work can be reused, so RSS growth can undercount; the weights
+        # themselves are a floor.
+        memory_bytes = max(measured, weights_bytes)
+        best_batch = min(timings, key=lambda b: timings[b] / int(b))
+        return {
+            "engine_bytes": _engine_bytes(eager, spec),
+            "processor": processor,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
+            "torch_threads": torch.get_num_threads(),
+            "max_length": spec.max_length,
+            "weights_bytes": weights_bytes,
+            "measured_bytes": measured,
+            "memory_bytes": memory_bytes,
+            "seconds_per_batch": timings,
+            "batch_size": int(best_batch),
+            "seconds_per_request": timings[best_batch] / int(best_batch),
+            "seconds_per_request_batch1": timings[str(min(settings.profile_batch_sizes))],
+        }
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
-        return _measure_profile(model_path, spec, processor, eager, device, settings)
+        yield
     finally:
-        torch.set_num_threads(threads)
-
-
-def _measure_profile(
-    model_path: Path,
-    spec: ModelSpec,
-    processor: Processor,
-    eager: EagerModel,
-    device: torch.device,
-    settings: TraceSettings,
-) -> dict:
-    rss_before = _rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    module = torch.jit.load(str(model_path), map_location=device)
-    weights_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    timings: dict[str, float] = {}
-    with torch.no_grad():
-        for batch in settings.profile_batch_sizes:
-            input_ids, attention_mask = _example_inputs(spec, eager, device, batch)
-            module(input_ids, attention_mask)  # warm-up: first calls run the profiling executor
-            samples = []
-            for _ in range(settings.profile_repeats):
-                start = time.perf_counter()
-                module(input_ids, attention_mask)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                samples.append(time.perf_counter() - start)
-            timings[str(batch)] = statistics.median(samples)
-    if device.type == "cuda":
-        measured = torch.cuda.max_memory_allocated() - base
-    else:
-        measured = _rss_bytes() - rss_before
-    # Freed pages from earlier work can be reused, so RSS growth can undercount; the weights
-    # themselves are a floor.
-    memory_bytes = max(measured, weights_bytes)
-    best_batch = min(timings, key=lambda b: timings[b] / int(b))
-    return {
-        "engine_bytes": _engine_bytes(eager, spec),
-        "processor": processor,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
-        "torch_threads": torch.get_num_threads(),
-        "max_length": spec.max_length,
-        "weights_bytes": weights_bytes,
-        "measured_bytes": measured,
-        "memory_bytes": memory_bytes,
-        "seconds_per_batch": timings,
-        "batch_size": int(best_batch),
-        "seconds_per_request": timings[best_batch] / int(best_batch),
-        "seconds_per_request_batch1": timings[str(min(settings.profile_batch_sizes))],
-    }
+        torch.set_num_threads(previous)
 
 
 def _engine_bytes(eager: EagerModel, spec: ModelSpec) -> dict[str, int] | None:
