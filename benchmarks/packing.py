@@ -66,26 +66,20 @@ def generate(models: int, seed: int, catalog: Catalog) -> Problem:
         arch = rng.choices(names, weights=[ARCHITECTURES[n][0] for n in names])[0]
         _, (cpu_mib, gpu_mib, inf_mib), (cpu_s, gpu_s, inf_s) = ARCHITECTURES[arch]
         profiles = [Profile(processor="cpu", memory_bytes=cpu_mib * MIB, seconds_per_request=cpu_s)]
-        for accelerator, speed in GPU_SPEED.items():
-            if accelerator in by_accelerator:
-                profiles.append(
-                    Profile(
-                        processor="gpu",
-                        memory_bytes=gpu_mib * MIB,
-                        seconds_per_request=gpu_s * speed,
-                        instance_types=sorted(by_accelerator[accelerator]),
+        for processor, speeds, mib, seconds in (
+            ("gpu", GPU_SPEED, gpu_mib, gpu_s),
+            ("inf", INF_SPEED, inf_mib, inf_s),
+        ):
+            for accelerator, speed in speeds.items():
+                if accelerator in by_accelerator:
+                    profiles.append(
+                        Profile(
+                            processor=processor,
+                            memory_bytes=mib * MIB,
+                            seconds_per_request=seconds * speed,
+                            instance_types=sorted(by_accelerator[accelerator]),
+                        )
                     )
-                )
-        for accelerator, speed in INF_SPEED.items():
-            if accelerator in by_accelerator:
-                profiles.append(
-                    Profile(
-                        processor="inf",
-                        memory_bytes=inf_mib * MIB,
-                        seconds_per_request=inf_s * speed,
-                        instance_types=sorted(by_accelerator[accelerator]),
-                    )
-                )
         fleet.append(
             ProblemModel(
                 id=f"{arch}-{i:05d}",

@@ -206,6 +206,11 @@ class ProblemModel(_Contract, kw_only=True):
     replicas: PositiveInt = 1
     profiles: Annotated[list[Profile], Meta(min_length=1)]
 
+    def replica_load(self, profile: Profile) -> float:
+        """Device-seconds per second one replica serves: its share of the traffic times the
+        profile's seconds per request."""
+        return self.traffic_rps * profile.seconds_per_request / self.replicas
+
     def profile_for(self, instance_type: InstanceType) -> Profile | None:
         """The profile that applies on ``instance_type``: one measured on that very type wins
         over a processor-wide one; None when the model cannot run there."""

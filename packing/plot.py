@@ -41,9 +41,7 @@ def plot_plan(problem: Problem, plan: Plan, out: Path) -> Path:
                     raise ValueError(f"model {model_id} has no profile for {instance.type}")
                 colour = colours(zlib.crc32(model_id.encode()) % 20)
                 memory = profile.memory_bytes / memory_total
-                compute = (
-                    model.traffic_rps * profile.seconds_per_request / model.replicas
-                ) / compute_total
+                compute = model.replica_load(profile) / compute_total
                 axis.bar(x - 0.2, memory, 0.38, bottom=memory_bottom, color=colour, linewidth=0)
                 axis.bar(x + 0.2, compute, 0.38, bottom=compute_bottom, color=colour, linewidth=0)
                 memory_bottom += memory

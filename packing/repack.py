@@ -124,10 +124,7 @@ def _incremental(
         profile = model.profile_for(catalog[instance_type_name])
         if profile is None:
             return None
-        return (
-            float(profile.memory_bytes),
-            model.traffic_rps * profile.seconds_per_request / model.replicas,
-        )
+        return float(profile.memory_bytes), model.replica_load(profile)
 
     used: dict[str, list[float]] = {s.id: [0.0, 0.0] for s in servers}
 

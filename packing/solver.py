@@ -229,8 +229,7 @@ def _classes(problem: Problem, types: list[_Type]) -> list[_Class]:
             profile = model.profile_for(t.spec)
             if profile is None:
                 continue
-            demand = model.traffic_rps * profile.seconds_per_request / model.replicas
-            options[t.index] = (float(profile.memory_bytes), demand)
+            options[t.index] = (float(profile.memory_bytes), model.replica_load(profile))
         key = (model.replicas, tuple(sorted(options.items())))
         group = grouped.get(key)
         if group is None:

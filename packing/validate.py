@@ -75,6 +75,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
             placements[model_id] += 1
             per_instance.setdefault(server.instance, Counter())[model_id] += 1
             memory += profile.memory_bytes
+            # Spelled out rather than ProblemModel.replica_load: the validator checks the solver.
             compute += model.traffic_rps * profile.seconds_per_request / model.replicas
         memory_cap = limits.max_memory_fraction * instance_type.device_memory_bytes
         if memory > memory_cap * (1 + _TOLERANCE):

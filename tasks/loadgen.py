@@ -19,6 +19,7 @@ No Prefect here: the tasks and flows wrap it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import multiprocessing
 import os
 import random
@@ -227,8 +228,6 @@ class _Chooser:
         if self.cumulative is None:
             model_id = self.rng.choice(self.model_ids)
         else:
-            import bisect
-
             index = bisect.bisect_left(self.cumulative, self.rng.random())
             model_id = self.model_ids[min(index, len(self.model_ids) - 1)]
         url = self.rng.choice(self.routes[model_id])
