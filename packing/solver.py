@@ -17,14 +17,19 @@ The solver works in two layers:
    instances are moved to a cheaper type where their contents fit.
 
 Small problems (few models) are then solved exactly at device level with CP-SAT, warm-started
-from the realisation, with symmetry breaking between identical instances.
+from the realisation, with symmetry breaking between identical instances. Larger ones go
+through a large-neighbourhood search: a few instances at a time are emptied and re-packed
+exactly on any mix of types, which recovers most of what whole replicas lose against the
+volume model (the realisation fills each type to its volume, not to whole devices).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -130,7 +135,9 @@ def solve(
     greedy = _greedy_assignment(types, classes)
     exact_size = len(problem.models) * sum(t.devices * _instance_bound(t, classes) for t in types)
     exact = exact_size <= _EXACT_MAX_BOOLEANS
-    share = 0.5 if exact else 0.4
+    # The volume model's bound is its LP value, reached early; past a good start, the time is
+    # better spent on the neighbourhood search.
+    share = 0.5 if exact else 0.25
     assignment, lower_bound = _solve_aggregated(
         types, classes, greedy, (deadline - time.perf_counter()) * share, workers
     )
@@ -143,17 +150,14 @@ def solve(
             types, classes, instances, every, True, deadline - time.perf_counter(), workers
         )
         lower_bound = max(lower_bound, exact_bound)
-    else:
-        # Refine where the volume model's fractional packing met whole devices (and repair a
-        # realisation that had to go past a quota).
+    elif _over_quota(instances):
+        # A realisation that had to go past a quota: the device-level search over every type
+        # repairs it (it keeps quotas).
+        by_type = {t.index: t for t in types}
         near: dict[int, int] = {}
         for instance in instances:
             near[instance.type.index] = near.get(instance.type.index, 0) + 1
-        for ti in {ti for (_, ti) in assignment}:
-            near.setdefault(ti, 0)
-        if _over_quota(instances):
-            near.update({t.index: near.get(t.index, 0) for t in types})
-        by_type = {t.index: t for t in types}
+        near.update({t.index: near.get(t.index, 0) for t in types})
         near = {ti: min(n + 1, _instance_bound(by_type[ti], classes)) for ti, n in near.items()}
         instances, _ = _solve_devices(
             types,
@@ -161,9 +165,14 @@ def solve(
             instances,
             near,
             False,
-            max(deadline - time.perf_counter(), 1.0 if _over_quota(instances) else 0.0),
+            max(deadline - time.perf_counter(), 1.0),
             workers,
         )
+    if not exact and not _over_quota(instances):
+        # Whole replicas cannot fill both resources of every device as the volume model
+        # does: re-pack a few instances at a time where the volume model's fractions met
+        # whole devices.
+        instances = _neighbourhood_search(types, classes, instances, deadline, workers)
     # The device-level search may leave an instance light enough to empty or downsize.
     instances = _downsize(_evacuate(instances, classes, deadline + 1.0), types, classes)
     broken = _over_quota(instances)
@@ -662,15 +671,8 @@ def _evacuate(
     """Close instances whose replicas all fit in the others' spare room, dearest per unit of
     use first; a move is kept only when the whole instance empties."""
 
-    def use(instance: _Instance) -> float:
-        t = instance.type
-        return (
-            sum(max(d.memory / t.memory_cap, d.compute / t.compute_cap) for d in instance.devices)
-            / t.devices
-        )
-
     kept = list(instances)
-    for victim in sorted(instances, key=lambda i: use(i) / i.type.price):
+    for victim in sorted(instances, key=lambda i: _use(i) / i.type.price):
         if time.perf_counter() > deadline:
             break
         others = [i for i in kept if i is not victim]
@@ -744,6 +746,194 @@ def _moved_devices(used: list[_Device], t: _Type, classes: list[_Class]) -> list
             return None
         moved.append(_Device(memory, compute, dict(device.load)))
     return moved
+
+
+# ------------------------------------------------------------------------- neighbourhood
+
+# Compute demands are fractions of a device; CP-SAT needs integers.
+_COMPUTE_SCALE = 10**9
+# Instances re-packed at once, and seconds per attempt: small enough that CP-SAT settles a
+# neighbourhood well inside the second.
+_NEIGHBOURHOOD = (3, 6)
+_NEIGHBOURHOOD_SECONDS = 1.0
+# Unused types offered to each neighbourhood, cheapest first.
+_FRESH_TYPES = 4
+
+
+def _neighbourhood_search(
+    types: list[_Type],
+    classes: list[_Class],
+    instances: list[_Instance],
+    deadline: float,
+    workers: int,
+) -> list[_Instance]:
+    """Large-neighbourhood search: free the replicas of a few instances (one chosen for its
+    spare room and price, the rest at random) and re-pack them exactly on any mix of types;
+    keep the result when it is cheaper. With several workers, disjoint neighbourhoods are
+    solved at once (each CP-SAT call on one thread); quotas make it sequential, since two
+    neighbourhoods could each open the last instance a quota allows."""
+    rng = random.Random(0)
+    parallel = 1 if any(t.quota is not None for t in types) else max(1, workers)
+    current = list(instances)
+    with ThreadPoolExecutor(parallel) as pool:
+        while deadline - time.perf_counter() > 0.1 and len(current) > 1:
+            picks = _pick_neighbourhoods(current, parallel, rng)
+            counts: dict[int, int] = {}
+            for instance in current:
+                counts[instance.type.index] = counts.get(instance.type.index, 0) + 1
+            jobs = []
+            for pick in picks:
+                chosen = [current[i] for i in pick]
+                outside = dict(counts)
+                for instance in chosen:
+                    outside[instance.type.index] -= 1
+                limit = min(_NEIGHBOURHOOD_SECONDS, deadline - time.perf_counter())
+                jobs.append(pool.submit(_repack_instances, types, classes, chosen, outside, limit))
+            removed: set[int] = set()
+            added: list[_Instance] = []
+            for pick, job in zip(picks, jobs, strict=True):
+                better = job.result()
+                if better is not None:
+                    removed.update(pick)
+                    added.extend(better)
+            if removed:
+                current = [inst for i, inst in enumerate(current) if i not in removed] + added
+    return current
+
+
+def _pick_neighbourhoods(
+    instances: list[_Instance], how_many: int, rng: random.Random
+) -> list[list[int]]:
+    taken: set[int] = set()
+    picks = []
+    for _ in range(how_many):
+        free = [i for i in range(len(instances)) if i not in taken]
+        if len(free) < 2:
+            break
+        size = min(len(free), rng.randint(*_NEIGHBOURHOOD))
+        weights = [(1.02 - _use(instances[i])) * instances[i].type.price for i in free]
+        first = rng.choices(free, weights=weights)[0]
+        others = [i for i in free if i != first]
+        rng.shuffle(others)
+        pick = [first, *others[: size - 1]]
+        taken.update(pick)
+        picks.append(pick)
+    return picks
+
+
+def _use(instance: _Instance) -> float:
+    """Mean over devices of the fuller of memory and compute."""
+    t = instance.type
+    return (
+        sum(max(d.memory / t.memory_cap, d.compute / t.compute_cap) for d in instance.devices)
+        / t.devices
+    )
+
+
+def _repack_instances(
+    types: list[_Type],
+    classes: list[_Class],
+    chosen: list[_Instance],
+    outside: dict[int, int],
+    time_limit_s: float,
+) -> list[_Instance] | None:
+    """The cheapest re-packing of ``chosen``'s replicas, or ``None`` if none is cheaper.
+    ``outside`` counts the other instances per type, for quotas. Memory is compared in bytes
+    and compute in parts per billion rounded up, so what CP-SAT accepts fits exactly."""
+    need: dict[int, int] = {}
+    for instance in chosen:
+        for device in instance.devices:
+            for ci, n in device.load.items():
+                need[ci] = need.get(ci, 0) + n
+    slots_of: dict[int, int] = {}
+    for instance in chosen:
+        slots_of[instance.type.index] = slots_of.get(instance.type.index, 0) + 1
+    hosting = [t for t in types if any(t.index in classes[ci].options for ci in need)]
+    for t in sorted(hosting, key=lambda t: t.price)[:_FRESH_TYPES]:
+        slots_of.setdefault(t.index, 0)
+    by_type = {t.index: t for t in types}
+    slots: list[tuple[_Type, int]] = []
+    for ti, n in slots_of.items():
+        t = by_type[ti]
+        room = n + 1 if t.quota is None else min(n + 1, t.quota - outside.get(ti, 0))
+        slots.extend((t, j) for j in range(room))
+
+    model = cp_model.CpModel()
+    used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
+    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    for k, (t, j) in enumerate(slots):
+        if j > 0:
+            model.add(used[k] <= used[k - 1])  # identical instances fill in order
+        for d in range(t.devices):
+            memory, compute = [], []
+            for ci, n in need.items():
+                option = classes[ci].options.get(t.index)
+                if option is None:
+                    continue
+                var = model.new_int_var(0, min(n, classes[ci].count), f"z_{k}_{d}_{ci}")
+                z[k, d, ci] = var
+                memory.append(math.ceil(option[0]) * var)
+                compute.append(math.ceil(option[1] * _COMPUTE_SCALE) * var)
+            if memory:
+                model.add(sum(memory) <= math.floor(t.memory_cap * (1 + _EPS)) * used[k])
+                model.add(
+                    sum(compute)
+                    <= math.floor(t.compute_cap * (1 + _EPS) * _COMPUTE_SCALE) * used[k]
+                )
+        for ci in need:
+            on_instance = [z[k, d, ci] for d in range(t.devices) if (k, d, ci) in z]
+            if len(on_instance) > 1:
+                model.add(sum(on_instance) <= classes[ci].count * used[k])
+    for ci, n in need.items():
+        model.add(sum(v for (_, _, c), v in z.items() if c == ci) == n)
+    model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
+
+    # The current packing is the hint: instance by instance in slot order.
+    placed: dict[int, _Instance] = {}
+    next_slot: dict[int, int] = {}
+    for instance in chosen:
+        j = next_slot.get(instance.type.index, 0)
+        next_slot[instance.type.index] = j + 1
+        k = next(
+            (i for i, (t, jj) in enumerate(slots) if t.index == instance.type.index and jj == j),
+            None,
+        )
+        if k is not None:
+            placed[k] = instance
+    for k, (t, _) in enumerate(slots):
+        instance = placed.get(k)
+        model.add_hint(used[k], instance is not None)
+        for d in range(t.devices):
+            for ci in need:
+                if (k, d, ci) in z:
+                    value = instance.devices[d].load.get(ci, 0) if instance else 0
+                    model.add_hint(z[k, d, ci], value)
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.01)
+    solver.parameters.num_workers = 1
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    if solver.objective_value >= sum(_scaled_price(i.type) for i in chosen) - 0.5:
+        return None
+    found = []
+    for k, (t, _) in enumerate(slots):
+        if not solver.value(used[k]):
+            continue
+        devices = []
+        for d in range(t.devices):
+            device = _Device()
+            for ci in need:
+                n = solver.value(z[k, d, ci]) if (k, d, ci) in z else 0
+                if n:
+                    memory, compute = classes[ci].options[t.index]
+                    device.load[ci] = n
+                    device.memory += n * memory
+                    device.compute += n * compute
+            devices.append(device)
+        found.append(_Instance(t, devices))
+    return [i for i in found if not i.empty]
 
 
 # ------------------------------------------------------------------------------- exact

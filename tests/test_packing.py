@@ -432,3 +432,63 @@ def test_repack_respects_a_lowered_quota() -> None:
     check(lowered, result.plan)
     assert sorted(i.type for i in result.plan.instances) == ["a.x", "a.x", "b.x"]
     assert len(result.moves) == 1
+
+
+def _scattered_start(problem: Problem):
+    """Every replica alone on an instance of the dearest type: a start with plenty to gain."""
+    from packing import solver
+
+    kinds = solver._types(problem)
+    classes = solver._classes(problem, kinds)
+    solver._check_feasible(problem, kinds, classes)
+    dearest = max(kinds, key=lambda t: t.price)
+    start = []
+    for ci, group in enumerate(classes):
+        memory, compute = group.options[dearest.index]
+        for _ in range(group.total_replicas):
+            start.append(solver._Instance(dearest, [solver._Device(memory, compute, {ci: 1})]))
+    return kinds, classes, start
+
+
+def _as_checked_plan(problem: Problem, classes, instances) -> float:
+    from packing import solver
+
+    cost = sum(i.type.price for i in instances)
+    plan = solver._plan(
+        problem,
+        classes,
+        instances,
+        cost=cost,
+        lower_bound=0.0,
+        gap=1.0,
+        status="feasible",
+        seconds=0.0,
+        plan_id="neighbourhood",
+    )
+    check(problem, plan)
+    return cost
+
+
+@pytest.mark.parametrize("quota", [None, 3])
+def test_neighbourhood_search_only_lowers_cost_and_keeps_every_limit(quota) -> None:
+    """From 40 replicas each alone on a dear instance, re-packing a few instances at a time
+    must reach a valid plan far cheaper, moving replicas across types and keeping quotas and
+    anti-affinity (20 models with 2 replicas each)."""
+    import time
+
+    from packing import solver
+
+    models = [model(f"m{i:02d}", 1.0, compute=0.05, replicas=2) for i in range(20)]
+    types = [instance_type("big.x", 1.0, 1, 8), instance_type("small.x", 0.45, 1, 4)]
+    problem = problem_of(models, types, {"small.x": quota} if quota else None)
+    kinds, classes, start = _scattered_start(problem)
+    before = _as_checked_plan(problem, classes, start)
+    assert before == pytest.approx(40.0)
+    result = solver._neighbourhood_search(
+        kinds, classes, start, time.perf_counter() + 4.0, workers=2
+    )
+    after = _as_checked_plan(problem, classes, result)
+    # 40 GiB need at least 4.5 dollars' worth (5 big or 10 small); the search gets close.
+    assert after <= 8.0, after
+    if quota:
+        assert sum(1 for i in result if i.type.name == "small.x") <= quota
