@@ -172,7 +172,7 @@ def solve(
         # Whole replicas cannot fill both resources of every device as the volume model
         # does: re-pack a few instances at a time where the volume model's fractions met
         # whole devices.
-        instances = _neighbourhood_search(types, classes, instances, deadline, workers)
+        instances = _neighbourhood_search(types, classes, instances, deadline, workers, lower_bound)
     # The device-level search may leave an instance light enough to empty or downsize.
     instances = _downsize(_evacuate(instances, classes, deadline + 1.0), types, classes)
     broken = _over_quota(instances)
@@ -756,6 +756,8 @@ _COMPUTE_SCALE = 10**9
 # neighbourhood well inside the second.
 _NEIGHBOURHOOD = (3, 6)
 _NEIGHBOURHOOD_SECONDS = 1.0
+# Rounds without a gain before the neighbourhoods grow by two instances.
+_STALE_ROUNDS = 25
 # Unused types offered to each neighbourhood, cheapest first.
 _FRESH_TYPES = 4
 
@@ -766,18 +768,26 @@ def _neighbourhood_search(
     instances: list[_Instance],
     deadline: float,
     workers: int,
+    lower_bound: float = 0.0,
 ) -> list[_Instance]:
     """Large-neighbourhood search: free the replicas of a few instances (one chosen for its
     spare room and price, the rest at random) and re-pack them exactly on any mix of types;
-    keep the result when it is cheaper. With several workers, disjoint neighbourhoods are
+    keep the result when it is cheaper, until the deadline or the lower bound is reached.
+    With several workers, disjoint neighbourhoods are
     solved at once (each CP-SAT call on one thread); quotas make it sequential, since two
     neighbourhoods could each open the last instance a quota allows."""
     rng = random.Random(0)
     parallel = 1 if any(t.quota is not None for t in types) else max(1, workers)
     current = list(instances)
+    # Rounds without a gain widen the neighbourhoods (and their time), to leave a local
+    # optimum that small ones cannot.
+    stale = 0
     with ThreadPoolExecutor(parallel) as pool:
         while deadline - time.perf_counter() > 0.1 and len(current) > 1:
-            picks = _pick_neighbourhoods(current, parallel, rng)
+            if sum(i.type.price for i in current) <= lower_bound + 1e-6:
+                break  # proven optimal
+            widen = min(stale // _STALE_ROUNDS, 3)
+            picks = _pick_neighbourhoods(current, parallel, rng, 2 * widen)
             counts: dict[int, int] = {}
             for instance in current:
                 counts[instance.type.index] = counts.get(instance.type.index, 0) + 1
@@ -787,7 +797,7 @@ def _neighbourhood_search(
                 outside = dict(counts)
                 for instance in chosen:
                     outside[instance.type.index] -= 1
-                limit = min(_NEIGHBOURHOOD_SECONDS, deadline - time.perf_counter())
+                limit = min(_NEIGHBOURHOOD_SECONDS * (1 + widen), deadline - time.perf_counter())
                 jobs.append(pool.submit(_repack_instances, types, classes, chosen, outside, limit))
             removed: set[int] = set()
             added: list[_Instance] = []
@@ -798,11 +808,14 @@ def _neighbourhood_search(
                     added.extend(better)
             if removed:
                 current = [inst for i, inst in enumerate(current) if i not in removed] + added
+                stale = 0
+            else:
+                stale += 1
     return current
 
 
 def _pick_neighbourhoods(
-    instances: list[_Instance], how_many: int, rng: random.Random
+    instances: list[_Instance], how_many: int, rng: random.Random, wider: int = 0
 ) -> list[list[int]]:
     taken: set[int] = set()
     picks = []
@@ -810,7 +823,7 @@ def _pick_neighbourhoods(
         free = [i for i in range(len(instances)) if i not in taken]
         if len(free) < 2:
             break
-        size = min(len(free), rng.randint(*_NEIGHBOURHOOD))
+        size = min(len(free), rng.randint(_NEIGHBOURHOOD[0] + wider, _NEIGHBOURHOOD[1] + wider))
         weights = [(1.02 - _use(instances[i])) * instances[i].type.price for i in free]
         first = rng.choices(free, weights=weights)[0]
         others = [i for i in free if i != first]
