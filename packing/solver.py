@@ -901,26 +901,7 @@ def _repack_instances(
         model.add(sum(v for (_, _, c), v in z.items() if c == ci) == n)
     model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
 
-    # The current packing is the hint: instance by instance in slot order.
-    placed: dict[int, _Instance] = {}
-    next_slot: dict[int, int] = {}
-    for instance in chosen:
-        j = next_slot.get(instance.type.index, 0)
-        next_slot[instance.type.index] = j + 1
-        k = next(
-            (i for i, (t, jj) in enumerate(slots) if t.index == instance.type.index and jj == j),
-            None,
-        )
-        if k is not None:
-            placed[k] = instance
-    for k, (t, _) in enumerate(slots):
-        instance = placed.get(k)
-        model.add_hint(used[k], instance is not None)
-        for d in range(t.devices):
-            for ci in need:
-                if (k, d, ci) in z:
-                    value = instance.devices[d].load.get(ci, 0) if instance else 0
-                    model.add_hint(z[k, d, ci], value)
+    _hint_slots(model, slots, used, z, chosen)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit_s, 0.01)
@@ -930,22 +911,7 @@ def _repack_instances(
         return None
     if solver.objective_value >= sum(_scaled_price(i.type) for i in chosen) - 0.5:
         return None
-    found = []
-    for k, (t, _) in enumerate(slots):
-        if not solver.value(used[k]):
-            continue
-        devices = []
-        for d in range(t.devices):
-            device = _Device()
-            for ci in need:
-                n = solver.value(z[k, d, ci]) if (k, d, ci) in z else 0
-                if n:
-                    memory, compute = classes[ci].options[t.index]
-                    device.load[ci] = n
-                    device.memory += n * memory
-                    device.compute += n * compute
-            devices.append(device)
-        found.append(_Instance(t, devices))
+    found = _read_slots(solver, slots, used, z, classes)
     return [i for i in found if not i.empty]
 
 
@@ -1003,26 +969,8 @@ def _solve_devices(
             model.add(sum(used[k] for k, (s, _) in enumerate(slots) if s is t) <= t.quota)
     model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
 
-    # Warm start: the realised plan, instance by instance in slot order.
-    next_slot: dict[int, int] = {}
-    chosen: dict[int, _Instance] = {}
-    for instance in start:
-        j = next_slot.get(instance.type.index, 0)
-        next_slot[instance.type.index] = j + 1
-        k = next(
-            (i for i, (t, jj) in enumerate(slots) if t.index == instance.type.index and jj == j),
-            None,
-        )
-        if k is not None:  # a start beyond the candidate slots (over a quota) gives no hint
-            chosen[k] = instance
-    for k, (t, _) in enumerate(slots):
-        instance = chosen.get(k)
-        model.add_hint(used[k], instance is not None)
-        for d in range(t.devices):
-            for ci in range(len(classes)):
-                if (k, d, ci) in z:
-                    value = instance.devices[d].load.get(ci, 0) if instance else 0
-                    model.add_hint(z[k, d, ci], value)
+    # Warm start: the realised plan.
+    _hint_slots(model, slots, used, z, start)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
@@ -1031,22 +979,7 @@ def _solve_devices(
     bound = max(0.0, solver.best_objective_bound / _PRICE_SCALE)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return start, bound
-    found: list[_Instance] = []
-    for k, (t, _) in enumerate(slots):
-        if not solver.value(used[k]):
-            continue
-        devices = []
-        for d in range(t.devices):
-            device = _Device()
-            for ci, group in enumerate(classes):
-                n = solver.value(z[k, d, ci]) if (k, d, ci) in z else 0
-                if n:
-                    memory, compute = group.options[t.index]
-                    device.load[ci] = n
-                    device.memory += n * memory
-                    device.compute += n * compute
-            devices.append(device)
-        found.append(_Instance(t, devices))
+    found = _read_slots(solver, slots, used, z, classes)
     # Demands were rounded down to keep the bound valid, so check the capacities exactly.
     overfull = any(
         d.memory > i.type.memory_cap * (1 + _EPS) or d.compute > i.type.compute_cap * (1 + _EPS)
@@ -1057,6 +990,57 @@ def _solve_devices(
     if overfull or (dearer and not _over_quota(start)):
         return start, bound
     return [i for i in found if not i.empty], bound
+
+
+def _hint_slots(
+    model: cp_model.CpModel,
+    slots: list[tuple[_Type, int]],
+    used: list,
+    z: dict[tuple[int, int, int], cp_model.IntVar],
+    instances: list[_Instance],
+) -> None:
+    """Hint ``instances`` to a slot model, instance by instance in slot order; an instance
+    beyond its type's slots (over a quota) gives no hint."""
+    placed: dict[int, _Instance] = {}
+    next_slot: dict[int, int] = {}
+    for instance in instances:
+        j = next_slot.get(instance.type.index, 0)
+        next_slot[instance.type.index] = j + 1
+        k = next(
+            (i for i, (t, jj) in enumerate(slots) if t.index == instance.type.index and jj == j),
+            None,
+        )
+        if k is not None:
+            placed[k] = instance
+    for k in range(len(slots)):
+        model.add_hint(used[k], k in placed)
+    for (k, d, ci), var in z.items():
+        instance = placed.get(k)
+        model.add_hint(var, instance.devices[d].load.get(ci, 0) if instance else 0)
+
+
+def _read_slots(
+    solver: cp_model.CpSolver,
+    slots: list[tuple[_Type, int]],
+    used: list,
+    z: dict[tuple[int, int, int], cp_model.IntVar],
+    classes: list[_Class],
+) -> list[_Instance]:
+    """The used slots of a solved slot model as instances, device loads recomputed."""
+    by_slot = {
+        k: _Instance(t, [_Device() for _ in range(t.devices)])
+        for k, (t, _) in enumerate(slots)
+        if solver.value(used[k])
+    }
+    for (k, d, ci), var in z.items():
+        n = solver.value(var)
+        if n and k in by_slot:
+            memory, compute = classes[ci].options[slots[k][0].index]
+            device = by_slot[k].devices[d]
+            device.load[ci] = n
+            device.memory += n * memory
+            device.compute += n * compute
+    return list(by_slot.values())
 
 
 # --------------------------------------------------------------------------------- plan
