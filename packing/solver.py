@@ -773,9 +773,9 @@ def _neighbourhood_search(
     """Large-neighbourhood search: free the replicas of a few instances (one chosen for its
     spare room and price, the rest at random) and re-pack them exactly on any mix of types;
     keep the result when it is cheaper, until the deadline or the lower bound is reached.
-    With several workers, disjoint neighbourhoods are
-    solved at once (each CP-SAT call on one thread); quotas make it sequential, since two
-    neighbourhoods could each open the last instance a quota allows."""
+    With several workers, disjoint neighbourhoods are solved at once (each CP-SAT call on one
+    thread); quotas make it sequential, since two neighbourhoods could each open the last
+    instance a quota allows."""
     rng = random.Random(0)
     parallel = 1 if any(t.quota is not None for t in types) else max(1, workers)
     current = list(instances)
@@ -824,6 +824,8 @@ def _pick_neighbourhoods(
         if len(free) < 2:
             break
         size = min(len(free), rng.randint(_NEIGHBOURHOOD[0] + wider, _NEIGHBOURHOOD[1] + wider))
+        # Spare room times price: where a re-pack can save most; full instances keep a small
+        # chance, since moving their replicas can make room elsewhere.
         weights = [(1.02 - _use(instances[i])) * instances[i].type.price for i in free]
         first = rng.choices(free, weights=weights)[0]
         others = [i for i in free if i != first]
