@@ -29,6 +29,7 @@ import hashlib
 import math
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -873,36 +874,16 @@ def _repack_instances(
         room = n + 1 if t.quota is None else min(n + 1, t.quota - outside.get(ti, 0))
         slots.extend((t, j) for j in range(room))
 
-    model = cp_model.CpModel()
-    used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
-    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
-    for k, (t, j) in enumerate(slots):
-        if j > 0:
-            model.add(used[k] <= used[k - 1])  # identical instances fill in order
-        for d in range(t.devices):
-            memory, compute = [], []
-            for ci, n in need.items():
-                option = classes[ci].options.get(t.index)
-                if option is None:
-                    continue
-                var = model.new_int_var(0, min(n, classes[ci].count), f"z_{k}_{d}_{ci}")
-                z[k, d, ci] = var
-                memory.append(math.ceil(option[0]) * var)
-                compute.append(math.ceil(option[1] * _COMPUTE_SCALE) * var)
-            if memory:
-                model.add(sum(memory) <= math.floor(t.memory_cap * (1 + _EPS)) * used[k])
-                model.add(
-                    sum(compute)
-                    <= math.floor(t.compute_cap * (1 + _EPS) * _COMPUTE_SCALE) * used[k]
-                )
-        for ci in need:
-            on_instance = [z[k, d, ci] for d in range(t.devices) if (k, d, ci) in z]
-            if len(on_instance) > 1:
-                model.add(sum(on_instance) <= classes[ci].count * used[k])
-    for ci, n in need.items():
-        model.add(sum(v for (_, _, c), v in z.items() if c == ci) == n)
-    model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
-
+    model, used, z = _slot_model(
+        slots,
+        classes,
+        need,
+        lambda t, option: (math.ceil(option[0]), math.ceil(option[1] * _COMPUTE_SCALE)),
+        lambda t: (
+            math.floor(t.memory_cap * (1 + _EPS)),
+            math.floor(t.compute_cap * (1 + _EPS) * _COMPUTE_SCALE),
+        ),
+    )
     _hint_slots(model, slots, used, z, chosen)
 
     solver = cp_model.CpSolver()
@@ -929,47 +910,27 @@ def _solve_devices(
     time_limit_s: float,
     workers: int,
 ) -> tuple[list[_Instance], float]:
-    """Device-level CP-SAT over ``slot_counts[t]`` candidate instances of each type; class
-    counts stand in for models (at most a class's model count per instance, which the dealing
-    honours). With every candidate a plan could need (``relax``: demands rounded down, the
+    """Device-level CP-SAT over ``slot_counts[t]`` candidate instances of each type. With every
+    candidate a plan could need (``relax``: demands rounded down, the
     result checked exactly) its bound is a lower bound; otherwise demands round up and it only
     improves ``start``."""
-    model = cp_model.CpModel()
     slots: list[tuple[_Type, int]] = []
     for t in types:
         slots.extend((t, j) for j in range(slot_counts.get(t.index, 0)))
-    used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
-    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
-    for k, (t, j) in enumerate(slots):
-        if j > 0:
-            model.add(used[k] <= used[k - 1])  # identical instances fill in order
-        for d in range(t.devices):
-            terms = {0: [], 1: []}
-            for ci, group in enumerate(classes):
-                option = group.options.get(t.index)
-                if option is None:
-                    continue
-                var = model.new_int_var(0, group.count, f"z_{k}_{d}_{ci}")
-                z[k, d, ci] = var
-                for dim in (0, 1):
-                    cap = t.memory_cap if dim == 0 else t.compute_cap
-                    exact = _SCALE * option[dim] / cap
-                    a = math.floor(exact) if relax else math.ceil(exact)
-                    if a:
-                        terms[dim].append(a * var)
-            for dim in (0, 1):
-                if terms[dim]:
-                    model.add(sum(terms[dim]) <= _SCALE * used[k])
-        for ci, group in enumerate(classes):
-            on_instance = [z[k, d, ci] for d in range(t.devices) if (k, d, ci) in z]
-            if on_instance:
-                model.add(sum(on_instance) <= group.count * used[k])
-    for ci, group in enumerate(classes):
-        model.add(sum(v for (_, _, c), v in z.items() if c == ci) == group.total_replicas)
+    round_demand = math.floor if relax else math.ceil
+    model, used, z = _slot_model(
+        slots,
+        classes,
+        {ci: group.total_replicas for ci, group in enumerate(classes)},
+        lambda t, option: (
+            round_demand(_SCALE * option[0] / t.memory_cap),
+            round_demand(_SCALE * option[1] / t.compute_cap),
+        ),
+        lambda t: (_SCALE, _SCALE),
+    )
     for t in types:
         if t.quota is not None:
             model.add(sum(used[k] for k, (s, _) in enumerate(slots) if s is t) <= t.quota)
-    model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
 
     # Warm start: the realised plan.
     _hint_slots(model, slots, used, z, start)
@@ -992,6 +953,50 @@ def _solve_devices(
     if overfull or (dearer and not _over_quota(start)):
         return start, bound
     return [i for i in found if not i.empty], bound
+
+
+def _slot_model(
+    slots: list[tuple[_Type, int]],
+    classes: list[_Class],
+    need: dict[int, int],
+    demand: Callable[[_Type, tuple[float, float]], tuple[int, int]],
+    capacity: Callable[[_Type], tuple[int, int]],
+) -> tuple[cp_model.CpModel, list[cp_model.IntVar], dict[tuple[int, int, int], cp_model.IntVar]]:
+    """CP-SAT over candidate instances ``slots`` (type, j-th of that type): ``need[c]``
+    replicas of each class on the devices of used slots, at the lowest price. Class counts
+    stand in for models: at most a class's model count per instance, which the dealing
+    honours. ``demand`` and ``capacity`` give a replica's and a device's (memory, compute) as
+    integers, rounded as the caller needs. Returns the model, ``used[k]`` and
+    ``z[k, device, class]``."""
+    model = cp_model.CpModel()
+    used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
+    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    for k, (t, j) in enumerate(slots):
+        if j > 0:
+            model.add(used[k] <= used[k - 1])  # identical instances fill in order
+        caps = capacity(t)
+        for d in range(t.devices):
+            terms: tuple[list, list] = ([], [])
+            for ci, n in need.items():
+                option = classes[ci].options.get(t.index)
+                if option is None:
+                    continue
+                var = model.new_int_var(0, min(n, classes[ci].count), f"z_{k}_{d}_{ci}")
+                z[k, d, ci] = var
+                for dim, a in enumerate(demand(t, option)):
+                    if a:
+                        terms[dim].append(a * var)
+            for dim in (0, 1):
+                if terms[dim]:
+                    model.add(sum(terms[dim]) <= caps[dim] * used[k])
+        for ci in need:
+            on_instance = [z[k, d, ci] for d in range(t.devices) if (k, d, ci) in z]
+            if on_instance:
+                model.add(sum(on_instance) <= classes[ci].count * used[k])
+    for ci, n in need.items():
+        model.add(sum(v for (_, _, c), v in z.items() if c == ci) == n)
+    model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
+    return model, used, z
 
 
 def _hint_slots(
