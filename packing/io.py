@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import msgspec
 import yaml
@@ -64,14 +65,31 @@ def save(value: msgspec.Struct, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(
+    path: Path,
+    data: bytes | Callable[[BinaryIO], object],
+    *,
+    temp_prefix: str | None = None,
+    durable: bool = True,
+) -> None:
+    """Write ``data`` (bytes, or a function that writes to the handle) through a temp file in
+    the same folder and rename it into place; ``durable`` fsyncs before the rename. The temp
+    file is ``.<name>.*.tmp`` unless ``temp_prefix`` names it (the store's listings skip
+    its prefix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if temp_prefix is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                data(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

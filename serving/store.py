@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from packing.io import write_atomic
+
 MANIFEST_NAME = "manifest.json"
 _TEMP_MARK = ".tmp-"
 
@@ -244,20 +246,9 @@ def open_store(uri: str | None = None) -> ArtifactStore:
 
 
 def _write_local_atomic(dest: Path, fill: Any, durable: bool = False) -> None:
-    """Write through a temp file (named so listings skip it) and rename; ``durable`` also
+    """Write through a temp file named so listings skip it, and rename; ``durable`` also
     fsyncs before the rename (store objects; the local cache can be refetched)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TEMP_MARK, dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fill(handle)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dest, fill, temp_prefix=_TEMP_MARK, durable=durable)
 
 
 # ---------------------------------------------------------------------------------- artifacts
