@@ -36,10 +36,9 @@ class _Contract(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=
 # --------------------------------------------------------------------------------------- fleet
 
 
-class ModelSpec(_Contract, kw_only=True):
-    """One model to serve."""
+class _ModelTemplate(_Contract, kw_only=True):
+    """What a model to serve is, apart from its id: shared by one model and a set of them."""
 
-    id: ModelId
     source: SourceUri
     task: ModelTask = "sequence-classification"
     max_length: Annotated[int, Meta(ge=8, le=8192)] = 128
@@ -50,33 +49,24 @@ class ModelSpec(_Contract, kw_only=True):
     processors: list[Processor] | None = None
 
 
-class ModelSet(_Contract, kw_only=True):
+class ModelSpec(_ModelTemplate, kw_only=True):
+    """One model to serve."""
+
+    id: ModelId
+
+
+class ModelSet(_ModelTemplate, kw_only=True):
     """``count`` look-alike models ``<prefix>0000`` … generated from one template."""
 
     prefix: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,40}$")]
     count: Annotated[int, Meta(ge=1, le=1_000_000)]
-    source: SourceUri
-    task: ModelTask = "sequence-classification"
-    max_length: Annotated[int, Meta(ge=8, le=8192)] = 128
-    traffic_rps: NonNegativeFloat = 1.0
-    replicas: PositiveInt = 1
-    num_labels: Annotated[int, Meta(ge=1, le=10_000)] = 2
-    processors: list[Processor] | None = None
     start: NonNegativeInt = 0
     digits: Annotated[int, Meta(ge=1, le=9)] = 4
 
     def expand(self) -> list[ModelSpec]:
+        template = {name: getattr(self, name) for name in _ModelTemplate.__struct_fields__}
         return [
-            ModelSpec(
-                id=f"{self.prefix}{i:0{self.digits}d}",
-                source=self.source,
-                task=self.task,
-                max_length=self.max_length,
-                traffic_rps=self.traffic_rps,
-                replicas=self.replicas,
-                num_labels=self.num_labels,
-                processors=self.processors,
-            )
+            ModelSpec(id=f"{self.prefix}{i:0{self.digits}d}", **template)
             for i in range(self.start, self.start + self.count)
         ]
 
