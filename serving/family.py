@@ -29,8 +29,9 @@ from serving.crossmodel import (
     WeightBank,
     bert_weights,
 )
-from serving.modeling import configure_tokenizer
+from serving.modeling import tensor_bytes
 from serving.models import (
+    LOAD_ERRORS,
     InvalidInput,
     ModelNotReady,
     ModelRepository,
@@ -38,8 +39,9 @@ from serving.models import (
     NotSupported,
     answers,
     describe,
+    open_artifact,
 )
-from serving.store import ArtifactStore, StoreError, materialize
+from serving.store import ArtifactStore
 from serving.tracing import artifact_prefix
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -282,17 +284,14 @@ class FamilyModel:
         started = time.perf_counter()
         self.state = ModelState.LOADING
         try:
-            directory, manifest = materialize(store, self.prefix, cache_dir)
-            meta = manifest.metadata
-            self.task = meta["task"]
-            self.max_length = int(meta["max_length"])
-            self.shape, weights = bert_weights(rebuild_module(directory, self.task), self.task)
-            tokenizer = configure_tokenizer(
-                Tokenizer.from_file(str(directory / "tokenizer.json")), self.max_length
+            artifact = open_artifact(store, self.prefix, cache_dir)
+            self.task, self.max_length = artifact.task, artifact.max_length
+            self.shape, weights = bert_weights(
+                rebuild_module(artifact.directory, self.task), self.task
             )
-            self._loaded = (weights, tokenizer, list(meta.get("labels", [])))
-            self.memory_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-        except (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError) as exc:
+            self._loaded = (weights, artifact.tokenizer, artifact.labels)
+            self.memory_bytes = tensor_bytes(weights.values())
+        except LOAD_ERRORS as exc:
             self._fail(exc)
         finally:
             self.load_seconds = time.perf_counter() - started

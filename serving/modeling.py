@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -190,6 +191,10 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     )
     tokenizer.decoder = decoders.WordPiece()
     return tokenizer
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def configure_tokenizer(tokenizer: Tokenizer, max_length: int) -> Tokenizer:

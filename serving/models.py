@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from serving.modeling import configure_tokenizer, encode
+from serving.modeling import configure_tokenizer, encode, tensor_bytes
 from serving.store import ArtifactStore, StoreError, materialize
 from serving.tracing import artifact_prefix
 
@@ -50,6 +50,36 @@ class InvalidInput(ValueError):
     """The request's content cannot be served (empty text, too many texts)."""
 
 
+# What loading an artifact can raise: the model is then FAILED with the reason.
+LOAD_ERRORS = (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A traced model's files on local disk, with what every backend reads from them."""
+
+    directory: Path
+    task: str
+    max_length: int
+    labels: list[str]
+    tokenizer: Tokenizer
+
+
+def open_artifact(store: ArtifactStore, prefix: str, cache_dir: Path | None) -> Artifact:
+    directory, manifest = materialize(store, prefix, cache_dir)
+    meta = manifest.metadata
+    max_length = int(meta["max_length"])
+    return Artifact(
+        directory=directory,
+        task=meta["task"],
+        max_length=max_length,
+        labels=list(meta.get("labels", [])),
+        tokenizer=configure_tokenizer(
+            Tokenizer.from_file(str(directory / "tokenizer.json")), max_length
+        ),
+    )
+
+
 @dataclass
 class ServedModel:
     """A traced model from the store, with its tokenizer and post-processing."""
@@ -72,28 +102,23 @@ class ServedModel:
         started = time.perf_counter()
         self.state = ModelState.LOADING
         try:
-            directory, manifest = materialize(store, self.prefix, cache_dir)
-            meta = manifest.metadata
-            self.task = meta["task"]
-            self.max_length = int(meta["max_length"])
-            self.labels = list(meta.get("labels", []))
+            artifact = open_artifact(store, self.prefix, cache_dir)
+            self.task, self.max_length = artifact.task, artifact.max_length
+            self.labels, self.tokenizer = artifact.labels, artifact.tokenizer
             if self.processor == "gpu":
                 self.device = torch.device("cuda")
             elif self.processor == "inf":
                 import torch_neuron  # noqa: F401  (registers the Neuron ops the trace uses)
-            self.tokenizer = configure_tokenizer(
-                Tokenizer.from_file(str(directory / "tokenizer.json")), self.max_length
+            self.module = torch.jit.load(
+                str(artifact.directory / "model.ts"), map_location=self.device
             )
-            self.module = torch.jit.load(str(directory / "model.ts"), map_location=self.device)
-            self.memory_bytes = sum(
-                t.numel() * t.element_size() for t in self.module.state_dict().values()
-            )
+            self.memory_bytes = tensor_bytes(self.module.state_dict().values())
             # TorchScript's profiling executor optimises the graph over the first two calls;
             # doing them here keeps that cost off the first real requests.
             self.state = ModelState.READY
             for _ in range(2):
                 self.predict(["warm-up"])
-        except (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError) as exc:
+        except LOAD_ERRORS as exc:
             self.state = ModelState.FAILED
             self.reason = f"{type(exc).__name__}: {exc}"
             return

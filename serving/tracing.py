@@ -22,7 +22,7 @@ import torch
 from packing.contracts import ModelSpec, Processor
 from serving import sources
 from serving.metrics import resident_bytes
-from serving.modeling import EagerModel, configure_tokenizer, encode, load_eager
+from serving.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
 from serving.store import ArtifactStore, put_artifact, read_manifest
 
 # Bump when the traced artifact would differ for the same source and settings.
@@ -263,7 +263,7 @@ def profile_artifact(
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         module = torch.jit.load(str(model_path), map_location=device)
-        weights_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        weights_bytes = tensor_bytes(module.state_dict().values())
         timings: dict[str, float] = {}
         with torch.no_grad():
             for batch in settings.profile_batch_sizes:
