@@ -30,6 +30,20 @@ def tiny(model_id: str = "tiny-a", **overrides: object) -> ModelSpec:
     return ModelSpec(**fields)  # type: ignore[arg-type]
 
 
+def tiny_bert_config():
+    """A one-layer BERT for Hugging Face source directories (two labels, transformers'
+    default)."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+
+
 def test_trace_writes_a_verified_artifact_with_profile(tmp_path: Path) -> None:
     store = open_store(f"file://{tmp_path}/store")
     result = trace_to_store(tiny(), "cpu", store, FAST)
@@ -66,16 +80,10 @@ def test_second_trace_is_served_from_the_store_and_changes_retrace(tmp_path: Pat
 
 
 def test_hf_directory_change_changes_the_key(tmp_path: Path) -> None:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     directory = tmp_path / "hf"
-    config = BertConfig(
-        vocab_size=512,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    config = tiny_bert_config()
     torch.manual_seed(0)
     BertModel(config).save_pretrained(directory)
     synthetic_tokenizer(512).save(str(directory / "tokenizer.json"))
@@ -137,17 +145,10 @@ def test_hf_source_on_s3_traces(s3_store_uri: str, tmp_path: Path) -> None:
     import os
 
     import boto3
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     directory = tmp_path / "hf"
-    config = BertConfig(
-        vocab_size=512,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-    )
+    config = tiny_bert_config()
     BertForSequenceClassification(config).save_pretrained(directory)
     synthetic_tokenizer(512).save(str(directory / "tokenizer.json"))
     bucket = s3_store_uri.removeprefix("s3://").split("/")[0]
