@@ -29,6 +29,7 @@ import hashlib
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,12 +155,8 @@ def solve(
     elif _over_quota(instances):
         # A realisation that had to go past a quota: the device-level search over every type
         # repairs it (it keeps quotas).
-        by_type = {t.index: t for t in types}
-        near: dict[int, int] = {}
-        for instance in instances:
-            near[instance.type.index] = near.get(instance.type.index, 0) + 1
-        near.update({t.index: near.get(t.index, 0) for t in types})
-        near = {ti: min(n + 1, _instance_bound(by_type[ti], classes)) for ti, n in near.items()}
+        counts = Counter(instance.type.index for instance in instances)
+        near = {t.index: min(counts[t.index] + 1, _instance_bound(t, classes)) for t in types}
         instances, _ = _solve_devices(
             types,
             classes,
