@@ -1,6 +1,6 @@
 """Place every model replica on the cheapest set of instances, with a proven lower bound.
 
-The solver works in two layers:
+The solver works in layers:
 
 1. **Classes.** Models whose replica count and per-type demands are identical are
    interchangeable, so they are aggregated into one class with a count. A fleet of 3,000
@@ -17,10 +17,17 @@ The solver works in two layers:
    instances are moved to a cheaper type where their contents fit.
 
 Small problems (few models) are then solved exactly at device level with CP-SAT, warm-started
-from the realisation, with symmetry breaking between identical instances. Larger ones go
-through a large-neighbourhood search: a few instances at a time are emptied and re-packed
-exactly on any mix of types, which recovers most of what whole replicas lose against the
-volume model (the realisation fills each type to its volume, not to whole devices).
+from the realisation, with symmetry breaking between identical instances. Larger ones get two
+more things:
+
+4. **Whole-instance bound (SCIP).** The volume model with integer instance counts but
+   fractional replicas: one integer per type, so SCIP's branch and bound gets far in seconds,
+   on a thread beside the search. A fractional instance of a dear type is most of the LP's
+   gap at fleet scale, so this bound is the one reported when it is higher.
+5. **Starts and neighbourhood search.** The same model with 1-3% of every device held back
+   gives starts whose replicas fit whole devices; the cheapest start (these or the CP-SAT
+   realisation) goes through a large-neighbourhood search: a few instances at a time, or every
+   instance of one processor kind, are emptied and re-packed exactly on any mix of types.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
 from packing.contracts import (
@@ -54,6 +63,16 @@ _PRICE_SCALE = 100_000
 # Exact device-level search only when the boolean matrix stays this small.
 _EXACT_MAX_BOOLEANS = 20_000
 _EPS = 1e-9
+# Shares of the time limit for CP-SAT's volume model and the whole-instance starts (past the
+# exact search's size), and the shares of every device those starts hold back so that their
+# replicas fit whole devices (each was the best on some benchmark fleet).
+_AGGREGATED_SHARE = 0.15
+_START_SHARE = 0.3
+_START_SLACKS = (0.01, 0.02, 0.03)
+
+
+def _cost(instances: list[_Instance]) -> float:
+    return sum(i.type.price for i in instances)
 
 
 def _scaled_price(t: _Type) -> int:
@@ -134,18 +153,80 @@ def solve(
     _check_feasible(problem, types, classes)
     types = _drop_dominated(types, classes)
 
-    greedy = _greedy_assignment(types, classes)
     exact_size = len(problem.models) * sum(t.devices * _instance_bound(t, classes) for t in types)
     exact = exact_size <= _EXACT_MAX_BOOLEANS
-    # The volume model's bound is its LP value, reached early; past a good start, the time is
-    # better spent on the neighbourhood search.
-    share = 0.5 if exact else 0.25
-    assignment, lower_bound = _solve_aggregated(
-        types, classes, greedy, (deadline - time.perf_counter()) * share, workers
+    # The exact device-level search proves its own bound; larger problems get a second bound
+    # computed beside the search.
+    whole = _WholeInstanceBound(types, classes, 0 if exact else deadline - time.perf_counter())
+    try:
+        instances, lower_bound = _search(types, classes, exact, deadline, workers, whole.bound)
+    finally:
+        whole_bound = whole.result()
+    lower_bound = max(lower_bound, whole_bound)
+    broken = _over_quota(instances)
+    if broken:
+        raise InfeasibleError(
+            f"no plan within limits.instance_quotas was found in the time limit "
+            f"({', '.join(broken)}); raise the time limit or the quotas"
+        )
+    cost = sum(i.type.price for i in instances)
+    lower_bound = min(lower_bound, cost)
+    gap = (cost - lower_bound) / cost if cost > 0 else 0.0
+    return _plan(
+        problem,
+        classes,
+        instances,
+        cost=cost,
+        lower_bound=lower_bound,
+        gap=gap,
+        status="optimal" if gap <= 1e-9 else "feasible",
+        seconds=time.perf_counter() - started,
+        plan_id=plan_id,
     )
-    instances = _realise(types, classes, assignment)
-    instances = _evacuate(instances, classes, deadline)
-    instances = _downsize(instances, types, classes)
+
+
+def _search(
+    types: list[_Type],
+    classes: list[_Class],
+    exact: bool,
+    deadline: float,
+    workers: int,
+    proven: Callable[[], float],
+) -> tuple[list[_Instance], float]:
+    """The cheapest instances found by the deadline and the bound the searches proved;
+    ``proven`` reads a bound proven beside them, so the search can stop when it is met."""
+    # The volume model's bound is its LP value, reached early; past a good start, the time is
+    # better spent elsewhere.
+    assignment, lower_bound = _solve_aggregated(
+        types,
+        classes,
+        _greedy_assignment(types, classes),
+        (deadline - time.perf_counter()) * (0.5 if exact else _AGGREGATED_SHARE),
+        workers,
+    )
+    instances = _downsize(
+        _evacuate(_realise(types, classes, assignment), classes, deadline), types, classes
+    )
+    if not exact:
+        # Other starts: the volume model with whole instances, solved by SCIP with a little of
+        # every device held back so its replicas fit whole devices (how much is best varies,
+        # so a few shares are tried); the search goes on from the cheapest start.
+        each = (deadline - time.perf_counter()) * _START_SHARE / len(_START_SLACKS)
+        for slack in _START_SLACKS:
+            if _cost(instances) <= lower_bound + 1e-6:
+                break
+            assignment = _mip_start(types, classes, each, slack)
+            if assignment is not None:
+                found = _downsize(
+                    _evacuate(_realise(types, classes, assignment), classes, deadline),
+                    types,
+                    classes,
+                )
+                # A start past a quota only replaces one that is past a quota too.
+                if not _over_quota(found) and (
+                    _over_quota(instances) or _cost(found) < _cost(instances)
+                ):
+                    instances = found
     if exact:
         every = {t.index: _instance_bound(t, classes) for t in types}
         instances, exact_bound = _solve_devices(
@@ -170,29 +251,12 @@ def solve(
         # Whole replicas cannot fill both resources of every device as the volume model
         # does: re-pack a few instances at a time where the volume model's fractions met
         # whole devices.
-        instances = _neighbourhood_search(types, classes, instances, deadline, workers, lower_bound)
+        instances = _neighbourhood_search(
+            types, classes, instances, deadline, workers, lambda: max(lower_bound, proven())
+        )
     # The device-level search may leave an instance light enough to empty or downsize.
     instances = _downsize(_evacuate(instances, classes, deadline + 1.0), types, classes)
-    broken = _over_quota(instances)
-    if broken:
-        raise InfeasibleError(
-            f"no plan within limits.instance_quotas was found in the time limit "
-            f"({', '.join(broken)}); raise the time limit or the quotas"
-        )
-    cost = sum(i.type.price for i in instances)
-    lower_bound = min(lower_bound, cost)
-    gap = (cost - lower_bound) / cost if cost > 0 else 0.0
-    return _plan(
-        problem,
-        classes,
-        instances,
-        cost=cost,
-        lower_bound=lower_bound,
-        gap=gap,
-        status="optimal" if gap <= 1e-9 else "feasible",
-        seconds=time.perf_counter() - started,
-        plan_id=plan_id,
-    )
+    return instances, lower_bound
 
 
 # ------------------------------------------------------------------------------ preparation
@@ -389,6 +453,28 @@ def _greedy_assignment(types: list[_Type], classes: list[_Class]) -> dict[tuple[
     return assignment
 
 
+def _volume_rows(t: _Type, classes: list[_Class]) -> list[tuple[dict[int, float], int]]:
+    """Rows ``sum(coef * x[c, t]) <= rhs * y[t]`` every plan meets on type ``t``: memory and
+    compute volume (in devices), at most one replica larger than half a device per device,
+    and at most one replica of each model per instance where volume does not imply it."""
+    on_type = [(ci, g) for ci, g in enumerate(classes) if t.index in g.options]
+    rows: list[tuple[dict[int, float], int]] = []
+    shares = {
+        ci: (g.options[t.index][0] / t.memory_cap, g.options[t.index][1] / t.compute_cap)
+        for ci, g in on_type
+    }
+    for dim in (0, 1):
+        rows.append(({ci: share[dim] for ci, share in shares.items() if share[dim]}, t.devices))
+        big = {ci: 1.0 for ci, share in shares.items() if share[dim] > 0.5 * (1 + _EPS)}
+        if big:
+            rows.append((big, t.devices))
+    for ci, group in on_type:
+        # Volume alone caps this class at devices / share per instance, no more than its count.
+        if not any(group.count * share >= t.devices for share in shares[ci]):
+            rows.append(({ci: 1.0}, group.count))
+    return rows
+
+
 def _solve_aggregated(
     types: list[_Type],
     classes: list[_Class],
@@ -404,20 +490,12 @@ def _solve_aggregated(
         model.add(sum(x[ci, ti] for ti in group.options) == group.total_replicas)
     y = {t.index: model.new_int_var(0, _instance_bound(t, classes), f"y_{t.index}") for t in types}
     for t in types:
-        on_type = [(ci, g) for ci, g in enumerate(classes) if t.index in g.options]
-        if not on_type:
+        if not any(t.index in g.options for g in classes):
             model.add(y[t.index] == 0)
-            continue
-        for ci, group in on_type:
-            model.add(x[ci, t.index] <= group.count * y[t.index])
-        for dim, cap in ((0, t.memory_cap), (1, t.compute_cap)):
-            demand = [(math.floor(_SCALE * g.options[t.index][dim] / cap), ci) for ci, g in on_type]
-            model.add(
-                sum(a * x[ci, t.index] for a, ci in demand if a) <= _SCALE * t.devices * y[t.index]
-            )
-            big = [ci for ci, g in on_type if g.options[t.index][dim] > cap / 2 * (1 + _EPS)]
-            if big:
-                model.add(sum(x[ci, t.index] for ci in big) <= t.devices * y[t.index])
+        # Coefficients round down, so the model stays a relaxation.
+        for coefs, rhs in _volume_rows(t, classes):
+            terms = [(math.floor(_SCALE * c), ci) for ci, c in coefs.items()]
+            model.add(sum(a * x[ci, t.index] for a, ci in terms if a) <= _SCALE * rhs * y[t.index])
     model.minimize(sum(_scaled_price(t) * y[t.index] for t in types))
 
     by_type = {t.index: t for t in types}
@@ -442,6 +520,99 @@ def _solve_aggregated(
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return hint, bound
     return {key: solver.value(var) for key, var in x.items() if solver.value(var)}, bound
+
+
+def _volume_mip(
+    types: list[_Type], classes: list[_Class], slack: float = 0.0
+) -> tuple[pywraplp.Solver | None, dict[tuple[int, int], pywraplp.Variable]]:
+    """The volume model with whole instances and fractional replicas for SCIP (``None``
+    where SCIP is missing); ``slack`` holds back that share of every device."""
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    if solver is None:
+        return None, {}
+    x = {
+        (ci, ti): solver.NumVar(0, group.total_replicas, "")
+        for ci, group in enumerate(classes)
+        for ti in group.options
+    }
+    for ci, group in enumerate(classes):
+        solver.Add(sum(x[ci, ti] for ti in group.options) == group.total_replicas)
+    for t in types:
+        y = solver.IntVar(0, _instance_bound(t, classes), "")
+        for coefs, rhs in _volume_rows(t, classes):
+            solver.Add(sum(c * x[ci, t.index] for ci, c in coefs.items()) <= rhs * (1 - slack) * y)
+        solver.Objective().SetCoefficient(y, _scaled_price(t) / _PRICE_SCALE)
+    solver.Objective().SetMinimization()
+    return solver, x
+
+
+def _mip_start(
+    types: list[_Type], classes: list[_Class], time_limit_s: float, slack: float
+) -> dict[tuple[int, int], int] | None:
+    solver, x = _volume_mip(types, classes, slack)
+    if solver is None:
+        return None
+    solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+    parameters = pywraplp.MPSolverParameters()
+    # A start needs no proof: within 0.1% is as good as optimal here.
+    parameters.SetDoubleParam(parameters.RELATIVE_MIP_GAP, 1e-3)
+    if solver.Solve(parameters) not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        return None
+    assignment: dict[tuple[int, int], int] = {}
+    for ci, group in enumerate(classes):
+        share = {ti: x[ci, ti].solution_value() for ti in group.options}
+        whole = {ti: math.floor(v + 1e-6) for ti, v in share.items()}
+        # Largest remainders take the replicas the floors left out.
+        left = group.total_replicas - sum(whole.values())
+        for ti in sorted(share, key=lambda ti: whole[ti] - share[ti])[: max(left, 0)]:
+            whole[ti] += 1
+        assignment.update({(ci, ti): n for ti, n in whole.items() if n})
+    return assignment
+
+
+class _WholeInstanceBound:
+    """The volume model with whole instances but fractional replicas, a mixed-integer program
+    with one integer per type, solved by SCIP on a thread of its own beside the search. Its
+    bound beats the volume model's LP, which CP-SAT rarely lifts: a fractional instance of a
+    dear type is most of the gap at fleet scale. Without SCIP it adds nothing."""
+
+    def __init__(self, types: list[_Type], classes: list[_Class], time_limit_s: float) -> None:
+        self._thread: threading.Thread | None = None
+        self._bound = 0.0
+        # Devices a little larger than they are, so that SCIP's feasibility tolerance cannot
+        # let a solution (and so the bound) use less than a whole instance more.
+        self._solver = _volume_mip(types, classes, -1e-5)[0] if time_limit_s > 0 else None
+        if self._solver is None:
+            return
+        self._solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+        self._thread = threading.Thread(target=self._run, name="whole-instance-bound", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        status = self._solver.Solve()
+        if status in (
+            pywraplp.Solver.OPTIMAL,
+            pywraplp.Solver.FEASIBLE,
+            pywraplp.Solver.NOT_SOLVED,
+        ):
+            bound = self._solver.Objective().BestBound()
+            if math.isfinite(bound):
+                # Every cost is a whole number of price units: round up to one, after taking
+                # off more than SCIP's optimality tolerance.
+                units = math.ceil(bound * _PRICE_SCALE * (1 - 1e-7) - 1e-6)
+                self._bound = max(0.0, units / _PRICE_SCALE)
+
+    def bound(self) -> float:
+        """The bound, once the solve has ended by itself (0 before)."""
+        return self._bound
+
+    def result(self) -> float:
+        """Stop the solve and return the best bound it proved."""
+        if self._thread is None:
+            return 0.0
+        self._solver.InterruptSolve()
+        self._thread.join()
+        return self._bound
 
 
 def _quota_message(types: list[_Type], classes: list[_Class]) -> str:
@@ -758,6 +929,10 @@ _NEIGHBOURHOOD_SECONDS = 1.0
 _STALE_ROUNDS = 25
 # Unused types offered to each neighbourhood, cheapest first.
 _FRESH_TYPES = 4
+# Seconds for a neighbourhood of every instance of one processor kind, and the most
+# instances it takes.
+_GROUP_SECONDS = 3.0
+_GROUP_MAX = 30
 
 
 def _neighbourhood_search(
@@ -766,11 +941,13 @@ def _neighbourhood_search(
     instances: list[_Instance],
     deadline: float,
     workers: int,
-    lower_bound: float = 0.0,
+    lower_bound: Callable[[], float] = lambda: 0.0,
 ) -> list[_Instance]:
     """Large-neighbourhood search: free the replicas of a few instances (one chosen for its
     spare room and price, the rest at random) and re-pack them exactly on any mix of types;
     keep the result when it is cheaper, until the deadline or the lower bound is reached.
+    When small neighbourhoods stop paying, every instance of one processor kind is re-packed
+    at once (the CPU instances, say, when only a new mix of CPU sizes saves).
     With several workers, disjoint neighbourhoods are solved at once (each CP-SAT call on one
     thread); quotas make it sequential, since two neighbourhoods could each open the last
     instance a quota allows."""
@@ -782,10 +959,15 @@ def _neighbourhood_search(
     stale = 0
     with ThreadPoolExecutor(parallel) as pool:
         while deadline - time.perf_counter() > 0.1 and len(current) > 1:
-            if sum(i.type.price for i in current) <= lower_bound + 1e-6:
+            if sum(i.type.price for i in current) <= lower_bound() + 1e-6:
                 break  # proven optimal
             widen = min(stale // _STALE_ROUNDS, 3)
-            picks = _pick_neighbourhoods(current, parallel, rng, 2 * widen)
+            seconds = _NEIGHBOURHOOD_SECONDS * (1 + widen)
+            if stale and stale % _STALE_ROUNDS == 0:
+                picks = _processor_groups(current, parallel, stale // _STALE_ROUNDS)
+                seconds = _GROUP_SECONDS
+            else:
+                picks = _pick_neighbourhoods(current, parallel, rng, 2 * widen)
             counts: dict[int, int] = {}
             for instance in current:
                 counts[instance.type.index] = counts.get(instance.type.index, 0) + 1
@@ -795,7 +977,7 @@ def _neighbourhood_search(
                 outside = dict(counts)
                 for instance in chosen:
                     outside[instance.type.index] -= 1
-                limit = min(_NEIGHBOURHOOD_SECONDS * (1 + widen), deadline - time.perf_counter())
+                limit = min(seconds, deadline - time.perf_counter())
                 jobs.append(pool.submit(_repack_instances, types, classes, chosen, outside, limit))
             removed: set[int] = set()
             added: list[_Instance] = []
@@ -832,6 +1014,22 @@ def _pick_neighbourhoods(
         taken.update(pick)
         picks.append(pick)
     return picks
+
+
+def _processor_groups(instances: list[_Instance], how_many: int, turn: int) -> list[list[int]]:
+    """Every instance of one processor kind per neighbourhood, a different kind each turn."""
+    by_processor: dict[str, list[int]] = {}
+    for i, instance in enumerate(instances):
+        by_processor.setdefault(instance.type.spec.processor, []).append(i)
+    # The emptiest of a large kind, so the exact re-pack stays quick.
+    groups = [
+        sorted(g, key=lambda i: _use(instances[i]))[:_GROUP_MAX]
+        for _, g in sorted(by_processor.items())
+        if len(g) > 1
+    ]
+    if not groups:
+        return []
+    return [groups[(turn + k) % len(groups)] for k in range(min(how_many, len(groups)))]
 
 
 def _use(instance: _Instance) -> float:

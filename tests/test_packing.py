@@ -173,6 +173,33 @@ def test_lower_bound_never_exceeds_the_optimum() -> None:
         assert plan.lower_bound_cost_per_hour <= brute_force_cost(problem) + 1e-6
 
 
+def _whole_instance_bound(problem: Problem) -> float:
+    """The whole-instance bound once SCIP has finished by itself."""
+    import time
+
+    from packing import solver
+
+    kinds = solver._types(problem)
+    classes = solver._classes(problem, kinds)
+    solver._check_feasible(problem, kinds, classes)
+    whole = solver._WholeInstanceBound(kinds, classes, 10.0)
+    give_up = time.perf_counter() + 10.0
+    while whole.bound() == 0 and time.perf_counter() < give_up:
+        time.sleep(0.01)
+    return whole.result()
+
+
+def test_whole_instance_bound_lies_between_the_lp_and_the_optimum() -> None:
+    # Seven 3 GiB models on 8 GiB devices at $1: the volume LP needs 21/8 = 2.625 devices,
+    # whole instances 3, and only two fit a device, so the optimum is 4.
+    problem = problem_of([model(f"m{i}", 3.0) for i in range(7)], [instance_type("g.x", 1.0)])
+    assert _whole_instance_bound(problem) == pytest.approx(3.0)
+    assert brute_force_cost(problem) == pytest.approx(4.0)
+    for seed in range(12, 20):
+        problem = random_problem(seed)
+        assert _whole_instance_bound(problem) <= brute_force_cost(problem) + 1e-6
+
+
 def test_replicas_land_on_distinct_instances() -> None:
     problem = problem_of(
         [model("a", 1, replicas=3), model("b", 1, replicas=2)], [instance_type("g.x", 1.0, 4)]
