@@ -169,7 +169,7 @@ def solve(
             f"no plan within limits.instance_quotas was found in the time limit "
             f"({', '.join(broken)}); raise the time limit or the quotas"
         )
-    cost = sum(i.type.price for i in instances)
+    cost = _cost(instances)
     lower_bound = min(lower_bound, cost)
     gap = (cost - lower_bound) / cost if cost > 0 else 0.0
     return _plan(
@@ -204,9 +204,7 @@ def _search(
         (deadline - time.perf_counter()) * (0.5 if exact else _AGGREGATED_SHARE),
         workers,
     )
-    instances = _downsize(
-        _evacuate(_realise(types, classes, assignment), classes, deadline), types, classes
-    )
+    instances = _realised(types, classes, assignment, deadline)
     if not exact:
         # Other starts: the volume model with whole instances, solved by SCIP with a little of
         # every device held back so its replicas fit whole devices (how much is best varies,
@@ -217,11 +215,7 @@ def _search(
                 break
             assignment = _mip_start(types, classes, each, slack)
             if assignment is not None:
-                found = _downsize(
-                    _evacuate(_realise(types, classes, assignment), classes, deadline),
-                    types,
-                    classes,
-                )
+                found = _realised(types, classes, assignment, deadline)
                 # A start past a quota only replaces one that is past a quota too.
                 if not _over_quota(found) and (
                     _over_quota(instances) or _cost(found) < _cost(instances)
@@ -464,7 +458,9 @@ def _volume_rows(t: _Type, classes: list[_Class]) -> list[tuple[dict[int, float]
         for ci, g in on_type
     }
     for dim in (0, 1):
-        rows.append(({ci: share[dim] for ci, share in shares.items() if share[dim]}, t.devices))
+        volume = {ci: share[dim] for ci, share in shares.items() if share[dim]}
+        if volume:
+            rows.append((volume, t.devices))
         big = {ci: 1.0 for ci, share in shares.items() if share[dim] > 0.5 * (1 + _EPS)}
         if big:
             rows.append((big, t.devices))
@@ -675,6 +671,17 @@ def _realise(
             packed, _ = _pack_type(ranked[0], classes, {ci: left})
             instances.extend(packed)
     return instances
+
+
+def _realised(
+    types: list[_Type],
+    classes: list[_Class],
+    assignment: dict[tuple[int, int], int],
+    deadline: float,
+) -> list[_Instance]:
+    """A start from a volume solution: realised, then emptied and downsized where it can be."""
+    instances = _evacuate(_realise(types, classes, assignment), classes, deadline)
+    return _downsize(instances, types, classes)
 
 
 def _over_quota(instances: list[_Instance]) -> list[str]:
@@ -959,7 +966,7 @@ def _neighbourhood_search(
     stale = 0
     with ThreadPoolExecutor(parallel) as pool:
         while deadline - time.perf_counter() > 0.1 and len(current) > 1:
-            if sum(i.type.price for i in current) <= lower_bound() + 1e-6:
+            if _cost(current) <= lower_bound() + 1e-6:
                 break  # proven optimal
             widen = min(stale // _STALE_ROUNDS, 3)
             seconds = _NEIGHBOURHOOD_SECONDS * (1 + widen)
@@ -1144,7 +1151,7 @@ def _solve_devices(
         for i in found
         for d in i.devices
     )
-    dearer = sum(i.type.price for i in found) > sum(i.type.price for i in start) + _EPS
+    dearer = _cost(found) > _cost(start) + _EPS
     if overfull or (dearer and not _over_quota(start)):
         return start, bound
     return [i for i in found if not i.empty], bound
