@@ -63,12 +63,17 @@ _PRICE_SCALE = 100_000
 # Exact device-level search only when the boolean matrix stays this small.
 _EXACT_MAX_BOOLEANS = 20_000
 _EPS = 1e-9
-# Shares of the time limit for CP-SAT's volume model and the whole-instance starts (past the
-# exact search's size), and the shares of every device those starts hold back so that their
-# replicas fit whole devices (each was the best on some benchmark fleet).
-_AGGREGATED_SHARE = 0.15
-_START_SHARE = 0.3
+# Past the exact search's size, shares of the time left: CP-SAT's volume model; the
+# whole-instance start filled onto its own instances (of which SCIP's solve takes
+# _FILL_MIP_SHARE); and the starts that hold back _START_SLACKS of every device so that their
+# replicas fit whole devices (each share was the best on some benchmark fleet).
+_AGGREGATED_SHARE = 0.1
+_FILL_SHARE = 0.45
+_FILL_MIP_SHARE = 0.6
+_START_SHARE = 0.2
 _START_SLACKS = (0.01, 0.02, 0.03)
+# Seconds for each device's knapsack when a whole-instance solution is filled device by device.
+_KNAPSACK_SECONDS = 0.1
 
 
 def _cost(instances: list[_Instance]) -> float:
@@ -206,16 +211,24 @@ def _search(
     )
     instances = _realised(types, classes, assignment, deadline)
     if not exact:
-        # Other starts: the volume model with whole instances, solved by SCIP with a little of
-        # every device held back so its replicas fit whole devices (how much is best varies,
-        # so a few shares are tried); the search goes on from the cheapest start.
-        each = (deadline - time.perf_counter()) * _START_SHARE / len(_START_SLACKS)
-        for slack in _START_SLACKS:
+        # Other starts from the volume model with whole instances, solved by SCIP: its
+        # solution filled onto its own instances, then solutions with a little of every
+        # device held back, realised (the first wins on large fleets, the others where one
+        # fresh instance is a large part of the cost). The search goes on from the cheapest.
+        left = deadline - time.perf_counter()
+        for slack in (0.0, *_START_SLACKS):
             if _cost(instances) <= lower_bound + 1e-6:
                 break
-            assignment = _mip_start(types, classes, each, slack)
-            if assignment is not None:
-                found = _realised(types, classes, assignment, deadline)
+            each = left * (_FILL_SHARE if slack == 0 else _START_SHARE / len(_START_SLACKS))
+            until = time.perf_counter() + each
+            solved = _mip_start(
+                types, classes, each * (_FILL_MIP_SHARE if slack == 0 else 1), slack
+            )
+            if solved is not None:
+                if slack == 0:
+                    found = _filled(types, classes, *solved, until, workers)
+                else:
+                    found = _realised(types, classes, solved[0], deadline)
                 # A start past a quota only replaces one that is past a quota too.
                 if not _over_quota(found) and (
                     _over_quota(instances) or _cost(found) < _cost(instances)
@@ -520,12 +533,17 @@ def _solve_aggregated(
 
 def _volume_mip(
     types: list[_Type], classes: list[_Class], slack: float = 0.0
-) -> tuple[pywraplp.Solver | None, dict[tuple[int, int], pywraplp.Variable]]:
+) -> tuple[
+    pywraplp.Solver | None,
+    dict[tuple[int, int], pywraplp.Variable],
+    dict[int, pywraplp.Variable],
+]:
     """The volume model with whole instances and fractional replicas for SCIP (``None``
-    where SCIP is missing); ``slack`` holds back that share of every device."""
+    where SCIP is missing): the solver, replicas ``x[c, t]`` and instances ``y[t]``;
+    ``slack`` holds back that share of every device."""
     solver = pywraplp.Solver.CreateSolver("SCIP")
     if solver is None:
-        return None, {}
+        return None, {}, {}
     x = {
         (ci, ti): solver.NumVar(0, group.total_replicas, "")
         for ci, group in enumerate(classes)
@@ -533,19 +551,23 @@ def _volume_mip(
     }
     for ci, group in enumerate(classes):
         solver.Add(sum(x[ci, ti] for ti in group.options) == group.total_replicas)
+    y = {t.index: solver.IntVar(0, _instance_bound(t, classes), "") for t in types}
     for t in types:
-        y = solver.IntVar(0, _instance_bound(t, classes), "")
         for coefs, rhs in _volume_rows(t, classes):
-            solver.Add(sum(c * x[ci, t.index] for ci, c in coefs.items()) <= rhs * (1 - slack) * y)
-        solver.Objective().SetCoefficient(y, _scaled_price(t) / _PRICE_SCALE)
+            solver.Add(
+                sum(c * x[ci, t.index] for ci, c in coefs.items()) <= rhs * (1 - slack) * y[t.index]
+            )
+        solver.Objective().SetCoefficient(y[t.index], _scaled_price(t) / _PRICE_SCALE)
     solver.Objective().SetMinimization()
-    return solver, x
+    return solver, x, y
 
 
 def _mip_start(
     types: list[_Type], classes: list[_Class], time_limit_s: float, slack: float
-) -> dict[tuple[int, int], int] | None:
-    solver, x = _volume_mip(types, classes, slack)
+) -> tuple[dict[tuple[int, int], int], dict[int, int]] | None:
+    """SCIP's solution of the whole-instance model: whole replicas per (class, type) and
+    instances per type."""
+    solver, x, y = _volume_mip(types, classes, slack)
     if solver is None:
         return None
     solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
@@ -563,7 +585,8 @@ def _mip_start(
         for ti in sorted(share, key=lambda ti: whole[ti] - share[ti])[: max(left, 0)]:
             whole[ti] += 1
         assignment.update({(ci, ti): n for ti, n in whole.items() if n})
-    return assignment
+    counts = {ti: round(var.solution_value()) for ti, var in y.items()}
+    return assignment, {ti: n for ti, n in counts.items() if n}
 
 
 class _WholeInstanceBound:
@@ -646,9 +669,20 @@ def _realise(
         assigned = sum(n for (c, _), n in assignment.items() if c == ci)
         if assigned < group.total_replicas:
             leftovers[ci] = leftovers.get(ci, 0) + group.total_replicas - assigned
-    # A quota stopped a type from opening the extra instances it needed: place the rest on
-    # the other types the classes can use, cheapest per replica first; past every quota, on
-    # the cheapest type regardless, for the device-level search to repair (it keeps quotas).
+    _place_leftovers(types, classes, instances, leftovers)
+    return instances
+
+
+def _place_leftovers(
+    types: list[_Type],
+    classes: list[_Class],
+    instances: list[_Instance],
+    leftovers: dict[int, int],
+) -> None:
+    """Put replicas no instance of ``instances`` took on new instances appended to it: on
+    the types the classes can use, cheapest per replica first, within quotas; past every
+    quota, on the cheapest type regardless, for the device-level search to repair (it keeps
+    quotas)."""
     for ci, left in leftovers.items():
         group = classes[ci]
         ranked = sorted(
@@ -666,11 +700,9 @@ def _realise(
             instances.extend(packed)
             left = rest.get(ci, 0)
         if left:
-            # Past every quota: on the cheapest type regardless; the device-level search, which
-            # keeps quotas, repairs it (solve() refuses a plan that still breaks one).
+            # solve() refuses a plan that still breaks a quota.
             packed, _ = _pack_type(ranked[0], classes, {ci: left})
             instances.extend(packed)
-    return instances
 
 
 def _realised(
@@ -682,6 +714,208 @@ def _realised(
     """A start from a volume solution: realised, then emptied and downsized where it can be."""
     instances = _evacuate(_realise(types, classes, assignment), classes, deadline)
     return _downsize(instances, types, classes)
+
+
+def _filled(
+    types: list[_Type],
+    classes: list[_Class],
+    assignment: dict[tuple[int, int], int],
+    counts: dict[int, int],
+    deadline: float,
+    workers: int,
+) -> list[_Instance]:
+    """A start that keeps a whole-instance solution's instances (``counts`` per type): each
+    type's replicas packed exactly onto them, the few that whole replicas leave over put in
+    spare room anywhere, and the rest on the cheapest fresh instances.
+
+    The volume model fills its instances to the brim in both resources; the first-fit
+    realisation leaves a percent or so of each over, a dear fresh instance's worth, where
+    the exact fill of a single type leaves a few replicas."""
+    by_type = {t.index: t for t in types}
+    # What a replica left over costs: its share of the cheapest device for it, and, where
+    # the cheapest instance it fits is dearer than the cheapest instance any fits, the
+    # difference, since the leftovers will need a fresh instance of their own.
+    cheapest = min(t.price for t in types)
+    value = {
+        ci: min(
+            by_type[ti].price
+            * max(option[0] / by_type[ti].memory_cap, option[1] / by_type[ti].compute_cap)
+            / by_type[ti].devices
+            for ti, option in group.options.items()
+        )
+        + min(by_type[ti].price for ti in group.options)
+        - cheapest
+        for ci, group in enumerate(classes)
+    }
+    fleet: list[_Instance] = []
+    over: Counter[int] = Counter()
+    per_type = [
+        (by_type[ti], {ci: n for (ci, tj), n in assignment.items() if tj == ti and n})
+        for ti in sorted({ti for _, ti in assignment})
+    ]
+    # Small types first: they settle early and leave their time to the large ones.
+    sizes = {t.index: counts.get(t.index, 0) * t.devices * len(items) for t, items in per_type}
+    per_type.sort(key=lambda item: sizes[item[0].index])
+    for k, (t, items) in enumerate(per_type):
+        started = time.perf_counter()
+        packed, left = _pack_type(t, classes, items, counts.get(t.index, 0))
+        # This type's share of the time, half for each way of filling.
+        later = sum(sizes[u.index] for u, _ in per_type[k:])
+        share = (deadline - time.perf_counter()) * sizes[t.index] / max(later, 1)
+        if counts.get(t.index) and left and share > 0.05:
+            by_knapsacks = _fill_by_knapsacks(
+                t, classes, items, counts[t.index], time.perf_counter() + share / 2
+            )
+            if _worth(by_knapsacks[1], value) < _worth(left, value):
+                packed, left = by_knapsacks
+        if counts.get(t.index) and left and share > 0.05:
+            rest = max(share - (time.perf_counter() - started), 0.05)
+            packed, left = _fill_exactly(
+                t, classes, items, counts[t.index], packed, left, value, rest, workers
+            )
+        fleet.extend(packed)
+        over.update(left)
+    for ci in sorted(over, key=lambda ci: -value[ci]):
+        for instance in fleet:
+            if not over[ci]:
+                break
+            over[ci] -= _place(instance, ci, classes[ci], over[ci])
+    fresh = list(fleet)
+    _place_leftovers(types, classes, fresh, {ci: n for ci, n in over.items() if n})
+    fresh = fresh[len(fleet) :]
+    if fresh:
+        outside = Counter(instance.type.index for instance in fleet)
+        cheaper = _repack_instances(
+            types, classes, fresh, outside, max(deadline - time.perf_counter(), 1.0)
+        )
+        fresh = cheaper if cheaper is not None else fresh
+    return _downsize(_evacuate(fleet + fresh, classes, deadline), types, classes)
+
+
+def _fill_exactly(
+    t: _Type,
+    classes: list[_Class],
+    items: dict[int, int],
+    count: int,
+    start: list[_Instance],
+    start_left: dict[int, int],
+    value: dict[int, float],
+    time_limit_s: float,
+    workers: int,
+) -> tuple[list[_Instance], dict[int, int]]:
+    """``count`` instances of ``t`` packed by CP-SAT from ``start`` (a packing of ``items``
+    that leaves ``start_left`` out) so that the replicas left out are worth the least; the
+    packing and what it leaves out."""
+    model = cp_model.CpModel()
+    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    memory_cap, compute_cap = _exact_capacity(t)
+    for k in range(count):
+        hint = start[k].devices if k < len(start) else [_Device() for _ in range(t.devices)]
+        for d in range(t.devices):
+            terms: tuple[list, list] = ([], [])
+            for ci, n in items.items():
+                var = model.new_int_var(0, min(n, classes[ci].count), "")
+                z[k, d, ci] = var
+                model.add_hint(var, hint[d].load.get(ci, 0))
+                for dim, a in enumerate(_exact_demand(classes[ci].options[t.index])):
+                    if a:
+                        terms[dim].append(a * var)
+            for dim, cap in enumerate((memory_cap, compute_cap)):
+                if terms[dim]:
+                    model.add(sum(terms[dim]) <= cap)
+        if t.devices > 1:
+            for ci in items:
+                model.add(sum(z[k, d, ci] for d in range(t.devices)) <= classes[ci].count)
+    for ci, n in items.items():
+        model.add(sum(v for (_, _, c), v in z.items() if c == ci) <= n)
+    # Value in millionths of a cent per hour: fine enough to rank any two replicas.
+    model.maximize(sum(round(value[ci] * 1e8) * v for (_, _, ci), v in z.items()))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = max(1, workers)
+    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return start, start_left
+    packed = [_Instance(t, [_Device() for _ in range(t.devices)]) for _ in range(count)]
+    left = dict(items)
+    for (k, d, ci), var in z.items():
+        n = solver.value(var)
+        if n:
+            _load(packed[k].devices[d], ci, n, classes[ci].options[t.index])
+            left[ci] -= n
+    left = {ci: n for ci, n in left.items() if n}
+    if _worth(left, value) >= _worth(start_left, value):
+        return start, start_left
+    return [i for i in packed if not i.empty], left
+
+
+def _load(device: _Device, ci: int, n: int, option: tuple[float, float]) -> None:
+    """Put ``n`` replicas of class ``ci`` (each needing ``option``) on a device holding none."""
+    device.load[ci] = n
+    device.memory += n * option[0]
+    device.compute += n * option[1]
+
+
+def _worth(replicas: dict[int, int], value: dict[int, float]) -> float:
+    return sum(n * value[ci] for ci, n in replicas.items())
+
+
+def _fill_by_knapsacks(
+    t: _Type, classes: list[_Class], items: dict[int, int], count: int, deadline: float
+) -> tuple[list[_Instance], dict[int, int]]:
+    """``count`` instances of ``t`` filled one device at a time with the replicas of
+    ``items`` that fill it most (CP-SAT's knapsack), each resource weighted by how much of
+    it is still to place, so the last devices are not left the awkward ones; the packing
+    and what it leaves out."""
+    left = dict(items)
+    packed = []
+    memory_cap, compute_cap = _exact_capacity(t)
+    for k in range(count):
+        instance = _Instance(t, [_Device() for _ in range(t.devices)])
+        for d, device in enumerate(instance.devices):
+            wanted = {
+                ci: room
+                for ci, n in left.items()
+                if (room := min(n, classes[ci].count - instance.count_of(ci))) > 0
+            }
+            if not wanted:
+                break
+            weights = [
+                sum(n * classes[ci].options[t.index][dim] for ci, n in wanted.items()) / cap
+                for dim, cap in enumerate((t.memory_cap, t.compute_cap))
+            ]
+            model = cp_model.CpModel()
+            take = {ci: model.new_int_var(0, n, "") for ci, n in wanted.items()}
+            for dim, cap in enumerate((memory_cap, compute_cap)):
+                demands = {ci: _exact_demand(classes[ci].options[t.index])[dim] for ci in take}
+                model.add(sum(demands[ci] * v for ci, v in take.items()) <= cap)
+            model.maximize(
+                sum(
+                    round(
+                        _SCALE
+                        * (
+                            weights[0] * classes[ci].options[t.index][0] / t.memory_cap
+                            + weights[1] * classes[ci].options[t.index][1] / t.compute_cap
+                        )
+                    )
+                    * v
+                    for ci, v in take.items()
+                )
+            )
+            solver = cp_model.CpSolver()
+            devices_left = (count - k) * t.devices - d
+            solver.parameters.max_time_in_seconds = max(
+                min(_KNAPSACK_SECONDS, (deadline - time.perf_counter()) / devices_left), 0.01
+            )
+            solver.parameters.num_workers = 1
+            if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                continue
+            for ci, var in take.items():
+                n = solver.value(var)
+                if n:
+                    _load(device, ci, n, classes[ci].options[t.index])
+                    left[ci] -= n
+        packed.append(instance)
+    return [i for i in packed if not i.empty], {ci: n for ci, n in left.items() if n}
 
 
 def _over_quota(instances: list[_Instance]) -> list[str]:
@@ -1077,14 +1311,7 @@ def _repack_instances(
         slots.extend((t, j) for j in range(room))
 
     model, used, z = _slot_model(
-        slots,
-        classes,
-        need,
-        lambda t, option: (math.ceil(option[0]), math.ceil(option[1] * _COMPUTE_SCALE)),
-        lambda t: (
-            math.floor(t.memory_cap * (1 + _EPS)),
-            math.floor(t.compute_cap * (1 + _EPS) * _COMPUTE_SCALE),
-        ),
+        slots, classes, need, lambda t, option: _exact_demand(option), _exact_capacity
     )
     _hint_slots(model, slots, used, z, chosen)
 
@@ -1098,6 +1325,19 @@ def _repack_instances(
         return None
     found = _read_slots(solver, slots, used, z, classes)
     return [i for i in found if not i.empty]
+
+
+def _exact_demand(option: tuple[float, float]) -> tuple[int, int]:
+    """A replica's memory in bytes and compute in parts per billion, rounded up, so what
+    CP-SAT accepts under ``_exact_capacity`` fits exactly."""
+    return math.ceil(option[0]), math.ceil(option[1] * _COMPUTE_SCALE)
+
+
+def _exact_capacity(t: _Type) -> tuple[int, int]:
+    return (
+        math.floor(t.memory_cap * (1 + _EPS)),
+        math.floor(t.compute_cap * (1 + _EPS) * _COMPUTE_SCALE),
+    )
 
 
 # ------------------------------------------------------------------------------- exact
@@ -1244,11 +1484,7 @@ def _read_slots(
     for (k, d, ci), var in z.items():
         n = solver.value(var)
         if n and k in by_slot:
-            memory, compute = classes[ci].options[slots[k][0].index]
-            device = by_slot[k].devices[d]
-            device.load[ci] = n
-            device.memory += n * memory
-            device.compute += n * compute
+            _load(by_slot[k].devices[d], ci, n, classes[ci].options[slots[k][0].index])
     return list(by_slot.values())
 
 

@@ -519,3 +519,71 @@ def test_neighbourhood_search_only_lowers_cost_and_keeps_every_limit(quota) -> N
     assert after <= 8.0, after
     if quota:
         assert sum(1 for i in result if i.type.name == "small.x") <= quota
+
+
+def test_exact_fill_packs_what_a_poor_start_left_over() -> None:
+    """Two 10 GiB devices for 6 + 4 and 5 + 5 GiB: a start that put 6 and 5 GiB apart leaves
+    two models over; the exact fill places all four and keeps every limit."""
+    from packing import solver
+
+    models = [model("six", 6), model("five-a", 5), model("five-b", 5), model("four", 4)]
+    problem = problem_of(models, [instance_type("g.x", 1.0, memory_gib=10)])
+    kinds, classes, _ = _scattered_start(problem)
+    (t,) = kinds
+    items = {ci: group.total_replicas for ci, group in enumerate(classes)}
+    size = {ci: group.options[t.index][0] for ci, group in enumerate(classes)}
+    by_size = {round(size[ci] / GIB): ci for ci in items}
+    start = [
+        solver._Instance(t, [solver._Device(size[by_size[n]], 0.0, {by_size[n]: 1})])
+        for n in (6, 5)
+    ]
+    start_left = {by_size[5]: 1, by_size[4]: 1}
+    value = {ci: size[ci] / GIB for ci in items}
+    packed, left = solver._fill_exactly(
+        t, classes, items, 2, start, start_left, value, time_limit_s=5.0, workers=1
+    )
+    assert left == {}
+    assert _as_checked_plan(problem, classes, packed) == pytest.approx(2.0)
+
+
+def test_filled_start_places_every_replica_within_every_limit() -> None:
+    """The whole-instance solution filled onto its own instances, leftovers on fresh ones:
+    a valid plan on a mixed fleet of two processor kinds, no dearer than the realisation."""
+    import time
+
+    from packing import solver
+
+    rng = random.Random(3)
+    models = []
+    for i in range(120):
+        memory = rng.choice([0.3, 0.9, 1.7])
+        compute = rng.choice([0.02, 0.1, 0.3])
+        models.append(
+            ProblemModel(
+                id=f"m{i:03d}",
+                traffic_rps=compute * 100,
+                replicas=2,
+                profiles=[
+                    Profile(processor=kind, memory_bytes=int(gib * GIB), seconds_per_request=s)
+                    for kind, gib, s in (("gpu", memory, 0.01), ("cpu", memory * 1.5, 0.1))
+                ],
+            )
+        )
+    types = [
+        instance_type("g.x", 1.0, 1, 16),
+        instance_type("g.4x", 3.6, 4, 16),
+        instance_type("c.x", 0.2, 1, 8, processor="cpu"),
+        instance_type("c.2x", 0.4, 1, 16, processor="cpu"),
+    ]
+    problem = problem_of(models, types, {"g.x": 6})
+    kinds = solver._types(problem)
+    classes = solver._classes(problem, kinds)
+    solver._check_feasible(problem, kinds, classes)
+    solved = solver._mip_start(kinds, classes, 5.0, 0.0)
+    assert solved is not None
+    assignment, counts = solved
+    filled = solver._filled(kinds, classes, assignment, counts, time.perf_counter() + 5.0, 1)
+    cost = _as_checked_plan(problem, classes, filled)
+    assert sum(1 for i in filled if i.type.name == "g.x") <= 6
+    realised = solver._realised(kinds, classes, assignment, time.perf_counter() + 5.0)
+    assert cost <= _as_checked_plan(problem, classes, realised) + 1e-9
