@@ -24,8 +24,11 @@ more things:
    fractional replicas: one integer per type, so SCIP's branch and bound gets far in seconds,
    on a thread beside the search. A fractional instance of a dear type is most of the LP's
    gap at fleet scale, so this bound is the one reported when it is higher.
-5. **Starts and neighbourhood search.** The same model with 1-3% of every device held back
-   gives starts whose replicas fit whole devices; the cheapest start (these or the CP-SAT
+5. **Starts and neighbourhood search.** SCIP's solution of the same model keeps its
+   instances: each type's replicas are packed onto them exactly (device by device as
+   knapsacks, then by CP-SAT as a whole), and the few replicas whole devices leave over go to
+   spare room or the cheapest fresh instances. The same model with 1-3% of every device held
+   back gives other starts, realised first-fit. The cheapest start (these or the CP-SAT
    realisation) goes through a large-neighbourhood search: a few instances at a time, or every
    instance of one processor kind, are emptied and re-packed exactly on any mix of types.
 """
