@@ -809,28 +809,13 @@ def _fill_exactly(
     """``count`` instances of ``t`` packed by CP-SAT from ``start`` (a packing of ``items``
     that leaves ``start_left`` out) so that the replicas left out are worth the least; the
     packing and what it leaves out."""
-    model = cp_model.CpModel()
-    z: dict[tuple[int, int, int], cp_model.IntVar] = {}
-    memory_cap, compute_cap = _exact_capacity(t)
-    for k in range(count):
-        hint = start[k].devices if k < len(start) else [_Device() for _ in range(t.devices)]
-        for d in range(t.devices):
-            terms: tuple[list, list] = ([], [])
-            for ci, n in items.items():
-                var = model.new_int_var(0, min(n, classes[ci].count), "")
-                z[k, d, ci] = var
-                model.add_hint(var, hint[d].load.get(ci, 0))
-                for dim, a in enumerate(_exact_demand(classes[ci].options[t.index])):
-                    if a:
-                        terms[dim].append(a * var)
-            for dim, cap in enumerate((memory_cap, compute_cap)):
-                if terms[dim]:
-                    model.add(sum(terms[dim]) <= cap)
-        if t.devices > 1:
-            for ci in items:
-                model.add(sum(z[k, d, ci] for d in range(t.devices)) <= classes[ci].count)
-    for ci, n in items.items():
-        model.add(sum(v for (_, _, c), v in z.items() if c == ci) <= n)
+    slots = [(t, j) for j in range(count)]
+    model, used, z = _slot_model(
+        slots, classes, items, lambda t, option: _exact_demand(option), _exact_capacity, False
+    )
+    for var in used:
+        model.add(var == 1)
+    _hint_slots(model, slots, used, z, start)
     # Value in millionths of a cent per hour: fine enough to rank any two replicas.
     model.maximize(sum(round(value[ci] * 1e8) * v for (_, _, ci), v in z.items()))
     solver = cp_model.CpSolver()
@@ -838,17 +823,15 @@ def _fill_exactly(
     solver.parameters.num_workers = max(1, workers)
     if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return start, start_left
-    packed = [_Instance(t, [_Device() for _ in range(t.devices)]) for _ in range(count)]
-    left = dict(items)
-    for (k, d, ci), var in z.items():
-        n = solver.value(var)
-        if n:
-            _load(packed[k].devices[d], ci, n, classes[ci].options[t.index])
-            left[ci] -= n
+    packed = [i for i in _read_slots(solver, slots, used, z, classes) if not i.empty]
+    left = Counter(items)
+    for instance in packed:
+        for device in instance.devices:
+            left.subtract(device.load)
     left = {ci: n for ci, n in left.items() if n}
     if _worth(left, value) >= _worth(start_left, value):
         return start, start_left
-    return [i for i in packed if not i.empty], left
+    return packed, left
 
 
 def _load(device: _Device, ci: int, n: int, option: tuple[float, float]) -> None:
@@ -1406,9 +1389,11 @@ def _slot_model(
     need: dict[int, int],
     demand: Callable[[_Type, tuple[float, float]], tuple[int, int]],
     capacity: Callable[[_Type], tuple[int, int]],
+    place_all: bool = True,
 ) -> tuple[cp_model.CpModel, list[cp_model.IntVar], dict[tuple[int, int, int], cp_model.IntVar]]:
     """CP-SAT over candidate instances ``slots`` (type, j-th of that type): ``need[c]``
-    replicas of each class on the devices of used slots, at the lowest price. Class counts
+    replicas of each class (at most that, without ``place_all``) on the devices of used
+    slots, at the lowest price (a caller may set another objective). Class counts
     stand in for models: at most a class's model count per instance, which the dealing
     honours. ``demand`` and ``capacity`` give a replica's and a device's (memory, compute) as
     integers, rounded as the caller needs. Returns the model, ``used[k]`` and
@@ -1439,7 +1424,8 @@ def _slot_model(
             if on_instance:
                 model.add(sum(on_instance) <= classes[ci].count * used[k])
     for ci, n in need.items():
-        model.add(sum(v for (_, _, c), v in z.items() if c == ci) == n)
+        placed = sum(v for (_, _, c), v in z.items() if c == ci)
+        model.add(placed == n if place_all else placed <= n)
     model.minimize(sum(_scaled_price(t) * used[k] for k, (t, _) in enumerate(slots)))
     return model, used, z
 
