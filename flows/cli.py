@@ -282,50 +282,161 @@ def serve(
 
 
 @app.command()
+def build(
+    processor: Annotated[
+        list[str] | None, typer.Option(help="cpu | gpu | inf (repeat; default: all three)")
+    ] = None,
+    push: Annotated[
+        str | None, typer.Option(help="registry to push to (an ECR host logs in through boto3)")
+    ] = None,
+    base_image: Annotated[str | None, typer.Option(help="base image (build argument)")] = None,
+) -> None:
+    """Build the server image of each processor with docker or podman; push with --push."""
+    from serving.runtimes.images import build_image, container_engine, push_image
+
+    engine = container_engine()
+    if engine is None:
+        _fail("no container engine answers (docker info and podman info both failed)")
+    table = Table(title=f"images ({engine})")
+    for column in ("processor", "image", "digest", "pushed", "seconds"):
+        table.add_column(column)
+    for name in processor or ["cpu", "gpu", "inf"]:
+        with console.status(f"building the {name} image"):
+            result = build_image(name, registry=push, base_image=base_image, engine=engine)
+            if push:
+                result = push_image(result, push)
+        table.add_row(
+            name, result.image, result.digest[:19], str(result.pushed), f"{result.seconds:.0f}"
+        )
+    console.print(table)
+
+
+@app.command()
 def deploy(
     plan: Annotated[Path, typer.Option(help="plan.json")],
     runtime: Annotated[str, typer.Option(help="local | docker | kubernetes")] = "local",
     store: StoreOption = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    engine: Annotated[
+        str | None, typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8")
+    ] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(help="PROCESSOR=IMAGE for docker and kubernetes (default: the built tag)"),
+    ] = None,
+    render_only: Annotated[
+        bool, typer.Option(help="kubernetes: write the manifests, apply nothing")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="with --render-only: directory (default infra/k8s/<plan>)")
+    ] = None,
 ) -> None:
     """Start the servers of a plan and wait until every model is loaded."""
     from tasks.deploy import deploy as deploy_plan
 
+    images = _images(image)
+    if render_only:
+        from serving.runtimes.kubernetes import write_manifests
+
+        from packing.contracts import Plan
+        from packing.io import load
+        from serving.runtimes import DeployOptions
+
+        if runtime != "kubernetes":
+            _fail("--render-only renders Kubernetes manifests: use it with --runtime kubernetes")
+        plan_spec = load(plan, Plan)
+        target = out or Path("infra/k8s") / plan_spec.plan_id
+        options = DeployOptions(name=name, store_uri=store, engine=engine, images=images)
+        paths = write_manifests(plan_spec, target, options=options)
+        console.print(f"{len(paths)} files in {target}: kubectl apply --server-side -k {target}")
+        return
     with console.status(f"starting servers of {plan}"):
-        deployment = deploy_plan(plan, store, runtime, name)
-    table = Table(title=f"deployment {name} ({runtime})")
+        deployment = deploy_plan(plan, store, runtime, name, engine, images)
+    _print_deployment(deployment)
+    console.print(f"stop them with: myriad teardown --name {name}")
+
+
+def _images(pairs: list[str] | None) -> dict[str, str]:
+    images = {}
+    for pair in pairs or []:
+        processor, sep, tag = pair.partition("=")
+        if not sep or processor not in ("cpu", "gpu", "inf") or not tag:
+            _fail(f"--image {pair!r}: give PROCESSOR=IMAGE with processor cpu, gpu or inf")
+        images[processor] = tag
+    return images
+
+
+def _print_deployment(deployment) -> None:
+    table = Table(title=f"deployment {deployment.name} ({deployment.runtime})")
     table.add_column("server")
     table.add_column("address")
     for server_id, url in deployment.servers.items():
         table.add_row(server_id, url)
     console.print(table)
-    console.print(f"stop them with: myriad teardown --name {name}")
+
+
+@app.command()
+def redeploy(
+    plan: Annotated[Path, typer.Option(help="the new plan.json")],
+    store: StoreOption = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    engine: Annotated[
+        str | None, typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8")
+    ] = None,
+    image: Annotated[list[str] | None, typer.Option(help="PROCESSOR=IMAGE")] = None,
+) -> None:
+    """Move a running deployment to a new plan: only changed servers are replaced, each new
+    one ready before the old one stops."""
+    from tasks.deploy import redeploy as redeploy_plan
+
+    with console.status(f"moving {name} to {plan}"):
+        result = redeploy_plan(plan, store, name, engine, _images(image))
+    _print_deployment(result.deployment)
+    console.print(
+        f"kept {len(result.kept)}, started {len(result.started)}, stopped {len(result.stopped)}"
+    )
+
+
+@app.command()
+def status(name: Annotated[str, typer.Option(help="deployment name")] = "local") -> None:
+    """Each server of a deployment: its address and state (ready, loading, failed, down)."""
+    from serving.runtimes import get_runtime, read_deployment
+
+    deployment = read_deployment(name)
+    table = Table(title=f"deployment {name} ({deployment.runtime}, plan {deployment.plan_id})")
+    for column in ("server", "address", "state", "detail"):
+        table.add_column(column)
+    for server in get_runtime(deployment.runtime).status(deployment):
+        table.add_row(server.server_id, server.url, server.state, server.detail)
+    console.print(table)
 
 
 @app.command()
 def teardown(name: Annotated[str, typer.Option(help="deployment name")] = "local") -> None:
-    """Stop the servers of a deployment."""
-    from tasks.deploy import teardown_local
+    """Stop the servers of a deployment (and remove what its runtime made)."""
+    from tasks.deploy import teardown as teardown_deployment
 
-    stopped = teardown_local(name)
+    stopped = teardown_deployment(name)
     console.print(f"stopped {len(stopped)} servers of {name}")
 
 
 @app.command()
 def gateway(
-    plan: Annotated[Path, typer.Option(help="plan.json of the deployment")],
     name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    plan: Annotated[
+        Path | None, typer.Option(help="plan.json (default: the deployment's own)")
+    ] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
 ) -> None:
-    """One HTTP address for a deployment: routes each model to a server that holds it."""
-    from packing.contracts import Plan
-    from packing.io import load
+    """One HTTP address for a deployment: routes each model to a server that holds it, and
+    follows redeploys."""
     from serving.gateway import serve_gateway
-    from tasks.deploy import read_deployment
+    from serving.runtimes import deployment_path, read_deployment
 
+    read_deployment(name)  # a clear error when there is none
     console.print(f"gateway for {name} on http://{host}:{port}")
-    serve_gateway(load(plan, Plan), read_deployment(name), host, port)
+    serve_gateway(deployment_path(name), host, port, plan)
 
 
 @app.command()
@@ -357,7 +468,7 @@ def loadtest(
 
     from packing.contracts import Plan
     from packing.io import load
-    from tasks.deploy import read_deployment
+    from serving.runtimes import read_deployment
     from tasks.loadtest import LoadSettings, run_load_test
     from tasks.report import summarize, write_report
 

@@ -67,7 +67,8 @@ def pipeline(
         packed["plan"]["cost_per_hour"],
         packed["plan"]["lower_bound_cost_per_hour"],
     )
-    deployment = deploy_servers(plan_json, store, runtime, deployment_name, engine)
+    images = {b["processor"]: b["image"] for b in builds if b.get("image")}
+    deployment = deploy_servers(plan_json, store, runtime, deployment_name, engine, images)
     try:
         settings = {"duration_s": duration_s, "concurrency": concurrency, "zipf": zipf}
         if load_modes:

@@ -15,13 +15,20 @@ from packing.contracts import Plan
 class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Where the servers of a plan answer: one base URL per plan server id."""
 
-    schema_version: int = 1
+    schema_version: int = 2
     name: str
     plan_id: str
     runtime: str
     servers: dict[str, str]
-    # Local runtime: process ids, so teardown can stop exactly what deploy started.
-    pids: dict[str, int] = {}
+    # What the runtime started per server, so teardown stops exactly that: a supervisor's
+    # process id (local), a container name (docker), a Kubernetes Deployment (kubernetes).
+    handles: dict[str, str] = {}
+    # Content hash per server (serving.runtimes.base.server_fingerprint): a redeploy keeps a
+    # running server whose fingerprint the new plan has too.
+    fingerprints: dict[str, str] = {}
+    # The plan file the servers were started from, so a gateway can follow a redeploy.
+    plan_path: str | None = None
+    namespace: str | None = None
 
 
 class RoutingError(RuntimeError):

@@ -5,15 +5,21 @@ and query as they came, to a replica that holds the model (in random order), mov
 next replica on a connection error or a 502/503/504; the answer of the first replica that
 answers otherwise is passed back unchanged. Unknown models get 404 without a hop.
 
-    myriad gateway --plan plan.json --name local --port 8000
-    python -m serving.gateway --plan plan.json --deployment .myriad/deployments/local.json
+    myriad gateway --name local --port 8000
+    python -m serving.gateway --deployment .myriad/deployments/local.json
+
+The gateway re-reads the deployment's record when a redeploy rewrites it, so requests follow
+the servers of the new plan without a restart.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import random
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -28,17 +34,22 @@ from litestar.plugins.problem_details import (
 from litestar.response import Response
 
 from packing.contracts import Plan
+from packing.io import ContractError, load
 from serving.client import RETRYABLE_STATUS, Deployment, Router, RoutingError
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
 FORWARDED_HEADERS = ("content-type", "authorization")
 
 
-async def _forward(request: Request, state: State, model_id: str, path: str) -> Response:
+async def _forward(
+    request: Request, state: State, model_id: str, path: str, retry_on_new_routes: bool = True
+) -> Response:
     router: Router = state.router
     try:
         urls = list(router.urls_for(model_id))
     except RoutingError:
+        if retry_on_new_routes and state.watcher is not None and state.watcher.refresh():
+            return await _forward(request, state, model_id, path, retry_on_new_routes=False)
         raise ProblemDetailsException(
             status_code=404,
             title="Model not found",
@@ -64,6 +75,9 @@ async def _forward(request: Request, state: State, model_id: str, path: str) -> 
             status_code=answer.status_code,
             media_type=answer.headers.get("content-type", "application/json"),
         )
+    if retry_on_new_routes and state.watcher is not None and state.watcher.refresh():
+        # The record moved on under us (a redeploy): try the new plan's replicas once.
+        return await _forward(request, state, model_id, path, retry_on_new_routes=False)
     raise ProblemDetailsException(
         status_code=503,
         title="No replica answered",
@@ -103,20 +117,72 @@ async def ready(state: State) -> Response[dict]:
     return Response(body, status_code=200 if not down else 503)
 
 
-def create_gateway(plan: Plan, deployment: Deployment, timeout_s: float = 30.0) -> Litestar:
-    router = Router(plan, deployment)
+class RecordWatcher:
+    """Follows a deployment's record file: when a redeploy rewrites it, the routes switch to
+    the new plan's servers before the runtime stops the old ones (it waits for that)."""
+
+    interval_s = 0.5
+
+    def __init__(self, path: Path, state: State) -> None:
+        self.path = path
+        self.state = state
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> int:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def refresh(self) -> bool:
+        """Re-read the record (and its plan) if it changed; True when the routes changed."""
+        mtime = self._mtime()
+        if mtime == self.mtime:
+            return False
+        try:
+            deployment = load(self.path, Deployment)
+            if deployment.plan_path is None:
+                return False
+            self.state.router = Router(load(deployment.plan_path, Plan), deployment)
+        except (ContractError, OSError, RoutingError) as exc:
+            # Half a redeploy (or a record being replaced): keep the routes that work.
+            logging.getLogger(__name__).warning("deployment record not reloaded: %s", exc)
+            return False
+        self.mtime = mtime
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.refresh()
+
+
+def create_gateway(
+    plan: Plan,
+    deployment: Deployment,
+    timeout_s: float = 30.0,
+    record: Path | None = None,
+) -> Litestar:
+    """``record``: the deployment's record file, re-read when a redeploy rewrites it."""
+    state = State({"router": Router(plan, deployment), "watcher": None})
+    if record is not None:
+        state.watcher = RecordWatcher(record, state)
 
     def open_client(app: Litestar) -> None:
         app.state.http = httpx.AsyncClient(
             timeout=timeout_s, limits=httpx.Limits(max_keepalive_connections=64)
         )
+        if app.state.watcher is not None:
+            app.state.watch_task = asyncio.get_running_loop().create_task(app.state.watcher.run())
 
     async def close_client(app: Litestar) -> None:
+        if app.state.watcher is not None:
+            app.state.watch_task.cancel()
         await app.state.http.aclose()
 
     return Litestar(
         route_handlers=[predict, infer, live, ready],
-        state=State({"router": router}),
+        state=state,
         on_startup=[open_client],
         on_shutdown=[close_client],
         plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(enable_for_all_http_exceptions=True))],
@@ -125,25 +191,28 @@ def create_gateway(plan: Plan, deployment: Deployment, timeout_s: float = 30.0) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from packing.io import load
-
     parser = argparse.ArgumentParser(prog="python -m serving.gateway", description=__doc__)
-    parser.add_argument("--plan", required=True, help="plan.json of the deployment")
     parser.add_argument("--deployment", required=True, help="the deployment's JSON file")
+    parser.add_argument("--plan", help="plan.json (default: the one the record names)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    serve_gateway(load(args.plan, Plan), load(args.deployment, Deployment), args.host, args.port)
+    serve_gateway(
+        Path(args.deployment), args.host, args.port, Path(args.plan) if args.plan else None
+    )
 
 
-def serve_gateway(plan: Plan, deployment: Deployment, host: str, port: int) -> None:
-    import logging
-
+def serve_gateway(record: Path, host: str, port: int, plan_path: Path | None = None) -> None:
+    """Serve a gateway for the deployment whose record is ``record``; it follows redeploys."""
     import uvicorn
 
+    deployment = load(record, Deployment)
+    plan_path = plan_path or (Path(deployment.plan_path) if deployment.plan_path else None)
+    if plan_path is None:
+        raise RoutingError(f"{record}: the record names no plan; give the plan file")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per forwarded request
     uvicorn.run(
-        create_gateway(plan, deployment),
+        create_gateway(load(plan_path, Plan), deployment, record=record),
         host=host,
         port=port,
         log_level=os.environ.get("MYRIAD_LOG_LEVEL", "warning"),

@@ -14,12 +14,6 @@ def data_dir() -> Path:
     return path
 
 
-def deployments_dir() -> Path:
-    path = data_dir() / "deployments"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def reports_dir() -> Path:
     path = data_dir() / "reports"
     path.mkdir(parents=True, exist_ok=True)

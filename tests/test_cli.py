@@ -34,7 +34,10 @@ def myriad(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = myriad("--help", home=tmp_path)
     assert result.returncode == 0
-    for command in ("run", "trace", "pack", "serve", "deploy", "teardown", "loadtest"):
+    for command in (
+        "run", "build", "trace", "pack", "serve", "deploy", "redeploy", "status", "teardown",
+        "gateway", "loadtest",
+    ):  # fmt: skip
         assert command in result.stdout
 
 

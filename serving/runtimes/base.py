@@ -1,0 +1,292 @@
+"""What every runtime shares: the deployment record, its file, server fingerprints and the
+readiness wait. A runtime (local processes, containers, Kubernetes) implements ``Runtime``."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from packing.contracts import Plan, PlannedServer
+from packing.io import load, write_atomic
+from serving.client import Deployment
+from serving.store import ArtifactStore, data_dir, open_store
+
+SERVER_PORT = 8080
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message names the server and what went wrong."""
+
+
+class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How to run a plan's servers; the same options for every runtime."""
+
+    name: str = "local"
+    store_uri: str | None = None
+    # Cross-model engine precision (fp32, bf16, fp16, int8); None: one TorchScript module per model.
+    engine: str | None = None
+    threads: int = 1
+    ready_timeout_s: float = 300.0
+    # Container runtimes: image per processor (default: the tag `myriad build` gives it).
+    images: dict[str, str] = {}
+    # Kubernetes: namespace (default: myriad-<deployment name>).
+    namespace: str | None = None
+
+
+class ServerStatus(msgspec.Struct, kw_only=True):
+    server_id: str
+    url: str
+    # ready | loading | failed | down
+    state: str
+    detail: str = ""
+
+
+class RedeployResult(msgspec.Struct, kw_only=True):
+    deployment: Deployment
+    kept: list[str]  # server ids of the new plan whose running server was kept
+    started: list[str]  # server ids of the new plan started afresh
+    stopped: list[str]  # server ids of the old plan stopped
+
+
+def deployments_dir() -> Path:
+    path = data_dir() / "deployments"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def deployment_path(name: str) -> Path:
+    return deployments_dir() / f"{name}.json"
+
+
+def read_deployment(name: str) -> Deployment:
+    path = deployment_path(name)
+    if not path.is_file():
+        raise DeployError(f"no deployment named {name!r} ({path} does not exist)")
+    return load(path, Deployment)
+
+
+def write_deployment(deployment: Deployment) -> Path:
+    path = deployment_path(deployment.name)
+    write_atomic(path, msgspec.json.encode(deployment))
+    return path
+
+
+def server_fingerprint(
+    server: PlannedServer, store: ArtifactStore | None, engine: str | None
+) -> str:
+    """Content hash of what a server runs: its processor, engine, model ids and the manifest of
+    each model's artifact. Two servers with one fingerprint are interchangeable, so a redeploy
+    keeps them running."""
+    from serving.tracing import artifact_prefix
+
+    digest = hashlib.sha256(f"{server.processor}\n{engine}\n".encode())
+    for model_id in sorted(server.model_ids):
+        digest.update(model_id.encode() + b"\n")
+        key = f"{artifact_prefix(model_id, server.processor)}/manifest.json"
+        if store is not None and store.exists(key):
+            digest.update(hashlib.sha256(store.get_bytes(key)).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprints(plan: Plan, options: DeployOptions) -> dict[str, str]:
+    store = open_store(options.store_uri)
+    return {s.id: server_fingerprint(s, store, options.engine) for s in plan.servers}
+
+
+def wait_ready(
+    urls: dict[str, str],
+    timeout_s: float,
+    exited: Callable[[str], str | None] = lambda _: None,
+) -> None:
+    """Wait until every server answers 200 on ``/v2/health/ready`` (all its models loaded).
+    ``exited(server_id)`` returns a reason when the server is gone for good (its log tail)."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(urls)
+    with httpx.Client(timeout=2.0) as http:
+        while pending:
+            for server_id in sorted(pending):
+                reason = exited(server_id)
+                if reason is not None:
+                    raise DeployError(f"server {server_id} exited: {reason}")
+                try:
+                    response = http.get(f"{urls[server_id]}/v2/health/ready")
+                except httpx.TransportError:
+                    continue
+                if response.status_code == 200:
+                    pending.discard(server_id)
+                    continue
+                try:
+                    failed = response.json().get("failed")
+                except ValueError:
+                    failed = None
+                if failed:
+                    models = http.get(f"{urls[server_id]}/models").json()["models"]
+                    reasons = "; ".join(
+                        f"{m['id']}: {m['reason']}" for m in models if m["state"] == "failed"
+                    )
+                    raise DeployError(f"server {server_id} failed to load models: {reasons}")
+            if pending and time.monotonic() > deadline:
+                raise DeployError(f"servers not ready after {timeout_s:.0f} s: {sorted(pending)}")
+            if pending:
+                time.sleep(0.2)
+
+
+def probe(url: str, server_id: str, timeout_s: float = 2.0) -> ServerStatus:
+    try:
+        response = httpx.get(f"{url}/v2/health/ready", timeout=timeout_s)
+    except httpx.TransportError as exc:
+        return ServerStatus(server_id=server_id, url=url, state="down", detail=type(exc).__name__)
+    if response.status_code == 200:
+        return ServerStatus(server_id=server_id, url=url, state="ready")
+    failed = response.json().get("failed") if response.content else None
+    return ServerStatus(
+        server_id=server_id,
+        url=url,
+        state="failed" if failed else "loading",
+        detail=", ".join(failed or []),
+    )
+
+
+class Runtime(abc.ABC):
+    """Deploy a plan's servers, report their state, move them to another plan, stop them."""
+
+    name: str
+
+    @abc.abstractmethod
+    def deploy(self, plan: Plan, plan_path: Path, options: DeployOptions) -> Deployment:
+        """Start every server of ``plan``; return once each has all its models loaded."""
+
+    @abc.abstractmethod
+    def status(self, deployment: Deployment) -> list[ServerStatus]: ...
+
+    @abc.abstractmethod
+    def redeploy(
+        self, deployment: Deployment, plan: Plan, plan_path: Path, options: DeployOptions
+    ) -> RedeployResult:
+        """Move ``deployment`` to ``plan``: servers whose fingerprint is unchanged keep running;
+        each new server is ready before any old one stops, so no request fails on the way."""
+
+    @abc.abstractmethod
+    def teardown(self, deployment: Deployment) -> list[str]:
+        """Stop everything this deployment started (and nothing else); returns server ids."""
+
+
+class HostRuntime(Runtime):
+    """A runtime whose servers answer on this machine's loopback ports (local processes,
+    containers): one generic deploy, redeploy, status and teardown over three primitives."""
+
+    # How long a redeploy waits, after writing the new record, before it stops old servers:
+    # a gateway re-reads the record every half second, so it stops sending them requests.
+    drain_s: float = 2.0
+
+    @abc.abstractmethod
+    def start_server(
+        self, server: PlannedServer, plan_file: Path, options: DeployOptions
+    ) -> tuple[str, str]:
+        """Start one server; returns (base URL, handle). Returns before it is ready."""
+
+    @abc.abstractmethod
+    def stop_server(self, handle: str) -> None:
+        """Stop it gracefully (in-flight requests finish), then for good."""
+
+    @abc.abstractmethod
+    def exit_reason(self, handle: str) -> str | None:
+        """Why the server stopped while starting (exit code and log tail), or None."""
+
+    def plan_file(self, plan: Plan, name: str) -> Path:
+        """A copy of the plan per plan id: a server kept across a redeploy (and restarted by its
+        supervisor) keeps reading the plan it was started from."""
+        path = deployments_dir() / name / f"{plan.plan_id}.plan.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, msgspec.json.encode(plan))
+        return path
+
+    def _start_all(
+        self, servers: list[PlannedServer], plan_file: Path, options: DeployOptions
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        urls: dict[str, str] = {}
+        handles: dict[str, str] = {}
+        try:
+            for server in servers:
+                urls[server.id], handles[server.id] = self.start_server(server, plan_file, options)
+            wait_ready(urls, options.ready_timeout_s, lambda sid: self.exit_reason(handles[sid]))
+        except BaseException:
+            for handle in handles.values():
+                self.stop_server(handle)
+            raise
+        return urls, handles
+
+    def deploy(self, plan: Plan, plan_path: Path, options: DeployOptions) -> Deployment:
+        if deployment_path(options.name).exists():
+            self.teardown(read_deployment(options.name))
+        plan_file = self.plan_file(plan, options.name)
+        urls, handles = self._start_all(plan.servers, plan_file, options)
+        deployment = Deployment(
+            name=options.name,
+            plan_id=plan.plan_id,
+            runtime=self.name,
+            servers=urls,
+            handles=handles,
+            fingerprints=fingerprints(plan, options),
+            plan_path=str(plan_file),
+        )
+        write_deployment(deployment)
+        return deployment
+
+    def redeploy(
+        self, deployment: Deployment, plan: Plan, plan_path: Path, options: DeployOptions
+    ) -> RedeployResult:
+        new_prints = fingerprints(plan, options)
+        # Old servers by what they run: a new server with the same fingerprint takes one over.
+        spare: dict[str, list[str]] = {}
+        for server_id, fingerprint in sorted(deployment.fingerprints.items()):
+            spare.setdefault(fingerprint, []).append(server_id)
+        taken: dict[str, str] = {}
+        to_start = []
+        for server in plan.servers:
+            old_ids = spare.get(new_prints[server.id])
+            if old_ids:
+                taken[server.id] = old_ids.pop(0)
+            else:
+                to_start.append(server)
+        plan_file = self.plan_file(plan, options.name)
+        urls, handles = self._start_all(to_start, plan_file, options)
+        for new_id, old_id in taken.items():
+            urls[new_id] = deployment.servers[old_id]
+            handles[new_id] = deployment.handles[old_id]
+        moved = Deployment(
+            name=options.name,
+            plan_id=plan.plan_id,
+            runtime=self.name,
+            servers={s.id: urls[s.id] for s in plan.servers},
+            handles={s.id: handles[s.id] for s in plan.servers},
+            fingerprints=new_prints,
+            plan_path=str(plan_file),
+        )
+        write_deployment(moved)
+        stopped = sorted(set(deployment.servers) - set(taken.values()))
+        if stopped:
+            time.sleep(self.drain_s)
+        for server_id in stopped:
+            self.stop_server(deployment.handles[server_id])
+        return RedeployResult(
+            deployment=moved,
+            kept=sorted(taken),
+            started=[s.id for s in to_start],
+            stopped=stopped,
+        )
+
+    def status(self, deployment: Deployment) -> list[ServerStatus]:
+        return [probe(url, server_id) for server_id, url in sorted(deployment.servers.items())]
+
+    def teardown(self, deployment: Deployment) -> list[str]:
+        for handle in set(deployment.handles.values()):
+            self.stop_server(handle)
+        deployment_path(deployment.name).unlink(missing_ok=True)
+        return sorted(deployment.servers)

@@ -1,0 +1,149 @@
+"""The local runtime (the embedded default): each plan server is a process on a 127.0.0.1
+port, under a supervisor that restarts it if it dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from packing.contracts import PlannedServer
+from serving.runtimes.base import DeployError, DeployOptions, HostRuntime, deployments_dir
+
+ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_arguments(engine: str | None) -> list[str]:
+    """The server flags for the cross-model engine at ``engine`` precision (none for None)."""
+    if engine is None:
+        return []
+    if engine not in ENGINE_PRECISIONS:
+        raise DeployError(
+            f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS[:-1])} or int8"
+        )
+    if engine == "int8":
+        return ["--engine", "cross-model", "--precision", "bf16", "--int8"]
+    return ["--engine", "cross-model", "--precision", engine]
+
+
+def server_arguments(
+    server_id: str, plan_file: str, port: int, options: DeployOptions, host: str = "127.0.0.1"
+) -> list[str]:
+    """``python -m serving`` arguments for one plan server: the same in every runtime."""
+    argv = ["--plan", plan_file, "--server", server_id, "--host", host, "--port", str(port)]
+    argv += ["--threads", str(options.threads)]
+    return argv + engine_arguments(options.engine)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _is_our_supervisor(pid: int) -> bool:
+    # A pid from an old deployment file may since belong to another program.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"serving.runtimes.supervise" in cmdline
+
+
+def stop_process(pid: int, grace_s: float = 40.0) -> None:
+    """SIGTERM the supervisor (it stops its server gracefully), SIGKILL after ``grace_s``."""
+    if not _is_our_supervisor(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            finished = 0 if _alive(pid) else pid
+        if finished == pid or not _alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError, PermissionError):
+        pass
+
+
+class LocalRuntime(HostRuntime):
+    name = "local"
+
+    def __init__(self) -> None:
+        self._logs: dict[str, Path] = {}
+
+    def start_server(
+        self, server: PlannedServer, plan_file: Path, options: DeployOptions
+    ) -> tuple[str, str]:
+        port = free_port()
+        log_dir = deployments_dir() / options.name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # One log and status file per start: a redeploy may run the same server id again.
+        stem = f"{server.id}-{port}"
+        status = log_dir / f"{stem}.status.json"
+        status.unlink(missing_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "serving",
+            *server_arguments(server.id, str(plan_file), port, options),
+        ]
+        if options.store_uri:
+            command += ["--store", options.store_uri]
+        log = (log_dir / f"{stem}.log").open("ab")
+        supervisor = [sys.executable, "-m", "serving.runtimes.supervise", "--status", str(status)]
+        # A session of its own, so a Ctrl-C in the pipeline's terminal does not skip teardown.
+        process = subprocess.Popen(
+            [*supervisor, "--", *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        handle = str(process.pid)
+        self._logs[handle] = log_dir / stem
+        return f"http://127.0.0.1:{port}", handle
+
+    def exit_reason(self, handle: str) -> str | None:
+        stem = self._logs.get(handle)
+        if stem is None:
+            return None
+        log = stem.with_suffix(".log")
+        if not _alive(int(handle)):
+            return f"its supervisor is gone:\n{_tail(log)}"
+        status = stem.with_suffix(".status.json")
+        if status.is_file():
+            exits = json.loads(status.read_text())["exits"]
+            return f"code {exits[-1]['code']} while loading:\n{_tail(log)}"
+        return None
+
+    def stop_server(self, handle: str) -> None:
+        stop_process(int(handle))
