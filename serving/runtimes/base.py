@@ -37,6 +37,10 @@ class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     images: dict[str, str] = {}
     # Kubernetes: namespace (default: myriad-<deployment name>).
     namespace: str | None = None
+    # Extra `python -m serving` flags for every server (batching, queue, deadline) and extra
+    # environment (MYRIAD_ADMIN_TOKEN, MYRIAD_LOG_LEVEL).
+    server_args: list[str] = []
+    env: dict[str, str] = {}
 
 
 class ServerStatus(msgspec.Struct, kw_only=True):

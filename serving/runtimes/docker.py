@@ -92,6 +92,7 @@ class DockerRuntime(HostRuntime):
             store_uri = store.uri
             argv += [f"--env={var}" for var in AWS_VARIABLES]
         argv += ["--env", f"MYRIAD_STORE={store_uri}"]
+        argv += [f"--env={key}={value}" for key, value in sorted(options.env.items())]
         argv += self._device_arguments(server)
         argv += [image]
         argv += server_arguments(server.id, PLAN_IN_CONTAINER, SERVER_PORT, options, "0.0.0.0")

@@ -43,7 +43,7 @@ def server_arguments(
     """``python -m serving`` arguments for one plan server: the same in every runtime."""
     argv = ["--plan", plan_file, "--server", server_id, "--host", host, "--port", str(port)]
     argv += ["--threads", str(options.threads)]
-    return argv + engine_arguments(options.engine)
+    return argv + engine_arguments(options.engine) + options.server_args
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -97,14 +97,19 @@ def stop_process(pid: int, grace_s: float = 40.0) -> None:
 class LocalRuntime(HostRuntime):
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, log_dir: Path | None = None) -> None:
+        """``log_dir``: where each server's log goes (default: the deployment's own folder)."""
+        self.log_dir = log_dir
         self._logs: dict[str, Path] = {}
+
+    def log_file(self, handle: str) -> Path:
+        return self._logs[handle].with_suffix(".log")
 
     def start_server(
         self, server: PlannedServer, plan_file: Path, options: DeployOptions
     ) -> tuple[str, str]:
         port = free_port()
-        log_dir = deployments_dir() / options.name
+        log_dir = self.log_dir or deployments_dir() / options.name
         log_dir.mkdir(parents=True, exist_ok=True)
         # One log and status file per start: a redeploy may run the same server id again.
         stem = f"{server.id}-{port}"
@@ -125,6 +130,7 @@ class LocalRuntime(HostRuntime):
             [*supervisor, "--", *command],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **options.env},
             start_new_session=True,
         )
         log.close()
