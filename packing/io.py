@@ -65,6 +65,17 @@ def save(value: msgspec.Struct, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _new_file_mode() -> int:
+    # What open() gives a new file. mkstemp's 0600 would hide store objects from a server that
+    # runs as another user (a container's uid 10001 reading a store mounted from the host).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 def write_atomic(
     path: Path,
     data: bytes | Callable[[BinaryIO], object],
@@ -82,6 +93,7 @@ def write_atomic(
     else:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix, dir=path.parent)
     try:
+        os.fchmod(fd, _NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             if isinstance(data, bytes):
                 handle.write(data)
