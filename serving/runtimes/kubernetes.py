@@ -227,6 +227,7 @@ def render(
     hpa: bool = False,
     hpa_max_replicas: int = 4,
     startup_timeout_s: float | None = None,
+    pin_nodes: bool = True,
 ) -> list[dict[str, Any]]:
     """Every object of ``plan``'s deployment, in apply order: Namespace, ServiceAccount, the plan
     ConfigMap, per server a Deployment, Service and PodDisruptionBudget (and an HPA with
@@ -238,7 +239,7 @@ def render(
     a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...) become
     the servers' environment. ``startup_timeout_s``: how long a server may take to load its
     models before the kubelet restarts it (default: ``options.ready_timeout_s``, at least 10
-    minutes)."""
+    minutes). ``pin_nodes=False`` drops the instance-type node selector (a test cluster)."""
     images = dict(images if images is not None else options.images)
     fingerprints = dict(
         fingerprints if fingerprints is not None else compute_fingerprints(plan, options)
@@ -305,6 +306,7 @@ def render(
                 startup_window_s=window,
                 hpa=hpa,
                 hpa_max_replicas=hpa_max_replicas,
+                pin_nodes=pin_nodes,
             )
         )
     backends, model_services = model_backends(plan, namespace, name)
@@ -357,6 +359,7 @@ def _server_objects(
     startup_window_s: float,
     hpa: bool,
     hpa_max_replicas: int,
+    pin_nodes: bool,
 ) -> list[dict[str, Any]]:
     selector = {INSTANCE: deployment_name, SERVER_LABEL: server.id}
     digest = fingerprint.split(":", 1)[-1][:16]
@@ -436,7 +439,9 @@ def _server_objects(
         "automountServiceAccountToken": False,
         # Thousands of Services in one namespace would be thousands of environment variables.
         "enableServiceLinks": False,
-        "nodeSelector": {"node.kubernetes.io/instance-type": instance_type_name},
+        "nodeSelector": (
+            {"node.kubernetes.io/instance-type": instance_type_name} if pin_nodes else {}
+        ),
         "tolerations": tolerations(server.processor),
         "terminationGracePeriodSeconds": 45,
         "securityContext": {
@@ -670,7 +675,8 @@ def ingresses(
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: Any) -> bool:  # a shared backend dict is written out each time
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
