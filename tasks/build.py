@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
-import shutil
-import subprocess
 from importlib import metadata
-from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 
-from tasks.paths import REPO_ROOT
+from serving.runtimes.images import BuildError, NoEngine, dockerfile_for, push_image
+from serving.runtimes.images import build_image as build_server_image
 
-
-class BuildError(RuntimeError):
-    pass
+__all__ = ["BuildError", "build_image", "dockerfile_for", "environment_digest"]
 
 
 def environment_digest() -> str:
@@ -25,37 +23,18 @@ def environment_digest() -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def dockerfile_for(processor: str) -> Path:
-    path = REPO_ROOT / "Dockerfiles" / f"{processor}.Dockerfile"
-    if not path.is_file():
-        raise BuildError(f"no Dockerfile for processor {processor!r}: {path} is missing")
-    return path
-
-
-def docker_build(processor: str, tag: str) -> str:
-    dockerfile = dockerfile_for(processor)
-    docker = shutil.which("docker")
-    if docker is None:
-        raise BuildError("runtime needs images, but the docker command is not installed")
-    probe = subprocess.run([docker, "info"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise BuildError(
-            "runtime needs images, but no Docker engine answers (docker info: "
-            f"{probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'failed'})"
-        )
-    subprocess.run([docker, "build", "-f", str(dockerfile), "-t", tag, str(REPO_ROOT)], check=True)
-    inspect = subprocess.run(
-        [docker, "image", "inspect", "--format", "{{.Id}}", tag],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return inspect.stdout.strip()
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow (tests, scripts)
+        return logging.getLogger("myriad.build")
 
 
 @task(name="build-image", retries=1, retry_delay_seconds=5)
-def build_image(processor: str, runtime: str = "local", registry: str = "myriad") -> dict:
-    """Local servers run in this environment, so its digest stands in for an image digest."""
+def build_image(processor: str, runtime: str = "local", registry: str | None = None) -> dict:
+    """Local servers run in this environment, so its digest stands in for an image digest;
+    container runtimes get the processor's image (pushed to ``registry`` when one is given).
+    Without a docker or podman engine the image is None, said in one line."""
     if runtime == "local":
         return {
             "processor": processor,
@@ -63,10 +42,18 @@ def build_image(processor: str, runtime: str = "local", registry: str = "myriad"
             "image": None,
             "digest": environment_digest(),
         }
-    tag = f"{registry}/server-{processor}:latest"
+    try:
+        result = build_server_image(processor, registry=registry)
+    except NoEngine:
+        _logger().warning("no docker or podman engine answers: image for %s not built", processor)
+        return {"processor": processor, "runtime": runtime, "image": None, "digest": None}
+    if registry:
+        result = push_image(result, registry)
     return {
         "processor": processor,
         "runtime": runtime,
-        "image": tag,
-        "digest": docker_build(processor, tag),
+        "image": result.image,
+        "digest": result.digest,
+        "content_hash": result.content_hash,
+        "pushed": result.pushed,
     }
