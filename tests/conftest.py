@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.containers import cpu_build, cpu_image  # noqa: F401  (session fixtures)
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server, start_s3_server
 
 
