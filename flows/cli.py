@@ -324,6 +324,9 @@ def deploy(
         list[str] | None,
         typer.Option(help="PROCESSOR=IMAGE for docker and kubernetes (default: the built tag)"),
     ] = None,
+    catalog: Annotated[
+        Path, typer.Option(help="kubernetes: instance catalog, to size requests and limits")
+    ] = Path("catalogs/aws.yaml"),
     render_only: Annotated[
         bool, typer.Option(help="kubernetes: write the manifests, apply nothing")
     ] = False,
@@ -332,26 +335,26 @@ def deploy(
     ] = None,
 ) -> None:
     """Start the servers of a plan and wait until every model is loaded."""
+    from packing.contracts import Catalog, Plan
+    from packing.io import load
     from tasks.deploy import deploy as deploy_plan
 
     images = _images(image)
+    catalog_spec = load(catalog, Catalog) if runtime == "kubernetes" else None
     if render_only:
-        from serving.runtimes.kubernetes import write_manifests
-
-        from packing.contracts import Plan
-        from packing.io import load
         from serving.runtimes import DeployOptions
+        from serving.runtimes.kubernetes import write_manifests
 
         if runtime != "kubernetes":
             _fail("--render-only renders Kubernetes manifests: use it with --runtime kubernetes")
         plan_spec = load(plan, Plan)
         target = out or Path("infra/k8s") / plan_spec.plan_id
         options = DeployOptions(name=name, store_uri=store, engine=engine, images=images)
-        paths = write_manifests(plan_spec, target, options=options)
+        paths = write_manifests(plan_spec, target, catalog=catalog_spec, options=options)
         console.print(f"{len(paths)} files in {target}: kubectl apply --server-side -k {target}")
         return
     with console.status(f"starting servers of {plan}"):
-        deployment = deploy_plan(plan, store, runtime, name, engine, images)
+        deployment = deploy_plan(plan, store, runtime, name, engine, images, catalog_spec)
     _print_deployment(deployment)
     console.print(f"stop them with: myriad teardown --name {name}")
 

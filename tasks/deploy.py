@@ -8,7 +8,7 @@ import msgspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from packing.contracts import Plan
+from packing.contracts import Catalog, Plan
 from packing.io import load, save
 from serving.client import Deployment
 from serving.runtimes import (
@@ -32,9 +32,13 @@ def deploy(
     name: str = "local",
     engine: str | None = None,
     images: dict[str, str] | None = None,
+    catalog: Catalog | None = None,
 ) -> Deployment:
+    """``catalog``: the instance types, so Kubernetes servers get requests and limits sized to
+    their node (ignored by the other runtimes)."""
     options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
-    return get_runtime(runtime).deploy(load(plan_path, Plan), plan_path, options)
+    settings = {"catalog": catalog} if runtime == "kubernetes" else {}
+    return get_runtime(runtime, **settings).deploy(load(plan_path, Plan), plan_path, options)
 
 
 def redeploy(

@@ -16,7 +16,9 @@ from serving.runtimes.base import (
 RUNTIMES = ("local", "docker", "kubernetes")
 
 
-def get_runtime(name: str) -> Runtime:
+def get_runtime(name: str, **settings: object) -> Runtime:
+    """The runtime called ``name``; ``settings`` go to the Kubernetes runtime (catalog,
+    kubeconfig, context, render options)."""
     if name == "local":
         from serving.runtimes.local import LocalRuntime
 
@@ -28,7 +30,7 @@ def get_runtime(name: str) -> Runtime:
     if name == "kubernetes":
         from serving.runtimes.kubernetes import KubernetesRuntime
 
-        return KubernetesRuntime()
+        return KubernetesRuntime(**settings)
     raise DeployError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
 
 

@@ -18,6 +18,7 @@ from serving.client import Deployment
 from serving.store import ArtifactStore, data_dir, open_store
 
 SERVER_PORT = 8080
+ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 class DeployError(RuntimeError):
@@ -56,6 +57,28 @@ class RedeployResult(msgspec.Struct, kw_only=True):
     kept: list[str]  # server ids of the new plan whose running server was kept
     started: list[str]  # server ids of the new plan started afresh
     stopped: list[str]  # server ids of the old plan stopped
+
+
+def engine_arguments(engine: str | None) -> list[str]:
+    """The server flags for the cross-model engine at ``engine`` precision (none for None)."""
+    if engine is None:
+        return []
+    if engine not in ENGINE_PRECISIONS:
+        raise DeployError(
+            f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS[:-1])} or int8"
+        )
+    if engine == "int8":
+        return ["--engine", "cross-model", "--precision", "bf16", "--int8"]
+    return ["--engine", "cross-model", "--precision", engine]
+
+
+def server_arguments(
+    server_id: str, plan_file: str, port: int, options: DeployOptions, host: str = "127.0.0.1"
+) -> list[str]:
+    """``python -m serving`` arguments for one plan server: the same in every runtime."""
+    argv = ["--plan", plan_file, "--server", server_id, "--host", host, "--port", str(port)]
+    argv += ["--threads", str(options.threads)]
+    return argv + engine_arguments(options.engine) + options.server_args
 
 
 def deployments_dir() -> Path:

@@ -8,8 +8,14 @@ import subprocess
 from pathlib import Path
 
 from packing.contracts import PlannedServer
-from serving.runtimes.base import SERVER_PORT, DeployError, DeployOptions, HostRuntime
-from serving.runtimes.local import free_port, server_arguments
+from serving.runtimes.base import (
+    SERVER_PORT,
+    DeployError,
+    DeployOptions,
+    HostRuntime,
+    server_arguments,
+)
+from serving.runtimes.local import free_port
 from serving.store import FileStore, open_store
 
 LABEL = "io.myriad.deployment"

@@ -44,10 +44,11 @@ from serving.runtimes.base import (
     RedeployResult,
     Runtime,
     ServerStatus,
+    deployment_path,
+    server_arguments,
+    write_deployment,
 )
-from serving.runtimes.base import (
-    fingerprints as compute_fingerprints,
-)
+from serving.runtimes.base import fingerprints as compute_fingerprints
 
 # ------------------------------------------------------------------------------ conventions
 
@@ -197,17 +198,6 @@ def tolerations(processor: str) -> list[dict[str, str]]:
     if device is not None:
         result.append({"key": device, "operator": "Exists", "effect": "NoSchedule"})
     return result
-
-
-def engine_arguments(engine: str | None) -> list[str]:
-    """The server flags for DeployOptions.engine (same mapping as the local runtime's)."""
-    if engine is None:
-        return []
-    if engine not in ("fp32", "bf16", "fp16", "int8"):
-        raise DeployError(f"engine precision {engine!r}: choose fp32, bf16, fp16 or int8")
-    if engine == "int8":
-        return ["--engine", "cross-model", "--precision", "bf16", "--int8"]
-    return ["--engine", "cross-model", "--precision", engine]
 
 
 # ----------------------------------------------------------------------------------- render
@@ -384,21 +374,7 @@ def _server_objects(
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "serving"],
-        "args": [
-            "--plan",
-            PLAN_FILE,
-            "--server",
-            server.id,
-            "--processor",
-            server.processor,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(SERVER_PORT),
-            "--threads",
-            str(options.threads),
-            *engine_arguments(options.engine),
-        ],
+        "args": server_arguments(server.id, PLAN_FILE, SERVER_PORT, options, host="0.0.0.0"),
         "env": env,
     }
     if credentials_secret:
@@ -1098,7 +1074,9 @@ class KubernetesRuntime(Runtime):
     def deploy(self, plan: Plan, plan_path: Path, options: DeployOptions) -> Deployment:
         objects = self._render(plan, options)
         self._converge(objects, options)
-        return self._record(plan, plan_path, options, objects)
+        deployment = self._record(plan, plan_path, options, objects)
+        write_deployment(deployment)
+        return deployment
 
     def _record(
         self, plan: Plan, plan_path: Path, options: DeployOptions, objects: list[dict]
@@ -1163,6 +1141,7 @@ class KubernetesRuntime(Runtime):
             for s in deployment.servers
             if s not in new.fingerprints or (s in started and s in deployment.fingerprints)
         )
+        write_deployment(new)
         return RedeployResult(deployment=new, kept=kept, started=started, stopped=stopped)
 
     def teardown(self, deployment: Deployment) -> list[str]:
@@ -1180,6 +1159,7 @@ class KubernetesRuntime(Runtime):
             and (found["metadata"].get("labels") or {}).get(CREATED_BY) == deployment.name
         ):
             self._delete("v1", "Namespace", namespace, None)
+        deployment_path(deployment.name).unlink(missing_ok=True)
         ids = {deployment.handles.get(s, s): s for s in deployment.servers}
         return sorted(ids.get(name, name) for name in stopped)
 

@@ -13,37 +13,13 @@ import time
 from pathlib import Path
 
 from packing.contracts import PlannedServer
-from serving.runtimes.base import DeployError, DeployOptions, HostRuntime, deployments_dir
-
-ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+from serving.runtimes.base import DeployOptions, HostRuntime, deployments_dir, server_arguments
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def engine_arguments(engine: str | None) -> list[str]:
-    """The server flags for the cross-model engine at ``engine`` precision (none for None)."""
-    if engine is None:
-        return []
-    if engine not in ENGINE_PRECISIONS:
-        raise DeployError(
-            f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS[:-1])} or int8"
-        )
-    if engine == "int8":
-        return ["--engine", "cross-model", "--precision", "bf16", "--int8"]
-    return ["--engine", "cross-model", "--precision", engine]
-
-
-def server_arguments(
-    server_id: str, plan_file: str, port: int, options: DeployOptions, host: str = "127.0.0.1"
-) -> list[str]:
-    """``python -m serving`` arguments for one plan server: the same in every runtime."""
-    argv = ["--plan", plan_file, "--server", server_id, "--host", host, "--port", str(port)]
-    argv += ["--threads", str(options.threads)]
-    return argv + engine_arguments(options.engine) + options.server_args
 
 
 def _tail(path: Path, lines: int = 20) -> str:
