@@ -324,6 +324,9 @@ def deploy(
         list[str] | None,
         typer.Option(help="PROCESSOR=IMAGE for docker and kubernetes (default: the built tag)"),
     ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="registry of the images (as given to myriad build --push)")
+    ] = None,
     catalog: Annotated[
         Path, typer.Option(help="kubernetes: instance catalog, to size requests and limits")
     ] = Path("catalogs/aws.yaml"),
@@ -343,18 +346,24 @@ def deploy(
     catalog_spec = load(catalog, Catalog) if runtime == "kubernetes" else None
     if render_only:
         from serving.runtimes import DeployOptions
+        from serving.runtimes.base import image_for
         from serving.runtimes.kubernetes import write_manifests
 
         if runtime != "kubernetes":
             _fail("--render-only renders Kubernetes manifests: use it with --runtime kubernetes")
         plan_spec = load(plan, Plan)
         target = out or Path("infra/k8s") / plan_spec.plan_id
-        options = DeployOptions(name=name, store_uri=store, engine=engine, images=images)
-        paths = write_manifests(plan_spec, target, catalog=catalog_spec, options=options)
+        options = DeployOptions(
+            name=name, store_uri=store, engine=engine, images=images, registry=registry
+        )
+        images = {s.processor: image_for(s.processor, options) for s in plan_spec.servers}
+        paths = write_manifests(
+            plan_spec, target, catalog=catalog_spec, options=options, images=images
+        )
         console.print(f"{len(paths)} files in {target}: kubectl apply --server-side -k {target}")
         return
     with console.status(f"starting servers of {plan}"):
-        deployment = deploy_plan(plan, store, runtime, name, engine, images, catalog_spec)
+        deployment = deploy_plan(plan, store, runtime, name, engine, images, catalog_spec, registry)
     _print_deployment(deployment)
     console.print(f"stop them with: myriad teardown --name {name}")
 
@@ -387,13 +396,14 @@ def redeploy(
         str | None, typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8")
     ] = None,
     image: Annotated[list[str] | None, typer.Option(help="PROCESSOR=IMAGE")] = None,
+    registry: Annotated[str | None, typer.Option(help="registry of the images")] = None,
 ) -> None:
     """Move a running deployment to a new plan: only changed servers are replaced, each new
     one ready before the old one stops."""
     from tasks.deploy import redeploy as redeploy_plan
 
     with console.status(f"moving {name} to {plan}"):
-        result = redeploy_plan(plan, store, name, engine, _images(image))
+        result = redeploy_plan(plan, store, name, engine, _images(image), registry)
     _print_deployment(result.deployment)
     console.print(
         f"kept {len(result.kept)}, started {len(result.started)}, stopped {len(result.stopped)}"

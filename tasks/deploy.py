@@ -33,10 +33,14 @@ def deploy(
     engine: str | None = None,
     images: dict[str, str] | None = None,
     catalog: Catalog | None = None,
+    registry: str | None = None,
 ) -> Deployment:
     """``catalog``: the instance types, so Kubernetes servers get requests and limits sized to
-    their node (ignored by the other runtimes)."""
-    options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
+    their node (ignored by the other runtimes). ``images`` per processor, else the tags
+    ``myriad build`` gives (under ``registry``)."""
+    options = DeployOptions(
+        name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
+    )
     settings = {"catalog": catalog} if runtime == "kubernetes" else {}
     return get_runtime(runtime, **settings).deploy(load(plan_path, Plan), plan_path, options)
 
@@ -47,10 +51,13 @@ def redeploy(
     name: str = "local",
     engine: str | None = None,
     images: dict[str, str] | None = None,
+    registry: str | None = None,
 ) -> RedeployResult:
     """Move the running deployment ``name`` to the plan at ``plan_path``, in its own runtime."""
     running = read_deployment(name)
-    options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
+    options = DeployOptions(
+        name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
+    )
     return get_runtime(running.runtime).redeploy(running, load(plan_path, Plan), plan_path, options)
 
 

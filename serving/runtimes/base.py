@@ -36,6 +36,8 @@ class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ready_timeout_s: float = 300.0
     # Container runtimes: image per processor (default: the tag `myriad build` gives it).
     images: dict[str, str] = {}
+    # Registry of the default images (`myriad build --push REGISTRY`'s tags).
+    registry: str | None = None
     # Kubernetes: namespace (default: myriad-<deployment name>).
     namespace: str | None = None
     # Extra `python -m serving` flags for every server (batching, queue, deadline) and extra
@@ -79,6 +81,14 @@ def server_arguments(
     argv = ["--plan", plan_file, "--server", server_id, "--host", host, "--port", str(port)]
     argv += ["--threads", str(options.threads)]
     return argv + engine_arguments(options.engine) + options.server_args
+
+
+def image_for(processor: str, options: DeployOptions) -> str:
+    """The server image of ``processor``: ``options.images``, else the tag ``myriad build``
+    gives this checkout (under ``options.registry``)."""
+    from serving.runtimes.images import image_tag
+
+    return options.images.get(processor) or image_tag(processor, options.registry)
 
 
 def deployments_dir() -> Path:

@@ -13,6 +13,7 @@ from serving.runtimes.base import (
     DeployError,
     DeployOptions,
     HostRuntime,
+    image_for,
     server_arguments,
 )
 from serving.runtimes.local import free_port
@@ -62,17 +63,10 @@ class DockerRuntime(HostRuntime):
             )
         return result
 
-    def image_for(self, processor: str, options: DeployOptions) -> str:
-        if processor in options.images:
-            return options.images[processor]
-        from serving.runtimes.images import image_tag
-
-        return image_tag(processor)
-
     def start_server(
         self, server: PlannedServer, plan_file: Path, options: DeployOptions
     ) -> tuple[str, str]:
-        image = self.image_for(server.processor, options)
+        image = image_for(server.processor, options)
         if self._run("image", "inspect", image, check=False).returncode != 0:
             raise DeployError(
                 f"server {server.id}: image {image} is not built here; run "

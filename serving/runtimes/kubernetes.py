@@ -45,6 +45,7 @@ from serving.runtimes.base import (
     Runtime,
     ServerStatus,
     deployment_path,
+    image_for,
     server_arguments,
     write_deployment,
 )
@@ -976,7 +977,8 @@ class KubernetesRuntime(Runtime):
     # ---------------------------------------------------------------- rollout
 
     def _render(self, plan: Plan, options: DeployOptions) -> list[dict[str, Any]]:
-        objects = render(plan, self.catalog, options, None, **self.render_args)
+        images = {s.processor: image_for(s.processor, options) for s in plan.servers}
+        objects = render(plan, self.catalog, options, images, **self.render_args)
         if self.manifest_root is not None:
             write_files(manifest_files(objects), Path(self.manifest_root) / plan.plan_id)
         return objects
