@@ -31,20 +31,26 @@ RUN --mount=type=bind,from=wheels,target=/wheels \
     pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY packing ./packing
-COPY serving ./serving
+# The `serve` extra's dependencies alone: empty packages stand in for the sources, so a change
+# in the code reuses this layer and the venv copy below.
 RUN --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    pip install "./[serve]" \
-    && python -c "import serving.app, serving.models, serving.family, serving.server"
+    mkdir -p packing serving && touch packing/__init__.py serving/__init__.py \
+    && pip install "./[serve]" && pip uninstall --yes myriad
 
 FROM ${BASE_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    MYRIAD_HOME=/var/lib/myriad TMPDIR=/tmp HOME=/var/lib/myriad \
+    PYTHONPATH=/app MYRIAD_HOME=/var/lib/myriad TMPDIR=/tmp HOME=/var/lib/myriad \
     HF_HUB_OFFLINE=1 HF_HOME=/var/lib/myriad/hf TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 COPY --from=builder /opt/venv /opt/venv
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/myriad --no-create-home myriad \
+# The server's code, outside the venv, compiled ahead (the root is read-only at run time).
+WORKDIR /app
+COPY packing ./packing
+COPY serving ./serving
+RUN python -m compileall -q packing serving \
+    && python -c "import serving.app, serving.models, serving.family, serving.server" \
+    && useradd --system --uid 10001 --user-group --home-dir /var/lib/myriad --no-create-home myriad \
     && mkdir -p /var/lib/myriad && chown 10001:10001 /var/lib/myriad
 VOLUME ["/var/lib/myriad", "/tmp"]
 USER 10001:10001

@@ -136,7 +136,8 @@ def server_container(
     ready_timeout_s: float = 180,
     extra: list[str] | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """A server container on a read-only root (tmpfs /tmp and /var/lib/myriad), the file store
+    """A server container on a read-only root (tmpfs /tmp, and /var/lib/myriad owned by the
+    server's user: a bare ``--tmpfs`` is root's), the file store
     ``store_dir`` mounted read-only at /store; yields (base URL, container name) once
     ``/v2/health/ready`` answers 200, and removes the container after."""
     name = f"myriad-test-{uuid.uuid4().hex[:8]}"
@@ -150,7 +151,7 @@ def server_container(
         "--tmpfs",
         "/tmp",
         "--tmpfs",
-        "/var/lib/myriad",
+        "/var/lib/myriad:U",
         "-v",
         f"{readable(store_dir)}:/store:ro",
         "-e",
