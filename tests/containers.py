@@ -27,12 +27,13 @@ from serving.runtimes import images
 PACKAGES = ("podman", "runc", "mmdebstrap")
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 ENGINE = "podman"
+SBIN = Path("/usr/sbin")  # runc lives here, off a non-root PATH
 
 
 def ensure_podman() -> list[str]:
     """The podman argv prefix, after checking the packages and the containers.conf setting
     (``default_ulimits = []``: crun and runc cannot set rlimits in some VMs)."""
-    missing = [p for p in PACKAGES if shutil.which(p) is None and not Path("/usr/sbin", p).exists()]
+    missing = [p for p in PACKAGES if shutil.which(p) is None and not (SBIN / p).exists()]
     if missing:
         pytest.fail(
             f"container tests need {' '.join(missing)}: apt-get install -y {' '.join(PACKAGES)}"
@@ -70,6 +71,21 @@ def ca_bundle() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+def build_env() -> dict[str, str]:
+    """Environment that makes ``serving.runtimes.images.build_image`` (and so the pipeline's
+    build task and ``myriad build``) build as the fixtures do on this machine."""
+    env = {
+        "MYRIAD_CONTAINER_ENGINE": ENGINE,
+        "MYRIAD_BASE_IMAGE": images.BASE_IMAGE_FOR_TESTS,
+        "MYRIAD_BUILD_NETWORK": "host",
+    }
+    if (wheels := local_wheels()) is not None:
+        env["MYRIAD_WHEELS_DIR"] = str(wheels)
+    if (bundle := ca_bundle()) is not None:
+        env["MYRIAD_CA_BUNDLE"] = str(bundle)
+    return env
 
 
 def build_server_image(processor: str = "cpu") -> images.BuildResult:

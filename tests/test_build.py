@@ -21,13 +21,8 @@ from serving.runtimes import images
 from serving.store import open_store
 from serving.tracing import TraceSettings, trace_to_store
 from tasks.build import BuildError, build_image, dockerfile_for, environment_digest
-from tests.containers import (  # noqa: F401  (fixtures)
-    cpu_build,
-    cpu_image,
-    local_wheels,
-    podman,
-    server_container,
-)
+from tests import containers
+from tests.containers import local_wheels, podman, server_container
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -202,6 +197,19 @@ def test_without_an_engine_the_build_says_so(
     assert "no docker or podman engine answers: image for cpu not built" in caplog.text
 
 
+def test_container_fixtures_fail_naming_the_missing_packages(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(containers, "SBIN", tmp_path)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        containers.ensure_podman()
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "container tests need podman runc mmdebstrap" in message
+    assert "apt-get install -y podman runc mmdebstrap" in message
+
+
 # --------------------------------------------------------------------- the image, for real
 
 
@@ -218,7 +226,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_image_builds_and_records_its_digest(cpu_build: images.BuildResult) -> None:  # noqa: F811
+def test_image_builds_and_records_its_digest(cpu_build: images.BuildResult) -> None:
     assert cpu_build.engine == "podman"
     assert cpu_build.image == images.image_tag(
         "cpu",
@@ -237,7 +245,7 @@ def test_image_builds_and_records_its_digest(cpu_build: images.BuildResult) -> N
 
 
 @pytest.mark.slow
-def test_second_build_is_skipped(cpu_build: images.BuildResult) -> None:  # noqa: F811
+def test_second_build_is_skipped(cpu_build: images.BuildResult) -> None:
     from tests.containers import build_server_image
 
     start = time.monotonic()
@@ -247,7 +255,7 @@ def test_second_build_is_skipped(cpu_build: images.BuildResult) -> None:  # noqa
 
 
 @pytest.mark.slow
-def test_image_holds_no_pipeline_packages(cpu_image: str) -> None:  # noqa: F811
+def test_image_holds_no_pipeline_packages(cpu_image: str) -> None:
     check = (
         "import importlib.util, sys; "
         f"found = [m for m in {IN_NO_IMAGE!r} if importlib.util.find_spec(m)]; "
@@ -258,7 +266,7 @@ def test_image_holds_no_pipeline_packages(cpu_image: str) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_read_only_container_serves_predictions(cpu_image: str, tiny_store: Path) -> None:  # noqa: F811
+def test_read_only_container_serves_predictions(cpu_image: str, tiny_store: Path) -> None:
     with server_container(cpu_image, tiny_store, ["--models", "tiny"]) as (url, name):
         assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
         answer = httpx.post(f"{url}/predictions/tiny", json={"text": "hello"}, timeout=30)
@@ -270,3 +278,18 @@ def test_read_only_container_serves_predictions(cpu_image: str, tiny_store: Path
         assert podman("exec", name, "touch", "/var/lib/myriad/x", "/tmp/x").returncode == 0
         # The image's HEALTHCHECK answers once the models are loaded.
         assert podman("healthcheck", "run", name, check=False).returncode == 0
+
+
+@pytest.mark.slow
+def test_build_task_builds_the_image(
+    cpu_build: images.BuildResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline's task, set up by the environment as the fixture is, finds the image."""
+    for key, value in containers.build_env().items():
+        monkeypatch.setenv(key, value)
+    result = build_image.fn("cpu", "docker")
+    assert result["image"] == images.image_tag(
+        "cpu", base_image=images.BASE_IMAGE_FOR_TESTS, wheels_dir=local_wheels()
+    )
+    assert result["digest"] == images.image_id(result["image"], "podman")
+    assert result["pushed"] is False and len(result["content_hash"]) == 64
