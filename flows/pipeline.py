@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.loadtest import loadtest
@@ -42,7 +43,13 @@ def pipeline(
     catalog_spec = load(catalog, Catalog)
     builds = [build_image(processor, runtime) for processor in fleet_spec.processors]
     logger.info(
-        "environments: %s", ", ".join(f"{b['processor']}={b['digest'][:19]}" for b in builds)
+        "environments: %s",
+        ", ".join(f"{b['processor']}={(b['digest'] or 'not built')[:19]}" for b in builds),
+    )
+    create_table_artifact(
+        key="myriad-images",
+        table=[{k: b.get(k) for k in ("processor", "image", "digest", "pushed")} for b in builds],
+        description="What the servers run: an image per processor (or the local environment)",
     )
 
     settings = {"precision": precision} if precision else None

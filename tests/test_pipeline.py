@@ -85,4 +85,5 @@ def test_demo_pipeline_end_to_end(
         "myriad-results",
         "myriad-report",
         "myriad-load-test-progress",
+        "myriad-images",
     } <= keys
