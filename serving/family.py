@@ -29,6 +29,7 @@ from serving.crossmodel import (
     WeightBank,
     bert_weights,
 )
+from serving.errors import DeadlineExceeded, Overloaded
 from serving.modeling import tensor_bytes
 from serving.models import (
     LOAD_ERRORS,
@@ -46,14 +47,6 @@ from serving.tracing import artifact_prefix
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Overloaded(RuntimeError):
-    """The engine's queue is full: answer 503 with Retry-After instead of queueing."""
-
-
-class DeadlineExceeded(RuntimeError):
-    """The request waited past its deadline and was dropped before it was computed."""
 
 
 @dataclass

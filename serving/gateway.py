@@ -38,7 +38,8 @@ from packing.io import ContractError, load
 from serving.client import RETRYABLE_STATUS, Deployment, Router, RoutingError
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
-FORWARDED_HEADERS = ("content-type", "authorization")
+# The binary tensor extension puts the JSON header's length in a header of its own.
+FORWARDED_HEADERS = ("content-type", "authorization", "inference-header-content-length")
 
 
 async def _forward(
@@ -70,10 +71,12 @@ async def _forward(
         if answer.status_code in RETRYABLE_STATUS:
             failures.append(f"{url}: {answer.status_code}")
             continue
+        length = answer.headers.get("inference-header-content-length")
         return Response(
             answer.content,
             status_code=answer.status_code,
             media_type=answer.headers.get("content-type", "application/json"),
+            headers={"Inference-Header-Content-Length": length} if length else None,
         )
     if retry_on_new_routes and state.watcher is not None and state.watcher.refresh():
         # The record moved on under us (a redeploy): try the new plan's replicas once.

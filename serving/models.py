@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, NotSupported  # noqa: F401
 from serving.modeling import configure_tokenizer, encode, tensor_bytes
 from serving.store import ArtifactStore, StoreError, materialize
 from serving.tracing import artifact_prefix
@@ -23,31 +24,6 @@ class ModelState(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
-
-
-class ModelNotFound(KeyError):
-    def __init__(self, model_id: str) -> None:
-        super().__init__(model_id)
-        self.model_id = model_id
-
-    def __str__(self) -> str:
-        return f"model {self.model_id!r} is not served here"
-
-
-class ModelNotReady(RuntimeError):
-    def __init__(self, model_id: str, state: ModelState, reason: str | None) -> None:
-        detail = f": {reason}" if reason else ""
-        super().__init__(f"model {model_id!r} is {state.value}{detail}")
-        self.model_id = model_id
-        self.state = state
-
-
-class NotSupported(RuntimeError):
-    """The operation exists but not for this kind of model or repository."""
-
-
-class InvalidInput(ValueError):
-    """The request's content cannot be served (empty text, too many texts)."""
 
 
 # What loading an artifact can raise: the model is then FAILED with the reason.
@@ -158,6 +134,11 @@ class ServedModel:
                 f"{input_ids.shape[1]} tokens; model {self.model_id} takes at most "
                 f"{self.max_length}"
             )
+        vocab = self.tokenizer.get_vocab_size() if self.tokenizer is not None else None
+        if int(input_ids.min()) < 0 or (vocab is not None and int(input_ids.max()) >= vocab):
+            raise InvalidInput(
+                f"input_ids must lie in [0, {vocab}): the vocabulary of model {self.model_id}"
+            )
         with torch.inference_mode():
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
         return answers(self.task, self.labels, output.float().cpu(), raw)
@@ -252,9 +233,9 @@ class ModelRepository:
     def describe(self) -> list[dict]:
         return [m.describe() for m in self.models.values()]
 
-    def load_model(self, model_id: str) -> None:
+    def load_model(self, model_id: str) -> ServedModel:
         """(Re)load one model from the store in the background; the old copy, if any, keeps
-        answering until the new one is ready."""
+        answering until the new one is ready. Returns the copy being loaded."""
         fresh = ServedModel(model_id, self.processor, artifact_prefix(model_id, self.processor))
         previous = self.models.get(model_id)
 
@@ -266,6 +247,7 @@ class ModelRepository:
         if previous is None:
             self.models[model_id] = fresh
         threading.Thread(target=run, name=f"load-{model_id}", daemon=True).start()
+        return fresh
 
     def unload_model(self, model_id: str) -> None:
         self.get(model_id)

@@ -1,0 +1,308 @@
+"""The data plane of one model server, with no web framework in it: predict, KServe v2 infer,
+metadata, readiness and the model repository, taking and returning plain values and structs,
+recording metrics, raising the typed errors of :mod:`serving.errors`. The REST front ends in
+:mod:`serving.app` only decode, call and encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import numpy as np
+
+from packing.contracts import is_model_id
+from serving import v2
+from serving.errors import (
+    Forbidden,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    ServingError,
+    Unauthorized,
+)
+from serving.errors import status_of as error_status
+from serving.metrics import ServerMetrics
+from serving.models import ModelState, ServedModel
+
+logger = logging.getLogger("myriad.server")
+
+SERVER_NAME = "myriad"
+# The one version each model has: KServe v2 clients may name it or leave it out.
+MODEL_VERSION = "1"
+MAX_TEXTS_PER_REQUEST = 64
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: Any,
+        metrics: ServerMetrics,
+        *,
+        batcher: Any = None,
+        workers: int = 1,
+        admin_token: str | None = None,
+        version: str = "0.1.0",
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.batcher = batcher
+        self.workers = workers
+        self.admin_token = admin_token
+        self.version = version
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    # ------------------------------------------------------------------ inference
+
+    def _model(self, model_id: str, version: str | None = None) -> Any:
+        if version not in (None, "", MODEL_VERSION):
+            raise ModelNotFound(f"{model_id}/versions/{version}")
+        return self.repository.get(model_id)
+
+    async def _run(
+        self,
+        model_id: str,
+        count: int,
+        call: Callable[[Any], list[dict]],
+        batch: tuple[list[str], bool] | None = None,
+        version: str | None = None,
+    ) -> list[dict]:
+        """Run ``call`` on a worker thread (or ``batch`` texts through the batcher), recording
+        its status and latency; an error that is not a typed one is logged with its traceback."""
+        started = time.perf_counter()
+        try:
+            model = self._model(model_id, version)
+            if not model.ready:
+                raise ModelNotReady(model_id, model.state, model.reason)
+            if batch is not None and self.batcher is not None and isinstance(model, ServedModel):
+                futures = self.batcher.submit(model, *batch)
+                result = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+            else:
+                if self._limiter is None:
+                    self._limiter = anyio.CapacityLimiter(self.workers)
+                result = await anyio.to_thread.run_sync(lambda: call(model), limiter=self._limiter)
+        except Exception as exc:
+            status = error_status(exc)
+            self.metrics.observe(model_id, status, time.perf_counter() - started, count)
+            if not isinstance(exc, ServingError):
+                logger.exception("internal error serving %s", model_id)
+            raise
+        self.metrics.observe(model_id, 200, time.perf_counter() - started, count)
+        return result
+
+    async def predict(self, model_id: str, texts: list[str], raw: bool = False) -> list[dict]:
+        try:
+            check_texts(texts)
+        except InvalidInput as exc:
+            self.refuse(model_id, exc)
+            raise
+        return await self._run(
+            model_id, len(texts), lambda m: m.predict(texts, raw=raw), (texts, raw)
+        )
+
+    def refuse(self, model_id: str, exc: Exception) -> None:
+        """Count a request refused before it reached a model (undecodable body)."""
+        self.metrics.observe(model_id, error_status(exc), 0.0, 0)
+
+    async def infer(
+        self, model_id: str, body: bytes, header_length: str | None, version: str | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """A KServe v2 inference: a BYTES input of texts, or INT64/INT32 ``input_ids`` (and
+        ``attention_mask``) the client tokenised itself; JSON or binary tensors both ways."""
+        try:
+            request, tensors = v2.decode_request(body, header_length)
+            named = {t.name: t for t in tensors}
+            texts_input = next((t for t in tensors if t.datatype == "BYTES"), None)
+            if texts_input is not None:
+                try:
+                    texts = [v.decode("utf-8") for v in texts_input.values]
+                except UnicodeDecodeError:
+                    raise InvalidInput(f"input {texts_input.name}: BYTES are not UTF-8") from None
+                check_texts(texts)
+            elif "input_ids" in named:
+                input_ids, attention_mask = token_tensors(named)
+            else:
+                raise InvalidInput('send a BYTES input ("text") or an INT64 input ("input_ids")')
+        except InvalidInput as exc:
+            self.refuse(model_id, exc)
+            raise
+        if texts_input is not None:
+            results = await self._run(
+                model_id,
+                len(texts),
+                lambda m: m.predict(texts, raw=True),
+                (texts, True),
+                version,
+            )
+        else:
+            results = await self._run(
+                model_id,
+                len(input_ids),
+                lambda m: m.predict_ids(input_ids, attention_mask, raw=True),
+                version=version,
+            )
+        return v2.encode_response(
+            request, model_id, output_tensors(results), MODEL_VERSION if version else None
+        )
+
+    # ------------------------------------------------------------------ metadata
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": self.version, "extensions": v2.EXTENSIONS}
+
+    def model_metadata(self, model_id: str, version: str | None = None) -> dict[str, Any]:
+        model = self._model(model_id, version)
+        if model.task == "embedding":
+            outputs = [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]
+        else:
+            outputs = [
+                {"name": "logits", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "score", "datatype": "FP32", "shape": [-1]},
+            ]
+        return {
+            "name": model_id,
+            "versions": [MODEL_VERSION],
+            "platform": "myriad",
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [-1]},
+                {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+            ],
+            "outputs": outputs,
+        }
+
+    def model_ready(self, model_id: str, version: str | None = None) -> bool:
+        return self._model(model_id, version).ready
+
+    @property
+    def ready(self) -> bool:
+        return self.repository.ready
+
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": self.ready, "failed": [m.model_id for m in self.repository.failed()]}
+
+    def models(self) -> dict[str, Any]:
+        return {"ready": self.ready, "models": self.repository.describe()}
+
+    # ------------------------------------------------------------------ repository
+
+    def authorise(self, authorization: str | None) -> None:
+        if not self.admin_token:
+            raise Forbidden(
+                "the management API is disabled: start the server with MYRIAD_ADMIN_TOKEN"
+            )
+        if not hmac.compare_digest(
+            (authorization or "").encode(), f"Bearer {self.admin_token}".encode()
+        ):
+            raise Unauthorized("a valid Authorization: Bearer token is required")
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """KServe v2 repository index: every model with its version and state."""
+        index = []
+        for entry in self.repository.describe():
+            item = {"name": entry["id"], "version": MODEL_VERSION, "state": entry["state"].upper()}
+            if entry.get("reason"):
+                item["reason"] = entry["reason"]
+            index.append(item)
+        return index
+
+    async def load(self, model_id: str, wait: bool = True) -> dict[str, str]:
+        """(Re)load a model from the store. ``wait`` (KServe v2's semantics): answer once it is
+        loaded, or raise :class:`LoadFailed` with the reason; else answer at once."""
+        if not is_model_id(model_id):
+            raise InvalidInput(f"{model_id!r} is not a valid model id")
+        fresh = self.repository.load_model(model_id)
+        if not wait:
+            return {"name": model_id, "status": "loading"}
+        while fresh.state in (ModelState.PENDING, ModelState.LOADING):
+            await asyncio.sleep(0.02)
+        if not fresh.ready:
+            raise LoadFailed(f"model {model_id!r} did not load: {fresh.reason}")
+        return {"name": model_id, "status": "ready"}
+
+    def unload(self, model_id: str) -> dict[str, str]:
+        self.repository.unload_model(model_id)
+        return {"name": model_id, "status": "unloaded"}
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        close = getattr(self.repository, "close", None)
+        if close is not None:
+            close()
+
+
+def check_texts(texts: list[str]) -> None:
+    if not texts:
+        raise InvalidInput("no text given")
+    if len(texts) > MAX_TEXTS_PER_REQUEST:
+        raise InvalidInput(
+            f"{len(texts)} texts in one request; the limit is {MAX_TEXTS_PER_REQUEST}"
+        )
+    if any(not t.strip() for t in texts):
+        raise InvalidInput("empty text")
+
+
+def token_tensors(named: dict[str, v2.Tensor]) -> tuple[Any, Any]:
+    """``input_ids`` and ``attention_mask`` as 2-d int64 tensors, checked: integer datatypes,
+    2-d shapes that agree, at most :data:`MAX_TEXTS_PER_REQUEST` rows, a 0/1 mask."""
+    import torch
+
+    def tensor(entry: v2.Tensor) -> torch.Tensor:
+        if entry.datatype not in v2.INTEGER_TYPES:
+            raise InvalidInput(f"input {entry.name} must be INT64 (or another integer type)")
+        if len(entry.shape) != 2 or 0 in entry.shape:
+            raise InvalidInput(
+                f"input {entry.name} needs a non-empty 2-d shape, got {list(entry.shape)}"
+            )
+        values = np.asarray(entry.values)
+        if values.dtype.kind == "u" and values.size and values.max() > np.iinfo(np.int64).max:
+            raise InvalidInput(f"input {entry.name}: a value is out of range")
+        return torch.from_numpy(values.astype(np.int64).reshape(entry.shape))
+
+    input_ids = tensor(named["input_ids"])
+    if input_ids.shape[0] > MAX_TEXTS_PER_REQUEST:
+        raise InvalidInput(f"{input_ids.shape[0]} rows; the limit is {MAX_TEXTS_PER_REQUEST}")
+    mask = tensor(named["attention_mask"]) if "attention_mask" in named else None
+    if mask is None:
+        mask = (input_ids != 0).long()
+    if mask.shape != input_ids.shape:
+        raise InvalidInput("attention_mask must have the shape of input_ids")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise InvalidInput("attention_mask values must be 0 or 1")
+    return input_ids, mask
+
+
+def output_tensors(results: list[dict]) -> list[v2.Tensor]:
+    """The v2 outputs of a batch of answers: ``embedding``, or ``logits``, ``label`` (the best
+    class index) and ``score`` (its probability)."""
+    if "embedding" in results[0]:
+        vectors = np.asarray([r["embedding"] for r in results], dtype=np.float32)
+        return [v2.Tensor(name="embedding", datatype="FP32", shape=vectors.shape, values=vectors)]
+    logits = np.asarray([r["logits"] for r in results], dtype=np.float32)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+    best = probabilities.argmax(axis=-1)
+    rows = len(results)
+    return [
+        v2.Tensor(name="logits", datatype="FP32", shape=logits.shape, values=logits),
+        v2.Tensor(
+            name="label",
+            datatype="BYTES",
+            shape=(rows,),
+            values=[str(int(i)).encode() for i in best],
+        ),
+        v2.Tensor(
+            name="score",
+            datatype="FP32",
+            shape=(rows,),
+            values=probabilities[np.arange(rows), best].astype(np.float32),
+        ),
+    ]
