@@ -110,6 +110,8 @@ def test_docker_runtime_answers_as_the_local_runtime_and_tears_down_only_its_own
             assert inspect["HostConfig"]["ReadonlyRootfs"] is True
             assert inspect["HostConfig"]["RestartPolicy"]["Name"] == "on-failure"
             assert inspect["Config"]["User"].startswith("10001")
+            # The model cache is writable by the server's user on the read-only root.
+            podman("exec", made[0], "touch", "/var/lib/myriad/probe", "/tmp/probe")
         finally:
             stopped = teardown("demo-docker")
         assert sorted(stopped) == sorted(s.id for s in plan.servers)

@@ -79,7 +79,7 @@ class DockerRuntime(HostRuntime):
             "--label", f"{LABEL}={options.name}",
             "--label", f"io.myriad.server={server.id}",
             "--restart", "on-failure",
-            "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/var/lib/myriad",
+            "--read-only", *self._scratch("/tmp"), *self._scratch("/var/lib/myriad"),
             "--publish", f"127.0.0.1:{port}:{SERVER_PORT}",
             "--volume", f"{plan_file}:{PLAN_IN_CONTAINER}:ro",
         ]  # fmt: skip
@@ -98,6 +98,13 @@ class DockerRuntime(HostRuntime):
         argv += server_arguments(server.id, PLAN_IN_CONTAINER, SERVER_PORT, options, "0.0.0.0")
         self._run(*argv)
         return f"http://127.0.0.1:{port}", name
+
+    def _scratch(self, path: str) -> list[str]:
+        """A tmpfs the server's user (uid 10001) can write: podman's ``U`` chowns it to the
+        container user, docker's mode 1777 opens it (a plain tmpfs is root's, 0755)."""
+        if "podman" in self.engine[0]:
+            return ["--tmpfs", f"{path}:U"]
+        return ["--mount", f"type=tmpfs,destination={path},tmpfs-mode=1777"]
 
     def _device_arguments(self, server: PlannedServer) -> list[str]:
         if server.processor == "gpu":
