@@ -63,11 +63,15 @@ def repack(
     tolerance: float = 0.05,
     time_limit_s: float = 10.0,
     workers: int = 2,
+    deterministic: bool = False,
 ) -> Repack:
+    """``deterministic`` is passed to both solves (see ``packing.solver.solve``)."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be at least 0, got {tolerance}")
-    fresh = solve(problem, time_limit_s=time_limit_s / 2, workers=workers)
-    incremental = _incremental(problem, current, time_limit_s / 2, workers, fresh)
+    fresh = solve(
+        problem, time_limit_s=time_limit_s / 2, workers=workers, deterministic=deterministic
+    )
+    incremental = _incremental(problem, current, time_limit_s / 2, workers, fresh, deterministic)
     if (
         incremental is not None
         and not violations(problem, incremental)
@@ -89,7 +93,12 @@ def repack(
 
 
 def _incremental(
-    problem: Problem, current: Plan, time_limit_s: float, workers: int, fresh: Plan
+    problem: Problem,
+    current: Plan,
+    time_limit_s: float,
+    workers: int,
+    fresh: Plan,
+    deterministic: bool = False,
 ) -> Plan | None:
     models = {m.id: m for m in problem.models}
     catalog = {t.name: t for t in problem.catalog.instance_types}
@@ -187,7 +196,9 @@ def _incremental(
             ],
         )
         try:
-            extra = solve(rest, time_limit_s=time_limit_s, workers=workers)
+            extra = solve(
+                rest, time_limit_s=time_limit_s, workers=workers, deterministic=deterministic
+            )
         except ValueError:
             return None
         taken = {int(m.group(1)) for i in instances for m in [re.match(r"i(\d+)-", i)] if m}

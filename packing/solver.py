@@ -77,6 +77,61 @@ _START_SHARE = 0.2
 _START_SLACKS = (0.01, 0.02, 0.03)
 # Seconds for each device's knapsack when a whole-instance solution is filled device by device.
 _KNAPSACK_SECONDS = 0.1
+# Deterministic mode: CP-SAT's seed, and SCIP's branch-and-bound nodes per second of budget
+# (about what it processes per second on the 2-core machine, past the root).
+_SEED = 1
+_SCIP_NODES_PER_SECOND = 20
+
+
+class _Clock:
+    """The seconds the search schedule reads: the wall clock, or in deterministic mode the
+    work the solvers did (CP-SAT's deterministic time; SCIP's nodes and Python between solves
+    count nothing), so the same problem and budget take the same path. Every CP-SAT and SCIP
+    solve is set up here."""
+
+    def __init__(self, deterministic: bool = False, work: float = 0.0) -> None:
+        self.deterministic = deterministic
+        self.work = work
+
+    def now(self) -> float:
+        return self.work if self.deterministic else time.perf_counter()
+
+    def fork(self) -> _Clock:
+        """A clock for a solve run beside others: its work is joined after they all end."""
+        return _Clock(self.deterministic, self.work)
+
+    def join(self, forks: list[_Clock]) -> None:
+        """Past work run side by side: as long as the longest of it took."""
+        self.work = max([self.work, *(f.work for f in forks)])
+
+    def cp_solve(
+        self, model: cp_model.CpModel, limit_s: float, workers: int = 1
+    ) -> tuple[cp_model.CpSolver, int]:
+        """CP-SAT on ``model`` for ``limit_s`` seconds (or deterministic seconds, on one worker
+        with a fixed seed): the solver, to read values from, and its status."""
+        solver = cp_model.CpSolver()
+        if self.deterministic:
+            solver.parameters.max_deterministic_time = limit_s
+            solver.parameters.num_workers = 1
+            solver.parameters.random_seed = _SEED
+        else:
+            solver.parameters.max_time_in_seconds = limit_s
+            solver.parameters.num_workers = max(1, workers)
+        status = solver.solve(model)
+        if self.deterministic:
+            self.work += solver.deterministic_time
+        return solver, status
+
+    def limit_scip(self, solver: pywraplp.Solver, limit_s: float) -> None:
+        """Bound a SCIP solve by ``limit_s`` seconds, or in deterministic mode by nodes."""
+        if self.deterministic:
+            nodes = 1 + round(limit_s * _SCIP_NODES_PER_SECOND)
+            solver.SetSolverSpecificParametersAsString(f"limits/nodes = {nodes}\n")
+        else:
+            solver.SetTimeLimit(max(1, int(limit_s * 1000)))
+
+
+_WALL = _Clock()
 
 
 def _cost(instances: list[_Instance]) -> float:
@@ -151,11 +206,19 @@ def solve(
     time_limit_s: float = 10.0,
     workers: int = 2,
     plan_id: str | None = None,
+    deterministic: bool = False,
 ) -> Plan:
-    """The cheapest plan found within ``time_limit_s``, with its lower bound and gap."""
+    """The cheapest plan found within ``time_limit_s``, with its lower bound and gap.
+
+    ``deterministic`` bounds the search by work instead of the clock: ``time_limit_s`` is then
+    a budget of CP-SAT deterministic seconds (SCIP gets nodes in proportion), every CP-SAT
+    solve runs on one worker with a fixed seed and the whole-instance bound runs to its node
+    limit before the search rather than beside it, so the same problem and budget give the
+    same plan (``created_at`` and ``solve_seconds`` aside) however loaded the machine is."""
     started = time.perf_counter()
+    clock = _Clock(deterministic)
     # Leave room for building the plan after the last solve.
-    deadline = started + max(time_limit_s * 0.95 - 0.2, 0.1)
+    deadline = clock.now() + max(time_limit_s * 0.95 - 0.2, 0.1)
     types = _types(problem)
     classes = _classes(problem, types)
     _check_feasible(problem, types, classes)
@@ -165,9 +228,11 @@ def solve(
     exact = exact_size <= _EXACT_MAX_BOOLEANS
     # The exact device-level search proves its own bound; larger problems get a second bound
     # computed beside the search.
-    whole = _WholeInstanceBound(types, classes, 0 if exact else deadline - time.perf_counter())
+    whole = _WholeInstanceBound(types, classes, 0 if exact else deadline - clock.now(), clock)
     try:
-        instances, lower_bound = _search(types, classes, exact, deadline, workers, whole.bound)
+        instances, lower_bound = _search(
+            types, classes, exact, deadline, workers, whole.bound, clock
+        )
     finally:
         whole_bound = whole.result()
     lower_bound = max(lower_bound, whole_bound)
@@ -200,6 +265,7 @@ def _search(
     deadline: float,
     workers: int,
     proven: Callable[[], float],
+    clock: _Clock = _WALL,
 ) -> tuple[list[_Instance], float]:
     """The cheapest instances found by the deadline and the bound the searches proved;
     ``proven`` reads a bound proven beside them, so the search can stop when it is met."""
@@ -209,29 +275,30 @@ def _search(
         types,
         classes,
         _greedy_assignment(types, classes),
-        (deadline - time.perf_counter()) * (0.5 if exact else _AGGREGATED_SHARE),
+        (deadline - clock.now()) * (0.5 if exact else _AGGREGATED_SHARE),
         workers,
+        clock,
     )
-    instances = _realised(types, classes, assignment, deadline)
+    instances = _realised(types, classes, assignment, deadline, clock)
     if not exact:
         # Other starts from the volume model with whole instances, solved by SCIP: its
         # solution filled onto its own instances, then solutions with a little of every
         # device held back, realised (the first wins on large fleets, the others where one
         # fresh instance is a large part of the cost). The search goes on from the cheapest.
-        left = deadline - time.perf_counter()
+        left = deadline - clock.now()
         for slack in (0.0, *_START_SLACKS):
             if _cost(instances) <= lower_bound + 1e-6:
                 break
             each = left * (_FILL_SHARE if slack == 0 else _START_SHARE / len(_START_SLACKS))
-            until = time.perf_counter() + each
+            until = clock.now() + each
             solved = _mip_start(
-                types, classes, each * (_FILL_MIP_SHARE if slack == 0 else 1), slack
+                types, classes, each * (_FILL_MIP_SHARE if slack == 0 else 1), slack, clock
             )
             if solved is not None:
                 if slack == 0:
-                    found = _filled(types, classes, *solved, until, workers)
+                    found = _filled(types, classes, *solved, until, workers, clock)
                 else:
-                    found = _realised(types, classes, solved[0], deadline)
+                    found = _realised(types, classes, solved[0], deadline, clock)
                 # A start past a quota only replaces one that is past a quota too.
                 if not _over_quota(found) and (
                     _over_quota(instances) or _cost(found) < _cost(instances)
@@ -240,7 +307,7 @@ def _search(
     if exact:
         every = {t.index: _instance_bound(t, classes) for t in types}
         instances, exact_bound = _solve_devices(
-            types, classes, instances, every, True, deadline - time.perf_counter(), workers
+            types, classes, instances, every, True, deadline - clock.now(), workers, clock
         )
         lower_bound = max(lower_bound, exact_bound)
     elif _over_quota(instances):
@@ -254,18 +321,25 @@ def _search(
             instances,
             near,
             False,
-            max(deadline - time.perf_counter(), 1.0),
+            max(deadline - clock.now(), 1.0),
             workers,
+            clock,
         )
     if not exact and not _over_quota(instances):
         # Whole replicas cannot fill both resources of every device as the volume model
         # does: re-pack a few instances at a time where the volume model's fractions met
         # whole devices.
         instances = _neighbourhood_search(
-            types, classes, instances, deadline, workers, lambda: max(lower_bound, proven())
+            types,
+            classes,
+            instances,
+            deadline,
+            workers,
+            lambda: max(lower_bound, proven()),
+            clock,
         )
     # The device-level search may leave an instance light enough to empty or downsize.
-    instances = _downsize(_evacuate(instances, classes, deadline + 1.0), types, classes)
+    instances = _downsize(_evacuate(instances, classes, deadline + 1.0, clock), types, classes)
     return instances, lower_bound
 
 
@@ -493,6 +567,7 @@ def _solve_aggregated(
     hint: dict[tuple[int, int], int],
     time_limit_s: float,
     workers: int,
+    clock: _Clock = _WALL,
 ) -> tuple[dict[tuple[int, int], int], float]:
     model = cp_model.CpModel()
     x: dict[tuple[int, int], cp_model.IntVar] = {}
@@ -522,10 +597,7 @@ def _solve_aggregated(
                 hinted += max(math.ceil(count / per), min(group.replicas, count))
         model.add_hint(y[t.index], hinted)
 
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
-    solver.parameters.num_workers = max(1, workers)
-    status = solver.solve(model)
+    solver, status = clock.cp_solve(model, max(time_limit_s, 0.05), workers)
     bound = max(0.0, solver.best_objective_bound / _PRICE_SCALE)
     if status == cp_model.INFEASIBLE:
         raise InfeasibleError(_quota_message(types, classes))
@@ -566,14 +638,18 @@ def _volume_mip(
 
 
 def _mip_start(
-    types: list[_Type], classes: list[_Class], time_limit_s: float, slack: float
+    types: list[_Type],
+    classes: list[_Class],
+    time_limit_s: float,
+    slack: float,
+    clock: _Clock = _WALL,
 ) -> tuple[dict[tuple[int, int], int], dict[int, int]] | None:
     """SCIP's solution of the whole-instance model: whole replicas per (class, type) and
     instances per type."""
     solver, x, y = _volume_mip(types, classes, slack)
     if solver is None:
         return None
-    solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+    clock.limit_scip(solver, time_limit_s)
     parameters = pywraplp.MPSolverParameters()
     # A start needs no proof: within 0.1% is as good as optimal here.
     parameters.SetDoubleParam(parameters.RELATIVE_MIP_GAP, 1e-3)
@@ -596,9 +672,16 @@ class _WholeInstanceBound:
     """The volume model with whole instances but fractional replicas, a mixed-integer program
     with one integer per type, solved by SCIP on a thread of its own beside the search. Its
     bound beats the volume model's LP, which CP-SAT rarely lifts: a fractional instance of a
-    dear type is most of the gap at fleet scale. Without SCIP it adds nothing."""
+    dear type is most of the gap at fleet scale. Without SCIP it adds nothing. On a
+    deterministic clock it runs to its node limit at once, with no thread racing the search."""
 
-    def __init__(self, types: list[_Type], classes: list[_Class], time_limit_s: float) -> None:
+    def __init__(
+        self,
+        types: list[_Type],
+        classes: list[_Class],
+        time_limit_s: float,
+        clock: _Clock = _WALL,
+    ) -> None:
         self._thread: threading.Thread | None = None
         self._bound = 0.0
         # Devices a little larger than they are, so that SCIP's feasibility tolerance cannot
@@ -606,7 +689,10 @@ class _WholeInstanceBound:
         self._solver = _volume_mip(types, classes, -1e-5)[0] if time_limit_s > 0 else None
         if self._solver is None:
             return
-        self._solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+        clock.limit_scip(self._solver, time_limit_s)
+        if clock.deterministic:
+            self._run()
+            return
         self._thread = threading.Thread(target=self._run, name="whole-instance-bound", daemon=True)
         self._thread.start()
 
@@ -713,9 +799,10 @@ def _realised(
     classes: list[_Class],
     assignment: dict[tuple[int, int], int],
     deadline: float,
+    clock: _Clock = _WALL,
 ) -> list[_Instance]:
     """A start from a volume solution: realised, then emptied and downsized where it can be."""
-    instances = _evacuate(_realise(types, classes, assignment), classes, deadline)
+    instances = _evacuate(_realise(types, classes, assignment), classes, deadline, clock)
     return _downsize(instances, types, classes)
 
 
@@ -726,6 +813,7 @@ def _filled(
     counts: dict[int, int],
     deadline: float,
     workers: int,
+    clock: _Clock = _WALL,
 ) -> list[_Instance]:
     """A start that keeps a whole-instance solution's instances (``counts`` per type): each
     type's replicas packed exactly onto them, the few that whole replicas leave over put in
@@ -760,21 +848,21 @@ def _filled(
     sizes = {t.index: counts.get(t.index, 0) * t.devices * len(items) for t, items in per_type}
     per_type.sort(key=lambda item: sizes[item[0].index])
     for k, (t, items) in enumerate(per_type):
-        started = time.perf_counter()
+        started = clock.now()
         packed, left = _pack_type(t, classes, items, counts.get(t.index, 0))
         # This type's share of the time, half for each way of filling.
         later = sum(sizes[u.index] for u, _ in per_type[k:])
-        share = (deadline - time.perf_counter()) * sizes[t.index] / max(later, 1)
+        share = (deadline - clock.now()) * sizes[t.index] / max(later, 1)
         if counts.get(t.index) and left and share > 0.05:
             by_knapsacks = _fill_by_knapsacks(
-                t, classes, items, counts[t.index], time.perf_counter() + share / 2
+                t, classes, items, counts[t.index], clock.now() + share / 2, clock
             )
             if _worth(by_knapsacks[1], value) < _worth(left, value):
                 packed, left = by_knapsacks
         if counts.get(t.index) and left and share > 0.05:
-            rest = max(share - (time.perf_counter() - started), 0.05)
+            rest = max(share - (clock.now() - started), 0.05)
             packed, left = _fill_exactly(
-                t, classes, items, counts[t.index], packed, left, value, rest, workers
+                t, classes, items, counts[t.index], packed, left, value, rest, workers, clock
             )
         fleet.extend(packed)
         over.update(left)
@@ -789,10 +877,10 @@ def _filled(
     if fresh:
         outside = Counter(instance.type.index for instance in fleet)
         cheaper = _repack_instances(
-            types, classes, fresh, outside, max(deadline - time.perf_counter(), 1.0)
+            types, classes, fresh, outside, max(deadline - clock.now(), 1.0), clock
         )
         fresh = cheaper if cheaper is not None else fresh
-    return _downsize(_evacuate(fleet + fresh, classes, deadline), types, classes)
+    return _downsize(_evacuate(fleet + fresh, classes, deadline, clock), types, classes)
 
 
 def _fill_exactly(
@@ -805,6 +893,7 @@ def _fill_exactly(
     value: dict[int, float],
     time_limit_s: float,
     workers: int,
+    clock: _Clock = _WALL,
 ) -> tuple[list[_Instance], dict[int, int]]:
     """``count`` instances of ``t`` packed by CP-SAT from ``start`` (a packing of ``items``
     that leaves ``start_left`` out) so that the replicas left out are worth the least; the
@@ -818,10 +907,8 @@ def _fill_exactly(
     _hint_slots(model, slots, used, z, start)
     # Value in millionths of a cent per hour: fine enough to rank any two replicas.
     model.maximize(sum(round(value[ci] * 1e8) * v for (_, _, ci), v in z.items()))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = max(1, workers)
-    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    solver, status = clock.cp_solve(model, time_limit_s, workers)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return start, start_left
     packed = [i for i in _read_slots(solver, slots, used, z, classes) if not i.empty]
     left = Counter(items)
@@ -846,7 +933,12 @@ def _worth(replicas: dict[int, int], value: dict[int, float]) -> float:
 
 
 def _fill_by_knapsacks(
-    t: _Type, classes: list[_Class], items: dict[int, int], count: int, deadline: float
+    t: _Type,
+    classes: list[_Class],
+    items: dict[int, int],
+    count: int,
+    deadline: float,
+    clock: _Clock = _WALL,
 ) -> tuple[list[_Instance], dict[int, int]]:
     """``count`` instances of ``t`` filled one device at a time with the replicas of
     ``items`` that fill it most (CP-SAT's knapsack), each resource weighted by how much of
@@ -887,13 +979,10 @@ def _fill_by_knapsacks(
                     for ci, v in take.items()
                 )
             )
-            solver = cp_model.CpSolver()
             devices_left = (count - k) * t.devices - d
-            solver.parameters.max_time_in_seconds = max(
-                min(_KNAPSACK_SECONDS, (deadline - time.perf_counter()) / devices_left), 0.01
-            )
-            solver.parameters.num_workers = 1
-            if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            limit = max(min(_KNAPSACK_SECONDS, (deadline - clock.now()) / devices_left), 0.01)
+            solver, status = clock.cp_solve(model, limit)
+            if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 continue
             for ci, var in take.items():
                 n = solver.value(var)
@@ -1062,14 +1151,14 @@ def _place(instance: _Instance, ci: int, group: _Class, count: int) -> int:
 
 
 def _evacuate(
-    instances: list[_Instance], classes: list[_Class], deadline: float
+    instances: list[_Instance], classes: list[_Class], deadline: float, clock: _Clock = _WALL
 ) -> list[_Instance]:
     """Close instances whose replicas all fit in the others' spare room, dearest per unit of
     use first; a move is kept only when the whole instance empties."""
 
     kept = list(instances)
     for victim in sorted(instances, key=lambda i: _use(i) / i.type.price):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             break
         others = [i for i in kept if i is not victim]
         snapshot = [[(d.memory, d.compute, dict(d.load)) for d in i.devices] for i in others]
@@ -1169,6 +1258,7 @@ def _neighbourhood_search(
     deadline: float,
     workers: int,
     lower_bound: Callable[[], float] = lambda: 0.0,
+    clock: _Clock = _WALL,
 ) -> list[_Instance]:
     """Large-neighbourhood search: free the replicas of a few instances (one chosen for its
     spare room and price, the rest at random) and re-pack them exactly on any mix of types;
@@ -1185,7 +1275,7 @@ def _neighbourhood_search(
     # optimum that small ones cannot.
     stale = 0
     with ThreadPoolExecutor(parallel) as pool:
-        while deadline - time.perf_counter() > 0.1 and len(current) > 1:
+        while deadline - clock.now() > 0.1 and len(current) > 1:
             if _cost(current) <= lower_bound() + 1e-6:
                 break  # proven optimal
             widen = min(stale // _STALE_ROUNDS, 3)
@@ -1199,13 +1289,19 @@ def _neighbourhood_search(
             for instance in current:
                 counts[instance.type.index] = counts.get(instance.type.index, 0) + 1
             jobs = []
+            forks = []
             for pick in picks:
                 chosen = [current[i] for i in pick]
                 outside = dict(counts)
                 for instance in chosen:
                     outside[instance.type.index] -= 1
-                limit = min(seconds, deadline - time.perf_counter())
-                jobs.append(pool.submit(_repack_instances, types, classes, chosen, outside, limit))
+                limit = min(seconds, deadline - clock.now())
+                forks.append(clock.fork())
+                jobs.append(
+                    pool.submit(
+                        _repack_instances, types, classes, chosen, outside, limit, forks[-1]
+                    )
+                )
             removed: set[int] = set()
             added: list[_Instance] = []
             for pick, job in zip(picks, jobs, strict=True):
@@ -1213,6 +1309,7 @@ def _neighbourhood_search(
                 if better is not None:
                     removed.update(pick)
                     added.extend(better)
+            clock.join(forks)
             if removed:
                 current = [inst for i, inst in enumerate(current) if i not in removed] + added
                 stale = 0
@@ -1274,6 +1371,7 @@ def _repack_instances(
     chosen: list[_Instance],
     outside: dict[int, int],
     time_limit_s: float,
+    clock: _Clock = _WALL,
 ) -> list[_Instance] | None:
     """The cheapest re-packing of ``chosen``'s replicas, or ``None`` if none is cheaper.
     ``outside`` counts the other instances per type, for quotas. Memory is compared in bytes
@@ -1301,10 +1399,7 @@ def _repack_instances(
     )
     _hint_slots(model, slots, used, z, chosen)
 
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.01)
-    solver.parameters.num_workers = 1
-    status = solver.solve(model)
+    solver, status = clock.cp_solve(model, max(time_limit_s, 0.01))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     if solver.objective_value >= sum(_scaled_price(i.type) for i in chosen) - 0.5:
@@ -1337,6 +1432,7 @@ def _solve_devices(
     relax: bool,
     time_limit_s: float,
     workers: int,
+    clock: _Clock = _WALL,
 ) -> tuple[list[_Instance], float]:
     """Device-level CP-SAT over ``slot_counts[t]`` candidate instances of each type. With every
     candidate a plan could need (``relax``: demands rounded down, the
@@ -1363,10 +1459,7 @@ def _solve_devices(
     # Warm start: the realised plan.
     _hint_slots(model, slots, used, z, start)
 
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
-    solver.parameters.num_workers = max(1, workers)
-    status = solver.solve(model)
+    solver, status = clock.cp_solve(model, max(time_limit_s, 0.05), workers)
     bound = max(0.0, solver.best_objective_bound / _PRICE_SCALE)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return start, bound

@@ -1,0 +1,85 @@
+"""The deterministic mode: the same problem and work budget give the same plan, byte for byte
+(apart from when it was made and how long it took), however loaded the machine is."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+
+from packing.contracts import Catalog, InstanceType, Limits, Problem, ProblemModel, Profile
+from packing.io import to_json
+from packing.solver import solve
+from packing.validate import check
+
+GIB = 2**30
+
+
+def _type(name: str, price: float, devices: int, memory_gib: float, processor: str):
+    return InstanceType(
+        name=name,
+        family=name.split(".")[0],
+        processor=processor,
+        devices=devices,
+        device_memory_gib=memory_gib,
+        host_memory_gib=memory_gib * devices * 2,
+        vcpus=4,
+        on_demand_per_hour=price,
+        price_source="test",
+    )
+
+
+def _problem(models: int, seed: int) -> Problem:
+    """A mixed fleet of two processor kinds, past the exact search's size, so the volume
+    model, SCIP's starts and bound and the neighbourhood search all run."""
+    rng = random.Random(seed)
+    fleet = []
+    for i in range(models):
+        memory = rng.choice([0.3, 0.9, 1.7, 3.1])
+        compute = rng.choice([0.01, 0.05, 0.2])
+        fleet.append(
+            ProblemModel(
+                id=f"m{i:03d}",
+                traffic_rps=compute * 100,
+                replicas=rng.choice([1, 1, 2]),
+                profiles=[
+                    Profile(processor=kind, memory_bytes=int(gib * GIB), seconds_per_request=s)
+                    for kind, gib, s in (("gpu", memory, 0.01), ("cpu", memory * 1.5, 0.08))
+                ],
+            )
+        )
+    catalog = Catalog(
+        name="test",
+        region="test-1",
+        prices_as_of="2026-12-01",
+        source="test",
+        instance_types=[
+            _type("g.x", 1.0, 1, 16, "gpu"),
+            _type("g.4x", 3.7, 4, 16, "gpu"),
+            _type("c.x", 0.2, 1, 8, "cpu"),
+            _type("c.2x", 0.38, 1, 16, "cpu"),
+        ],
+    )
+    return Problem(name="det", catalog=catalog, limits=Limits(), models=fleet)
+
+
+def _blanked(plan) -> bytes:
+    return to_json(msgspec.structs.replace(plan, created_at="", solve_seconds=0.0))
+
+
+def test_deterministic_mode_repeats_the_plan_byte_for_byte() -> None:
+    problem = _problem(150, 5)
+    first = solve(problem, time_limit_s=1.5, workers=2, deterministic=True)
+    check(problem, first)
+    second = solve(problem, time_limit_s=1.5, workers=2, deterministic=True)
+    assert _blanked(first) == _blanked(second)
+    assert first.plan_id == second.plan_id
+
+
+def test_deterministic_mode_on_a_small_problem_is_optimal_and_repeats() -> None:
+    problem = _problem(6, 2)
+    first = solve(problem, time_limit_s=2, deterministic=True)
+    second = solve(problem, time_limit_s=2, deterministic=True)
+    check(problem, first)
+    assert first.solver_status == "optimal"
+    assert _blanked(first) == _blanked(second)
