@@ -84,7 +84,7 @@ class ServedModel:
             if self.processor == "gpu":
                 self.device = torch.device("cuda")
             elif self.processor == "inf":
-                import torch_neuron  # noqa: F401  (registers the Neuron ops the trace uses)
+                load_neuron_runtime()
             self.module = torch.jit.load(
                 str(artifact.directory / "model.ts"), map_location=self.device
             )
@@ -145,6 +145,20 @@ class ServedModel:
 
     def describe(self) -> dict:
         return describe(self)
+
+
+def load_neuron_runtime() -> None:
+    """Register the Neuron ops a traced ``inf`` artifact uses: torch-neuronx (inf2, trn1) or
+    torch-neuron (inf1)."""
+    import importlib
+
+    for module in ("torch_neuronx", "torch_neuron"):
+        try:
+            importlib.import_module(module)
+            return
+        except ImportError:
+            continue
+    raise ImportError("processor 'inf' needs torch-neuronx (inf2, trn1) or torch-neuron (inf1)")
 
 
 def answers(task: str, labels: list[str], output: torch.Tensor, raw: bool) -> list[dict]:

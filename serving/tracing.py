@@ -193,17 +193,24 @@ def _trace_neuron(
     example: tuple[torch.Tensor, torch.Tensor],
     settings: TraceSettings,
 ) -> torch.jit.ScriptModule:
-    try:
-        import torch_neuron  # noqa: F401  (registers torch.neuron)
-    except ImportError:
-        raise TraceError(
-            f"model {spec.id}: processor 'inf' needs torch-neuron from the AWS Neuron SDK "
-            "(pip install torch-neuron --extra-index-url https://pip.repos.neuron.amazonaws.com); "
-            "it is not installed here"
-        ) from None
     compiler_args = []
     if settings.neuron_pipeline_cores:
         compiler_args = ["--neuroncore-pipeline-cores", str(settings.neuron_pipeline_cores)]
+    try:
+        # inf2 and trn1 (what Dockerfiles/inf.Dockerfile installs).
+        import torch_neuronx
+    except ImportError:
+        torch_neuronx = None
+    if torch_neuronx is not None:
+        return torch_neuronx.trace(eager.module, example, compiler_args=compiler_args)
+    try:
+        import torch_neuron  # noqa: F401  (inf1; registers torch.neuron)
+    except ImportError:
+        raise TraceError(
+            f"model {spec.id}: processor 'inf' needs torch-neuronx (inf2, trn1) or torch-neuron "
+            "(inf1) from the AWS Neuron SDK (pip install torch-neuronx --extra-index-url "
+            "https://pip.repos.neuron.amazonaws.com); neither is installed here"
+        ) from None
     return torch.neuron.trace(eager.module, example, compiler_args=compiler_args)  # type: ignore[attr-defined]
 
 
