@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from serving.runtimes import images
+from serving.runtimes.local import free_port
 
 PACKAGES = ("podman", "runc", "mmdebstrap")
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
@@ -115,12 +115,6 @@ def cpu_build() -> images.BuildResult:
 def cpu_image(cpu_build: images.BuildResult) -> str:
     """The tag of the CPU server image, built once per session."""
     return cpu_build.image
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -382,7 +382,8 @@ def build_image(
     digest, tag = plan.content_hash, plan.tag
     start = time.monotonic()
     info = _inspect(engine, tag)
-    if info is not None and _labels(info).get(CONTENT_LABEL) == digest:
+
+    def result(info: dict, skipped: bool) -> BuildResult:
         return BuildResult(
             processor=processor,
             engine=engine,
@@ -390,8 +391,11 @@ def build_image(
             digest=_image_id(info),
             content_hash=digest,
             seconds=round(time.monotonic() - start, 3),
-            skipped=True,
+            skipped=skipped,
         )
+
+    if info is not None and _labels(info).get(CONTENT_LABEL) == digest:
+        return result(info, skipped=True)
     argv = [*engine_command(engine), "build", "-f", str(dockerfile), "-t", tag]
     argv += ["--label", f"{CONTENT_LABEL}={digest}"]
     if engine == "podman":
@@ -409,14 +413,7 @@ def build_image(
     info = _inspect(engine, tag)
     if info is None:
         raise BuildError(f"{engine} build of {tag} finished, but the image is not there")
-    return BuildResult(
-        processor=processor,
-        engine=engine,
-        image=tag,
-        digest=_image_id(info),
-        content_hash=digest,
-        seconds=round(time.monotonic() - start, 3),
-    )
+    return result(info, skipped=False)
 
 
 # --------------------------------------------------------------------------------------- push
