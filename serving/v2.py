@@ -20,9 +20,6 @@ from serving.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-# The deepest nesting a tensor's JSON "data" may have (a 2-d tensor may come nested); deeper
-# bodies are refused before they reach a recursive decoder.
-MAX_JSON_DEPTH = 32
 
 DATATYPES: dict[str, np.dtype | None] = {
     "BOOL": np.dtype(np.bool_),
@@ -92,40 +89,17 @@ class Tensor(msgspec.Struct, kw_only=True):
     values: np.ndarray | list[bytes]
 
 
-def _depth_ok(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    # Counting brackets outside strings is enough to refuse a pathological body cheaply.
-    depth = 0
-    in_string = escaped = False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return True
-
-
 def decode_json(body: bytes, kind: type) -> Any:
-    """``body`` as ``kind``; a body nested deeper than :data:`MAX_JSON_DEPTH` or not valid is an
-    :class:`InvalidInput`, never a recursion error."""
-    if not _depth_ok(body):
-        raise InvalidInput(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    """``body`` as ``kind``; a body that is not valid, or nested past what the decoder
+    recurses into, is an :class:`InvalidInput` (msgspec raises RecursionError cleanly)."""
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"not a KServe v2 request: {exc}") from None
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except msgspec.DecodeError as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("JSON nested too deeply") from None
 
 
 def _count(shape: list[int], name: str) -> int:
@@ -138,13 +112,22 @@ def _count(shape: list[int], name: str) -> int:
 
 
 def _flatten(data: Any, name: str) -> list:
+    """Row-major values of a flat or nested ``data`` list (without recursion: a client may
+    nest as deep as the decoder allows)."""
     if not isinstance(data, list):
         raise InvalidInput(f"input {name}: data must be a list")
     if all(not isinstance(item, list) for item in data):
         return data
     flat: list = []
-    for item in data:
-        flat.extend(_flatten(item, name) if isinstance(item, list) else [item])
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
     return flat
 
 
