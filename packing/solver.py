@@ -717,7 +717,7 @@ class _WholeInstanceBound:
     def result(self) -> float:
         """Stop the solve and return the best bound it proved."""
         if self._thread is None:
-            return 0.0
+            return self._bound  # ran to its node limit already, or not at all
         self._solver.InterruptSolve()
         self._thread.join()
         return self._bound

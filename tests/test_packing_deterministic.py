@@ -83,3 +83,20 @@ def test_deterministic_mode_on_a_small_problem_is_optimal_and_repeats() -> None:
     check(problem, first)
     assert first.solver_status == "optimal"
     assert _blanked(first) == _blanked(second)
+
+
+def test_deterministic_mode_keeps_the_whole_instance_bound() -> None:
+    """The bound that runs to its node limit before the search is the one reported (at
+    least), as the bound beside the search is on the wall clock."""
+    from packing import solver
+
+    problem = _problem(150, 5)
+    kinds = solver._types(problem)
+    classes = solver._classes(problem, kinds)
+    solver._check_feasible(problem, kinds, classes)
+    kinds = solver._drop_dominated(kinds, classes)
+    deadline = max(1.5 * 0.95 - 0.2, 0.1)
+    bound = solver._WholeInstanceBound(kinds, classes, deadline, solver._Clock(True)).result()
+    assert bound > 0
+    plan = solve(problem, time_limit_s=1.5, deterministic=True)
+    assert plan.lower_bound_cost_per_hour >= bound - 1e-9
