@@ -19,7 +19,19 @@ from packing.io import load
 from packing.plot import plot_plan
 from packing.repack import repack
 from packing.report import plan_table
-from packing.solver import InfeasibleError, solve
+from packing.solver import (
+    InfeasibleError,
+    assemble,
+    bounds,
+    exact,
+    fill,
+    neighbourhood,
+    prepare,
+    realise,
+    schedule,
+    solve,
+)
+from packing.solver.model import Device, Instance
 from packing.validate import PlanError, check, violations
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,12 +189,10 @@ def _whole_instance_bound(problem: Problem) -> float:
     """The whole-instance bound once SCIP has finished by itself."""
     import time
 
-    from packing import solver
-
-    kinds = solver._types(problem)
-    classes = solver._classes(problem, kinds)
-    solver._check_feasible(problem, kinds, classes)
-    whole = solver._WholeInstanceBound(kinds, classes, 10.0)
+    kinds = prepare.types_of(problem)
+    classes = prepare.classes_of(problem, kinds)
+    prepare.check_feasible(problem, kinds, classes)
+    whole = bounds.WholeInstanceBound(kinds, classes, 10.0)
     give_up = time.perf_counter() + 10.0
     while whole.bound() == 0 and time.perf_counter() < give_up:
         time.sleep(0.01)
@@ -424,13 +434,13 @@ def test_quota_holds_when_whole_devices_need_more_than_the_volumes_say() -> None
     assert sum(1 for i in plan.instances if i.type == "cheap.x") <= 100
     # The realisation step on its own, given the volume model's answer (266 on cheap.x), must
     # already keep the quota; later steps are not there to repair it.
-    from packing import solver
-
-    kinds = solver._types(problem)
-    classes = solver._classes(problem, kinds)
-    solver._check_feasible(problem, kinds, classes)
+    kinds = prepare.types_of(problem)
+    classes = prepare.classes_of(problem, kinds)
+    prepare.check_feasible(problem, kinds, classes)
     cheap, dear = kinds
-    instances = solver._realise(kinds, classes, {(0, cheap.index): 266, (0, dear.index): 134})
+    instances = realise.pack_assignment(
+        kinds, classes, {(0, cheap.index): 266, (0, dear.index): 134}
+    )
     assert sum(1 for i in instances if i.type is cheap) <= 100
     assert sum(n for i in instances for d in i.devices for n in d.load.values()) == 400
 
@@ -463,25 +473,21 @@ def test_repack_respects_a_lowered_quota() -> None:
 
 def _scattered_start(problem: Problem):
     """Every replica alone on an instance of the dearest type: a start with plenty to gain."""
-    from packing import solver
-
-    kinds = solver._types(problem)
-    classes = solver._classes(problem, kinds)
-    solver._check_feasible(problem, kinds, classes)
+    kinds = prepare.types_of(problem)
+    classes = prepare.classes_of(problem, kinds)
+    prepare.check_feasible(problem, kinds, classes)
     dearest = max(kinds, key=lambda t: t.price)
     start = []
     for ci, group in enumerate(classes):
         memory, compute = group.options[dearest.index]
         for _ in range(group.total_replicas):
-            start.append(solver._Instance(dearest, [solver._Device(memory, compute, {ci: 1})]))
+            start.append(Instance(dearest, [Device(memory, compute, {ci: 1})]))
     return kinds, classes, start
 
 
 def _as_checked_plan(problem: Problem, classes, instances) -> float:
-    from packing import solver
-
     cost = sum(i.type.price for i in instances)
-    plan = solver._plan(
+    plan = assemble.assemble_plan(
         problem,
         classes,
         instances,
@@ -503,16 +509,20 @@ def test_neighbourhood_search_only_lowers_cost_and_keeps_every_limit(quota) -> N
     anti-affinity (20 models with 2 replicas each)."""
     import time
 
-    from packing import solver
-
     models = [model(f"m{i:02d}", 1.0, compute=0.05, replicas=2) for i in range(20)]
     types = [instance_type("big.x", 1.0, 1, 8), instance_type("small.x", 0.45, 1, 4)]
     problem = problem_of(models, types, {"small.x": quota} if quota else None)
     kinds, classes, start = _scattered_start(problem)
     before = _as_checked_plan(problem, classes, start)
     assert before == pytest.approx(40.0)
-    result = solver._neighbourhood_search(
-        kinds, classes, start, time.perf_counter() + 4.0, workers=2
+    result = neighbourhood.neighbourhood_search(
+        kinds,
+        classes,
+        start,
+        time.perf_counter() + 4.0,
+        workers=2,
+        attempt_s=schedule.NEIGHBOURHOOD_SECONDS,
+        group_s=schedule.GROUP_SECONDS,
     )
     after = _as_checked_plan(problem, classes, result)
     # 40 GiB need at least 4.5 dollars' worth (5 big or 10 small); the search gets close.
@@ -524,8 +534,6 @@ def test_neighbourhood_search_only_lowers_cost_and_keeps_every_limit(quota) -> N
 def test_exact_fill_packs_what_a_poor_start_left_over() -> None:
     """Two 10 GiB devices for 6 + 4 and 5 + 5 GiB: a start that put 6 and 5 GiB apart leaves
     two models over; the exact fill places all four and keeps every limit."""
-    from packing import solver
-
     models = [model("six", 6), model("five-a", 5), model("five-b", 5), model("four", 4)]
     problem = problem_of(models, [instance_type("g.x", 1.0, memory_gib=10)])
     kinds, classes, _ = _scattered_start(problem)
@@ -533,13 +541,10 @@ def test_exact_fill_packs_what_a_poor_start_left_over() -> None:
     items = {ci: group.total_replicas for ci, group in enumerate(classes)}
     size = {ci: group.options[t.index][0] for ci, group in enumerate(classes)}
     by_size = {round(size[ci] / GIB): ci for ci in items}
-    start = [
-        solver._Instance(t, [solver._Device(size[by_size[n]], 0.0, {by_size[n]: 1})])
-        for n in (6, 5)
-    ]
+    start = [Instance(t, [Device(size[by_size[n]], 0.0, {by_size[n]: 1})]) for n in (6, 5)]
     start_left = {by_size[5]: 1, by_size[4]: 1}
     value = {ci: size[ci] / GIB for ci in items}
-    packed, left = solver._fill_exactly(
+    packed, left = exact.fill_exactly(
         t, classes, items, 2, start, start_left, value, time_limit_s=5.0, workers=1
     )
     assert left == {}
@@ -550,8 +555,6 @@ def test_filled_start_places_every_replica_within_every_limit() -> None:
     """The whole-instance solution filled onto its own instances, leftovers on fresh ones:
     a valid plan on a mixed fleet of two processor kinds, no dearer than the realisation."""
     import time
-
-    from packing import solver
 
     rng = random.Random(3)
     models = []
@@ -576,14 +579,22 @@ def test_filled_start_places_every_replica_within_every_limit() -> None:
         instance_type("c.2x", 0.4, 1, 16, processor="cpu"),
     ]
     problem = problem_of(models, types, {"g.x": 6})
-    kinds = solver._types(problem)
-    classes = solver._classes(problem, kinds)
-    solver._check_feasible(problem, kinds, classes)
-    solved = solver._mip_start(kinds, classes, 5.0, 0.0)
+    kinds = prepare.types_of(problem)
+    classes = prepare.classes_of(problem, kinds)
+    prepare.check_feasible(problem, kinds, classes)
+    solved = bounds.mip_start(kinds, classes, 5.0, 0.0)
     assert solved is not None
     assignment, counts = solved
-    filled = solver._filled(kinds, classes, assignment, counts, time.perf_counter() + 5.0, 1)
+    filled = fill.fill_start(
+        kinds,
+        classes,
+        assignment,
+        counts,
+        time.perf_counter() + 5.0,
+        1,
+        knapsack_s=schedule.KNAPSACK_SECONDS,
+    )
     cost = _as_checked_plan(problem, classes, filled)
     assert sum(1 for i in filled if i.type.name == "g.x") <= 6
-    realised = solver._realised(kinds, classes, assignment, time.perf_counter() + 5.0)
+    realised = realise.start_from_assignment(kinds, classes, assignment, time.perf_counter() + 5.0)
     assert cost <= _as_checked_plan(problem, classes, realised) + 1e-9

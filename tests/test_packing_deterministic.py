@@ -9,7 +9,7 @@ import msgspec
 
 from packing.contracts import Catalog, InstanceType, Limits, Problem, ProblemModel, Profile
 from packing.io import to_json
-from packing.solver import solve
+from packing.solver import bounds, cpsat, prepare, schedule, solve
 from packing.validate import check
 
 GIB = 2**30
@@ -88,15 +88,13 @@ def test_deterministic_mode_on_a_small_problem_is_optimal_and_repeats() -> None:
 def test_deterministic_mode_keeps_the_whole_instance_bound() -> None:
     """The bound that runs to its node limit before the search is the one reported (at
     least), as the bound beside the search is on the wall clock."""
-    from packing import solver
-
     problem = _problem(150, 5)
-    kinds = solver._types(problem)
-    classes = solver._classes(problem, kinds)
-    solver._check_feasible(problem, kinds, classes)
-    kinds = solver._drop_dominated(kinds, classes)
-    deadline = max(1.5 * 0.95 - 0.2, 0.1)
-    bound = solver._WholeInstanceBound(kinds, classes, deadline, solver._Clock(True)).result()
+    kinds = prepare.types_of(problem)
+    classes = prepare.classes_of(problem, kinds)
+    prepare.check_feasible(problem, kinds, classes)
+    kinds = prepare.drop_dominated(kinds, classes)
+    deadline = max(1.5 * schedule.SEARCH_SHARE - schedule.PLAN_SECONDS, 0.1)
+    bound = bounds.WholeInstanceBound(kinds, classes, deadline, cpsat.Clock(True)).result()
     assert bound > 0
     plan = solve(problem, time_limit_s=1.5, deterministic=True)
     assert plan.lower_bound_cost_per_hour >= bound - 1e-9
