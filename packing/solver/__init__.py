@@ -40,6 +40,7 @@ slot model), ``bounds`` (the volume models: layers 2 and 4), ``realise`` (layer 
 """
 
 from packing.solver.model import InfeasibleError
-from packing.solver.schedule import solve
+from packing.solver.progress import SolveProgress, TrajectoryPoint
+from packing.solver.schedule import solve, solve_with_trajectory
 
-__all__ = ["InfeasibleError", "solve"]
+__all__ = ["InfeasibleError", "SolveProgress", "TrajectoryPoint", "solve", "solve_with_trajectory"]

@@ -31,12 +31,14 @@ def neighbourhood_search(
     *,
     attempt_s: float,
     group_s: float,
+    improved: Callable[[list[Instance]], None] | None = None,
 ) -> list[Instance]:
     """Large-neighbourhood search: free the replicas of a few instances (one chosen for its
     spare room and price, the rest at random) and re-pack them exactly on any mix of types;
     keep the result when it is cheaper, until the deadline or the lower bound is reached.
     When small neighbourhoods stop paying, every instance of one processor kind is re-packed
     at once (the CPU instances, say, when only a new mix of CPU sizes saves).
+    ``improved`` (if any) hears of each cheaper set of instances.
     With several workers, disjoint neighbourhoods are solved at once (each CP-SAT call on one
     thread); quotas make it sequential, since two neighbourhoods could each open the last
     instance a quota allows."""
@@ -83,6 +85,8 @@ def neighbourhood_search(
             if removed:
                 current = [inst for i, inst in enumerate(current) if i not in removed] + added
                 stale = 0
+                if improved is not None:
+                    improved(current)
             else:
                 stale += 1
     return current

@@ -22,6 +22,7 @@ from packing.solver.prepare import (
     instance_bound,
     types_of,
 )
+from packing.solver.progress import SolveProgress, Tracker, TrajectoryPoint
 from packing.solver.realise import downsize, evacuate, start_from_assignment
 
 # The search's share of the time limit, and the seconds kept for building the plan after it.
@@ -56,14 +57,40 @@ def solve(
     workers: int = 2,
     plan_id: str | None = None,
     deterministic: bool = False,
+    progress: Callable[[SolveProgress], None] | None = None,
 ) -> Plan:
     """The cheapest plan found within ``time_limit_s``, with its lower bound and gap.
+
+    ``progress``, if given, is called (on the calling thread) whenever the incumbent cost or
+    the proven bound improves, with a ``SolveProgress``; it only observes the search.
 
     ``deterministic`` bounds the search by work instead of the clock: ``time_limit_s`` is then
     a budget of CP-SAT deterministic seconds (SCIP gets nodes in proportion), every CP-SAT
     solve runs on one worker with a fixed seed and the whole-instance bound runs to its node
     limit before the search rather than beside it, so the same problem and budget give the
     same plan (``created_at`` and ``solve_seconds`` aside) however loaded the machine is."""
+    return solve_with_trajectory(
+        problem,
+        time_limit_s=time_limit_s,
+        workers=workers,
+        plan_id=plan_id,
+        deterministic=deterministic,
+        progress=progress,
+    )[0]
+
+
+def solve_with_trajectory(
+    problem: Problem,
+    *,
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    plan_id: str | None = None,
+    deterministic: bool = False,
+    progress: Callable[[SolveProgress], None] | None = None,
+) -> tuple[Plan, list[TrajectoryPoint]]:
+    """``solve``, and the trajectory of (elapsed seconds, cost, bound) at each improvement,
+    the last point the plan's own figures."""
+    tracker = Tracker(time_limit_s, progress)
     started = time.perf_counter()
     clock = Clock(deterministic)
     # Leave room for building the plan after the last solve.
@@ -78,9 +105,10 @@ def solve(
     # The exact device-level search proves its own bound; larger problems get a second bound
     # computed beside the search.
     whole = WholeInstanceBound(types, classes, 0 if exact else deadline - clock.now(), clock)
+    tracker.report("whole-instance bound", bound=whole.bound())
     try:
         instances, lower_bound = _search(
-            types, classes, exact, deadline, workers, whole.bound, clock
+            types, classes, exact, deadline, workers, whole.bound, clock, tracker
         )
     finally:
         whole_bound = whole.result()
@@ -94,7 +122,7 @@ def solve(
     total = cost(instances)
     lower_bound = min(lower_bound, total)
     gap = (total - lower_bound) / total if total > 0 else 0.0
-    return assemble_plan(
+    plan = assemble_plan(
         problem,
         classes,
         instances,
@@ -105,6 +133,8 @@ def solve(
         seconds=time.perf_counter() - started,
         plan_id=plan_id,
     )
+    tracker.finish(plan.cost_per_hour, plan.lower_bound_cost_per_hour)
+    return plan, tracker.trajectory
 
 
 def _search(
@@ -115,9 +145,12 @@ def _search(
     workers: int,
     proven: Callable[[], float],
     clock: Clock = WALL,
+    tracker: Tracker | None = None,
 ) -> tuple[list[Instance], float]:
     """The cheapest instances found by the deadline and the bound the searches proved;
-    ``proven`` reads a bound proven beside them, so the search can stop when it is met."""
+    ``proven`` reads a bound proven beside them, so the search can stop when it is met.
+    ``tracker`` hears of every better cost and bound."""
+    tracker = tracker or Tracker(0.0)
     # The volume model's bound is its LP value, reached early; past a good start, the time is
     # better spent elsewhere.
     assignment, lower_bound = solve_aggregated(
@@ -128,7 +161,9 @@ def _search(
         workers,
         clock,
     )
+    tracker.report("volume model", bound=lower_bound)
     instances = start_from_assignment(types, classes, assignment, deadline, clock)
+    tracker.report("realisation", cost=cost(instances))
     if not exact:
         # Other starts from the volume model with whole instances, solved by SCIP: its
         # solution filled onto its own instances, then solutions with a little of every
@@ -155,12 +190,16 @@ def _search(
                     over_quota(instances) or cost(found) < cost(instances)
                 ):
                     instances = found
+                    tracker.report(
+                        "filled start" if slack == 0 else "held-back start", cost=cost(instances)
+                    )
     if exact:
         every = {t.index: instance_bound(t, classes) for t in types}
         instances, exact_bound = solve_devices(
             types, classes, instances, every, True, deadline - clock.now(), workers, clock
         )
         lower_bound = max(lower_bound, exact_bound)
+        tracker.report("exact search", cost=cost(instances), bound=lower_bound)
     elif over_quota(instances):
         # A realisation that had to go past a quota: the device-level search over every type
         # repairs it (it keeps quotas).
@@ -180,16 +219,22 @@ def _search(
         # Whole replicas cannot fill both resources of every device as the volume model
         # does: re-pack a few instances at a time where the volume model's fractions met
         # whole devices.
+        def bound_now() -> float:
+            bound = max(lower_bound, proven())
+            tracker.report("whole-instance bound", bound=bound)
+            return bound
+
         instances = neighbourhood_search(
             types,
             classes,
             instances,
             deadline,
             workers,
-            lambda: max(lower_bound, proven()),
+            bound_now,
             clock,
             attempt_s=NEIGHBOURHOOD_SECONDS,
             group_s=GROUP_SECONDS,
+            improved=lambda found: tracker.report("neighbourhood search", cost=cost(found)),
         )
     # The device-level search may leave an instance light enough to empty or downsize.
     instances = downsize(evacuate(instances, classes, deadline + 1.0, clock), types, classes)
