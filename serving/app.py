@@ -16,14 +16,13 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
-from litestar.params import Parameter
+from litestar.params import PathParameter, QueryParameter
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
     ProblemDetailsPlugin,
 )
 
-from serving.batching import Batcher
 from serving.dataplane import MAX_TEXTS_PER_REQUEST, DataPlane, logger
 from serving.errors import (
     DeadlineExceeded,
@@ -45,8 +44,8 @@ __all__ = ["MAX_TEXTS_PER_REQUEST", "create_app", "parse_texts"]
 
 MAX_BODY_BYTES = 1 << 20
 
-ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
-VersionPath = Annotated[str, Parameter(description="Model version (each model has version 1)")]
+ModelIdPath = Annotated[str, PathParameter(description="Model id, as in the plan")]
+VersionPath = Annotated[str, PathParameter(description="Model version (each model has version 1)")]
 
 # Typed errors and their HTTP answers: the problem-details plugin and the metrics both read it.
 ERRORS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
@@ -154,39 +153,53 @@ def ready(state: State) -> Response[dict[str, Any]]:
     return Response(plane.readiness(), status_code=200 if plane.ready else 503)
 
 
-@get(
-    ["/models/{model_id:str}", "/models/{model_id:str}/versions/{version:str}"],
-    sync_to_thread=False,
-)
-def model_metadata(
-    state: State, model_id: ModelIdPath, version: VersionPath | None = None
+@get("/models/{model_id:str}", sync_to_thread=False)
+def model_metadata(state: State, model_id: ModelIdPath) -> dict[str, Any]:
+    return _plane(state).model_metadata(model_id)
+
+
+@get("/models/{model_id:str}/versions/{version:str}", sync_to_thread=False)
+def model_version_metadata(
+    state: State, model_id: ModelIdPath, version: VersionPath
 ) -> dict[str, Any]:
     return _plane(state).model_metadata(model_id, version)
 
 
-@get(
-    ["/models/{model_id:str}/ready", "/models/{model_id:str}/versions/{version:str}/ready"],
-    sync_to_thread=False,
-)
-def model_ready(
-    state: State, model_id: ModelIdPath, version: VersionPath | None = None
-) -> Response[dict[str, Any]]:
+def _readiness(state: State, model_id: str, version: str | None) -> Response[dict[str, Any]]:
     is_ready = _plane(state).model_ready(model_id, version)
     return Response({"name": model_id, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@post(
-    ["/models/{model_id:str}/infer", "/models/{model_id:str}/versions/{version:str}/infer"],
-    status_code=200,
-)
-async def infer(
-    request: Request, state: State, model_id: ModelIdPath, version: VersionPath | None = None
-) -> Response[bytes]:
-    body, headers = await _plane(state).infer(
+@get("/models/{model_id:str}/ready", sync_to_thread=False)
+def model_ready(state: State, model_id: ModelIdPath) -> Response[dict[str, Any]]:
+    return _readiness(state, model_id, None)
+
+
+@get("/models/{model_id:str}/versions/{version:str}/ready", sync_to_thread=False)
+def model_version_ready(
+    state: State, model_id: ModelIdPath, version: VersionPath
+) -> Response[dict[str, Any]]:
+    return _readiness(state, model_id, version)
+
+
+async def _infer(request: Request, model_id: str, version: str | None) -> Response[bytes]:
+    body, headers = await request.app.state.dataplane.infer(
         model_id, await request.body(), request.headers.get(HEADER_LENGTH), version
     )
     media_type = headers.pop("content-type")
     return Response(body, media_type=media_type, headers=headers)
+
+
+@post("/models/{model_id:str}/infer", status_code=200)
+async def infer(request: Request, model_id: ModelIdPath) -> Response[bytes]:
+    return await _infer(request, model_id, None)
+
+
+@post("/models/{model_id:str}/versions/{version:str}/infer", status_code=200)
+async def infer_version(
+    request: Request, model_id: ModelIdPath, version: VersionPath
+) -> Response[bytes]:
+    return await _infer(request, model_id, version)
 
 
 def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -201,7 +214,9 @@ def repository_index(state: State) -> list[dict[str, Any]]:
 
 @post("/repository/models/{model_id:str}/load", guards=[admin_guard])
 async def load_model(
-    state: State, model_id: ModelIdPath, wait: bool = True
+    state: State,
+    model_id: ModelIdPath,
+    wait: Annotated[bool, QueryParameter(description="answer once loaded")] = True,
 ) -> Response[dict[str, str]]:
     """Load (or reload from the store) one model: 200 once it is loaded (the others serve
     meanwhile); with ``?wait=false``, 202 at once and the load runs behind."""
@@ -215,7 +230,7 @@ async def unload_model(state: State, model_id: ModelIdPath) -> dict[str, str]:
 
 
 @route("/{rest:path}", http_method=["GET", "POST"], sync_to_thread=False)
-def v2_unknown(rest: str) -> None:
+def v2_unknown(rest: Annotated[str, PathParameter()]) -> None:
     """Any other /v2 path: a v2 error body, not the app's problem details."""
     raise NotFoundException(f"no KServe v2 route /v2/{rest.lstrip('/')}")
 
@@ -249,8 +264,11 @@ V2_ROUTES = Router(
         live,
         ready,
         model_metadata,
+        model_version_metadata,
         model_ready,
+        model_version_ready,
         infer,
+        infer_version,
         repository_index,
         load_model,
         unload_model,
@@ -291,11 +309,7 @@ def create_app(
     )
 
     def start_loading(app: Litestar) -> None:
-        if batching is not None:
-            plane.batcher = Batcher(
-                workers=workers, on_batch=server_metrics.observe_batch, **batching
-            )
-        server_metrics.batcher = plane.batcher
+        repository.start(workers=workers, on_batch=server_metrics.observe_batch, **(batching or {}))
         if load_on_startup:
             threading.Thread(target=repository.load_all, name="model-loader", daemon=True).start()
 

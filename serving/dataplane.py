@@ -29,7 +29,7 @@ from serving.errors import (
 )
 from serving.errors import status_of as error_status
 from serving.metrics import ServerMetrics
-from serving.models import ModelState, ServedModel
+from serving.models import ModelState
 
 logger = logging.getLogger("myriad.server")
 
@@ -45,14 +45,12 @@ class DataPlane:
         repository: Any,
         metrics: ServerMetrics,
         *,
-        batcher: Any = None,
         workers: int = 1,
         admin_token: str | None = None,
         version: str = "0.1.0",
     ) -> None:
         self.repository = repository
         self.metrics = metrics
-        self.batcher = batcher
         self.workers = workers
         self.admin_token = admin_token
         self.version = version
@@ -80,8 +78,9 @@ class DataPlane:
             model = self._model(model_id, version)
             if not model.ready:
                 raise ModelNotReady(model_id, model.state, model.reason)
-            if batch is not None and self.batcher is not None and isinstance(model, ServedModel):
-                futures = self.batcher.submit(model, *batch)
+            if batch is not None:
+                # The backend's scheduler computes; this request waits on the loop, not a thread.
+                futures = model.submit(*batch)
                 result = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
             else:
                 if self._limiter is None:
@@ -232,11 +231,7 @@ class DataPlane:
         return {"name": model_id, "status": "unloaded"}
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
-        close = getattr(self.repository, "close", None)
-        if close is not None:
-            close()
+        self.repository.close()
 
 
 def check_texts(texts: list[str]) -> None:

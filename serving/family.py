@@ -38,6 +38,7 @@ from serving.models import (
     ModelRepository,
     ModelState,
     NotSupported,
+    ServingModel,
     answers,
     describe,
     open_artifact,
@@ -252,7 +253,7 @@ class FamilyEngine:
         return answers(self.shape.task, labels, row.unsqueeze(0), request.raw)[0]
 
 
-class FamilyModel:
+class FamilyModel(ServingModel):
     """One model behind the model contract, run by the engine of its shape.
 
     Loading has two steps: :meth:`load` reads and verifies the artifact (in the repository's
@@ -306,16 +307,12 @@ class FamilyModel:
         self.state = ModelState.FAILED
         self.reason = f"{type(exc).__name__}: {exc}"
 
-    @property
-    def ready(self) -> bool:
-        return self.state is ModelState.READY
-
-    def predict(self, texts: list[str], raw: bool = False) -> list[dict]:
+    def submit(self, texts: list[str], raw: bool = False) -> list[Future]:
         if not self.ready or self.engine is None:
             raise ModelNotReady(self.model_id, self.state, self.reason)
         if not texts:
             raise InvalidInput("no text given")
-        return self.engine.predict(self.model_id, texts, raw)
+        return self.engine.submit(self.model_id, texts, raw)
 
     def predict_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False):
         raise InvalidInput("the cross-model engine takes text; send a BYTES input")
@@ -362,6 +359,16 @@ class FamilyRepository(ModelRepository):
             self.settings.device = "cuda"
         self.engines: dict[BertShape, FamilyEngine] = {}
         self.models = {m: FamilyModel(m, processor) for m in model_ids}  # type: ignore[misc]
+
+    def start(self, workers: int = 1, on_batch: object = None, **batching: object) -> None:
+        """Nothing to start: each engine is its models' scheduler (it starts with the engine)."""
+
+    def queue_depth(self) -> int:
+        return sum(engine.queue.qsize() for engine in self.engines.values())
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
 
     def load_model(self, model_id: str) -> None:
         raise NotSupported("loading models one by one is not supported by the cross-model engine")

@@ -50,7 +50,6 @@ class ServerMetrics:
             "Texts waiting in the batcher and the cross-model engines' queues",
             registry=self.registry,
         )
-        self.batcher: object | None = None
         self.memory = Gauge(
             "myriad_process_resident_bytes",
             "Resident memory of the server process",
@@ -78,9 +77,7 @@ class ServerMetrics:
                 self.load_seconds.labels(model.model_id).set(model.load_seconds)
         for state in ("pending", "loading", "ready", "failed"):
             self.models.labels(state).set(states.get(state, 0))
-        engines = getattr(self.repository, "engines", {})
-        waiting = getattr(self.batcher, "waiting", 0)
-        self.queue_depth.set(waiting + sum(e.queue.qsize() for e in engines.values()))
+        self.queue_depth.set(self.repository.queue_depth())  # type: ignore[attr-defined]
         self.memory.set(resident_bytes())
         return generate_latest(self.registry)
 

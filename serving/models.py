@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import abc
 import enum
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -56,9 +58,47 @@ def open_artifact(store: ArtifactStore, prefix: str, cache_dir: Path | None) -> 
     )
 
 
+class ServingModel(abc.ABC):
+    """The model contract every backend implements (TorchScript per model, the cross-model
+    engine; Neuron and CUDA graphs next): load, state and reason, describe, and ``submit``,
+    which queues texts on the backend's own scheduler and returns a future per text, so no
+    thread waits for a result. ``predict`` is the blocking form, for loaders and scripts."""
+
+    model_id: str
+    processor: str
+    state: ModelState
+    reason: str | None
+    task: str
+    max_length: int
+    memory_bytes: int
+    load_seconds: float
+
+    @abc.abstractmethod
+    def load(self, store: ArtifactStore, cache_dir: Path | None) -> None: ...
+
+    @abc.abstractmethod
+    def submit(self, texts: list[str], raw: bool = False) -> list[Future]: ...
+
+    def predict(self, texts: list[str], raw: bool = False) -> list[dict]:
+        return [future.result() for future in self.submit(texts, raw)]
+
+    def predict_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False
+    ) -> list[dict]:
+        raise InvalidInput(f"model {self.model_id} takes text; send a BYTES input")
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    def describe(self) -> dict:
+        return describe(self)
+
+
 @dataclass
-class ServedModel:
-    """A traced model from the store, with its tokenizer and post-processing."""
+class ServedModel(ServingModel):
+    """A traced model from the store, with its tokenizer and post-processing; its texts are
+    batched by the repository's :class:`serving.batching.Batcher` once one is attached."""
 
     model_id: str
     processor: str
@@ -73,6 +113,7 @@ class ServedModel:
     module: torch.jit.ScriptModule | None = None
     tokenizer: Tokenizer | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scheduler: Any = None  # serving.batching.Batcher
 
     def load(self, store: ArtifactStore, cache_dir: Path | None) -> None:
         started = time.perf_counter()
@@ -102,12 +143,17 @@ class ServedModel:
             self.load_seconds = time.perf_counter() - started
         self.state = ModelState.READY
 
-    @property
-    def ready(self) -> bool:
-        return self.state is ModelState.READY
+    def submit(self, texts: list[str], raw: bool = False) -> list[Future]:
+        if self.scheduler is None:
+            done: list[Future] = []
+            for answer in self.predict(texts, raw):
+                done.append(Future())
+                done[-1].set_result(answer)
+            return done
+        return self.scheduler.submit(self, texts, raw)
 
     def predict(self, texts: list[str], raw: bool = False) -> list[dict]:
-        """Run one batch; safe to call from worker threads (TorchScript releases the GIL)."""
+        """Run one batch now; safe to call from worker threads (TorchScript releases the GIL)."""
         if not self.ready or self.module is None or self.tokenizer is None:
             raise ModelNotReady(self.model_id, self.state, self.reason)
         if not texts:
@@ -142,9 +188,6 @@ class ServedModel:
         with torch.inference_mode():
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
         return answers(self.task, self.labels, output.float().cpu(), raw)
-
-    def describe(self) -> dict:
-        return describe(self)
 
 
 def load_neuron_runtime() -> None:
@@ -185,7 +228,7 @@ def answers(task: str, labels: list[str], output: torch.Tensor, raw: bool) -> li
     return results
 
 
-def describe(model: ServedModel | object) -> dict:
+def describe(model: ServingModel) -> dict:
     """A model's entry in ``GET /models``: state, reason, task and memory."""
     return {
         "id": model.model_id,
@@ -214,13 +257,32 @@ class ModelRepository:
         self.cache_dir = cache_dir
         self.load_workers = load_workers
         self.processor = processor
-        self.models: dict[str, ServedModel] = {
+        self.models: dict[str, ServingModel] = {
             model_id: ServedModel(model_id, processor, artifact_prefix(model_id, processor))
             for model_id in model_ids
         }
+        self.batcher: Any = None
         self._loaded = threading.Event()
 
-    def get(self, model_id: str) -> ServedModel:
+    def start(self, workers: int = 1, on_batch: Any = None, **batching: Any) -> None:
+        """Start the backend's scheduler: a :class:`serving.batching.Batcher` over ``workers``
+        compute threads, with its settings; ``on_batch(model_id, texts)`` for the metrics."""
+        from serving.batching import Batcher
+
+        self.batcher = Batcher(workers=workers, on_batch=on_batch, **batching)
+        for model in self.models.values():
+            model.scheduler = self.batcher
+
+    def queue_depth(self) -> int:
+        """Texts waiting for the scheduler."""
+        return self.batcher.waiting if self.batcher is not None else 0
+
+    def close(self) -> None:
+        """Finish running batches, then stop the scheduler."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def get(self, model_id: str) -> ServingModel:
         try:
             return self.models[model_id]
         except KeyError:
@@ -241,7 +303,7 @@ class ModelRepository:
     def finished_loading(self) -> bool:
         return self._loaded.is_set()
 
-    def failed(self) -> list[ServedModel]:
+    def failed(self) -> list[ServingModel]:
         return [m for m in self.models.values() if m.state is ModelState.FAILED]
 
     def describe(self) -> list[dict]:
@@ -251,6 +313,7 @@ class ModelRepository:
         """(Re)load one model from the store in the background; the old copy, if any, keeps
         answering until the new one is ready. Returns the copy being loaded."""
         fresh = ServedModel(model_id, self.processor, artifact_prefix(model_id, self.processor))
+        fresh.scheduler = self.batcher
         previous = self.models.get(model_id)
 
         def run() -> None:

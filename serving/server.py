@@ -52,9 +52,8 @@ def serve(
         repository = FamilyRepository(
             open_store(store_uri), model_ids, processor, cache_dir, settings
         )
-        # Requests wait in the engine's queue, not for a worker thread: enough threads for a
-        # full batch to form.
-        workers = max(threads, 2 * settings.max_batch)
+        # Requests wait on the event loop for the engine's futures, not on worker threads.
+        workers = threads
     app = create_app(repository, workers=workers, batching=batching)
     uvicorn.run(
         app,
