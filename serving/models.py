@@ -28,6 +28,9 @@ class ModelState(enum.StrEnum):
     FAILED = "failed"
 
 
+# Sequence lengths are cut to a multiple of this past each batch's longest text.
+TRIM_MULTIPLE = 8
+
 # What loading an artifact can raise: the model is then FAILED with the reason.
 LOAD_ERRORS = (StoreError, OSError, RuntimeError, KeyError, ValueError, ImportError)
 
@@ -164,7 +167,9 @@ class ServedModel(ServingModel):
         """The model's raw output rows (logits or vectors) for a batch of texts."""
         if not self.ready or self.module is None or self.tokenizer is None:
             raise ModelNotReady(self.model_id, self.state, self.reason)
-        input_ids, attention_mask = encode(self.tokenizer, texts)
+        # Neuron graphs are compiled for one shape; CPU and CUDA traces take any length.
+        trim = None if self.processor == "inf" else TRIM_MULTIPLE
+        input_ids, attention_mask = encode(self.tokenizer, texts, trim_to=trim)
         with torch.inference_mode():
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
         return output.float().cpu()

@@ -160,3 +160,19 @@ def test_hf_source_on_s3_traces(s3_store_uri: str, tmp_path: Path) -> None:
     result = trace_to_store(spec, "cpu", store, FAST)
     assert not result.cached
     assert trace_to_store(spec, "cpu", store, FAST).cached
+
+
+def test_a_traced_model_answers_the_same_on_trimmed_padding(tmp_path: Path) -> None:
+    from serving.models import ServedModel
+
+    store = open_store(f"file://{tmp_path}/store")
+    trace_to_store(tiny(max_length=64), "cpu", store, FAST)
+    model = ServedModel("tiny-a", "cpu", "models/tiny-a/cpu")
+    model.load(store, None)
+    texts = ["short", "a somewhat longer text than the first one"]
+    full_ids, full_mask = encode(model.tokenizer, texts)
+    ids, mask = encode(model.tokenizer, texts, trim_to=8)
+    assert full_ids.shape[1] == 64 and ids.shape[1] < 64 and ids.shape[1] % 8 == 0
+    assert int(mask.sum()) == int(full_mask.sum())  # only padding was cut
+    with torch.inference_mode():
+        torch.testing.assert_close(model.module(ids, mask), model.module(full_ids, full_mask))
