@@ -55,7 +55,11 @@ class Batcher:
         self.batches = 0
         self.batch_sizes: deque[int] = deque(maxlen=1024)
         self._busy = threading.Semaphore(workers)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch")
+        self._pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch")
+            if workers > 1
+            else None
+        )
         self._lock = threading.Condition()
         self._order: deque[str] = deque()
         self._stop = False
@@ -86,7 +90,8 @@ class Batcher:
             self._stop = True
             self._lock.notify()
         self._thread.join(timeout=5)
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _run(self) -> None:
         while True:
@@ -103,7 +108,12 @@ class Batcher:
                     if batch is None:
                         self._lock.wait(timeout=wait)
             model_id, items = batch
-            self._pool.submit(self._execute, model_id, items)
+            if self._pool is None:
+                # One compute thread: this one. A hand-off to a pool would cost a wake-up
+                # per batch and buy nothing, as the next batch waits for this one anyway.
+                self._execute(model_id, items)
+            else:
+                self._pool.submit(self._execute, model_id, items)
 
     def _next_due(self) -> tuple[tuple[str, list[_Item]] | None, float | None]:
         """The next model in round-robin order with a full batch or an old enough head; else
