@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import anyio
@@ -80,8 +82,7 @@ class DataPlane:
                 raise ModelNotReady(model_id, model.state, model.reason)
             if batch is not None:
                 # The backend's scheduler computes; this request waits on the loop, not a thread.
-                futures = model.submit(*batch)
-                result = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+                result = await settled(model.submit(*batch))
             else:
                 if self._limiter is None:
                     self._limiter = anyio.CapacityLimiter(self.workers)
@@ -232,6 +233,44 @@ class DataPlane:
 
     def close(self) -> None:
         self.repository.close()
+
+
+def settled(futures: list[Future]) -> asyncio.Future:
+    """One awaitable for a request's futures, woken once when the last of them is done (not
+    a loop wake-up per text); the first error among them is raised."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    remaining = len(futures)
+    lock = threading.Lock()
+
+    def settle() -> None:
+        if done.cancelled():
+            return
+        try:
+            done.set_result([future.result() for future in futures])
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+            done.set_exception(exc)
+
+    def finished(_: Future) -> None:
+        nonlocal remaining
+        with lock:
+            remaining -= 1
+            last = remaining == 0
+        if last:
+            loop.call_soon_threadsafe(settle)
+
+    def abandon(_: asyncio.Future) -> None:
+        # The caller went away: texts not yet claimed by a batch are never computed.
+        if done.cancelled():
+            for future in futures:
+                future.cancel()
+
+    done.add_done_callback(abandon)
+    if not futures:
+        done.set_result([])
+    for future in futures:
+        future.add_done_callback(finished)
+    return done
 
 
 def check_texts(texts: list[str]) -> None:
