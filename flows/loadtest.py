@@ -1,18 +1,43 @@
 """The ``myriad-loadtest`` flow: load-test a running deployment and publish the report. The
-pipeline calls it after deploying; it also runs on its own against any deployment."""
+pipeline and the redeploy flow call it after deploying; it also runs on its own against any
+deployment, given the plan's URI and the deployment's name."""
 
 from __future__ import annotations
 
+import msgspec
 from prefect import flow
 
-from tasks.loadtest import load_test
+from flows.params import LoadMode, check_positive
+from flows.results import result_options
+from packing.contracts import Plan
+from tasks.deploy import deployment_record
+from tasks.documents import read_document
+from tasks.loadtest import LoadSettings, load_test
 from tasks.report import publish_report
 
 
-@flow(name="myriad-loadtest", log_prints=True)
+@flow(name="myriad-loadtest", log_prints=True, **result_options())
 def loadtest(
-    plan_json: str, deployment: dict, settings: dict | None = None, store: str | None = None
+    plan: str,
+    deployment: str = "myriad",
+    store: str | None = None,
+    duration_s: float = 10.0,
+    concurrency: int = 8,
+    modes: list[LoadMode] | None = None,
+    zipf: float = 0.0,
+    rate: float | None = None,
 ) -> dict:
-    figures = load_test(plan_json, deployment, settings or {})
-    summary = publish_report(plan_json, figures, store)
-    return summary
+    """``plan``: the plan's URI (file path, file:// or s3://); ``deployment``: the name it was
+    deployed under. Returns the report's summary figures and its URI in the store."""
+    check_positive(duration_s=duration_s, concurrency=concurrency, rate=rate)
+    settings: dict = {"duration_s": duration_s, "concurrency": concurrency, "zipf": zipf}
+    if modes:
+        settings["modes"] = list(modes)
+    if rate is not None:
+        settings["rate"] = rate
+        settings.setdefault("modes", ["rate"])
+    LoadSettings(**settings)  # fails the run now on a bad combination, before any load
+    plan_text = msgspec.json.encode(read_document(plan, Plan)).decode()
+    record = deployment_record(deployment)
+    figures = load_test(plan_text, record, settings)
+    return publish_report(plan_text, figures, store)

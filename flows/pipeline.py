@@ -2,45 +2,46 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.loadtest import loadtest
-from packing.contracts import Catalog, Fleet, Limits
-from packing.io import load, to_json
+from flows.params import EnginePrecision, LoadMode, Precision, Runtime, check_catalog, check_fleet
+from flows.results import result_options
+from flows.stages import plan_artifacts, trace_task_runner
+from packing.contracts import Limits
+from packing.io import to_json
 from tasks.build import build_image
-from tasks.deploy import deploy_servers, teardown_servers
-from tasks.pack import build_problem, pack_models
+from tasks.deploy import deploy_plan, teardown_servers
+from tasks.documents import base_dir
+from tasks.pack import build_problem, latest_plan_uri, pack_plan
 from tasks.trace import submit_traces
 
 
 # Two workers: the embedded SQLite server and a 2-core machine both saturate beyond that.
-@flow(name="myriad-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="myriad-pipeline", task_runner=trace_task_runner(), log_prints=True, **result_options())
 def pipeline(
     fleet: str = "examples/demo.yaml",
     catalog: str = "catalogs/aws.yaml",
     store: str | None = None,
-    runtime: str = "local",
+    runtime: Runtime = "local",
     duration_s: float = 10.0,
     concurrency: int = 8,
     time_limit_s: float = 10.0,
     spot: bool = False,
-    precision: str | None = None,
+    precision: Precision | None = None,
     deployment_name: str = "pipeline",
     keep_running: bool = False,
     repack_tolerance: float | None = None,
-    load_modes: list[str] | None = None,
+    load_modes: list[LoadMode] | None = None,
     zipf: float = 0.0,
-    engine: str | None = None,
+    engine: EnginePrecision | None = None,
 ) -> dict:
     """``engine`` (fp32, bf16, fp16, int8): serve on the cross-model engine, and pack with its
-    bytes per model and batched cost per request."""
+    bytes per model and batched cost per request. Stages pass the plan's URI, not its JSON."""
     logger = get_run_logger()
-    fleet_spec = load(fleet, Fleet)
-    catalog_spec = load(catalog, Catalog)
+    fleet_spec = check_fleet(fleet)
+    catalog_spec = check_catalog(catalog)
     builds = [build_image(processor, runtime) for processor in fleet_spec.processors]
     logger.info(
         "environments: %s",
@@ -53,45 +54,50 @@ def pipeline(
     )
 
     settings = {"precision": precision} if precision else None
-    traces = submit_traces(fleet_spec, store, settings, Path(fleet).resolve().parent)
+    traces = submit_traces(fleet_spec, store, settings, base_dir(fleet))
     fresh = sum(not t["cached"] for t in traces)
     logger.info("traced %d artifacts, %d reused from the store", fresh, len(traces) - fresh)
 
     problem = build_problem(
         fleet_spec, traces, catalog_spec, Limits(), "spot" if spot else "on_demand", engine
     )
-    packed = pack_models(
-        to_json(problem).decode(), store, time_limit_s, repack_tolerance=repack_tolerance
+    packed = pack_plan(
+        to_json(problem).decode(),
+        store,
+        time_limit_s,
+        current_plan_uri=latest_plan_uri(store) if repack_tolerance is not None else None,
+        repack_tolerance=repack_tolerance,
+        problem_name=fleet_spec.name,
     )
     if packed["moves"] is not None:
-        logger.info("repacked the running plan: %d replica moves", packed["moves"])
-    plan_json = to_json_plan(packed["plan"])
+        logger.info("repacked the running plan: %d replica moves", len(packed["moves"]))
     logger.info(
         "plan %s: %d instances, %d servers, $%.4f/h (lower bound $%.4f/h)",
-        packed["plan"]["plan_id"],
-        len(packed["plan"]["instances"]),
-        len(packed["plan"]["servers"]),
-        packed["plan"]["cost_per_hour"],
-        packed["plan"]["lower_bound_cost_per_hour"],
+        packed["plan_id"],
+        packed["instances"],
+        packed["servers"],
+        packed["cost_per_hour"],
+        packed["lower_bound_cost_per_hour"],
     )
+    plan_artifacts(packed["plan_uri"], problem)
     images = {b["processor"]: b["image"] for b in builds if b.get("image")}
-    deployment = deploy_servers(plan_json, store, runtime, deployment_name, engine, images)
+    deploy_plan(packed["plan_uri"], store, runtime, deployment_name, engine, images)
     try:
-        settings = {"duration_s": duration_s, "concurrency": concurrency, "zipf": zipf}
-        if load_modes:
-            settings["modes"] = load_modes
-        summary = loadtest(plan_json, deployment, settings, store)
+        summary = loadtest(
+            plan=packed["plan_uri"],
+            deployment=deployment_name,
+            store=store,
+            duration_s=duration_s,
+            concurrency=concurrency,
+            modes=load_modes,
+            zipf=zipf,
+        )
     finally:
         if not keep_running:
             teardown_servers(deployment_name)
     if packed["moves"] is not None:
-        summary["moves"] = packed["moves"]
+        summary["moves"] = len(packed["moves"])
+    summary["plan_uri"] = packed["plan_uri"]
     summary["traced"] = fresh
     summary["reused"] = len(traces) - fresh
     return summary
-
-
-def to_json_plan(plan: dict) -> str:
-    import json
-
-    return json.dumps(plan)

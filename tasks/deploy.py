@@ -88,3 +88,68 @@ def deploy_servers(
 @task(name="teardown-servers", cache_policy=NO_CACHE)
 def teardown_servers(name: str) -> list[str]:
     return teardown(name)
+
+
+def _local_plan(plan_uri: str, name: str) -> Path:
+    """A local copy of the plan at ``plan_uri`` (file or s3://) for the runtime to read."""
+    from tasks.documents import open_plan
+
+    plan = open_plan(plan_uri)
+    return save(plan, deployments_dir() / f"{name}.{plan.plan_id}.plan.json")
+
+
+def _network_retries() -> dict:
+    # Only for runtimes that talk to an API: a local server that cannot load its models fails
+    # the same way every time (DeployError), so it is not retried.
+    from tasks.policy import network_retries
+
+    return network_retries()
+
+
+@task(
+    name="deploy-plan",
+    cache_policy=NO_CACHE,
+    task_run_name="deploy-{name}-{runtime}",
+    **_network_retries(),
+)
+def deploy_plan(
+    plan_uri: str,
+    store_uri: str | None,
+    runtime: str,
+    name: str,
+    engine: str | None = None,
+    images: dict[str, str] | None = None,
+) -> dict:
+    """Deploy the plan at ``plan_uri``; returns the deployment record (server URLs, handles)."""
+    plan_path = _local_plan(plan_uri, name)
+    return msgspec.to_builtins(deploy(plan_path, store_uri, runtime, name, engine, images))
+
+
+@task(
+    name="redeploy-servers",
+    cache_policy=NO_CACHE,
+    task_run_name="redeploy-{name}",
+    **_network_retries(),
+)
+def redeploy_servers(
+    plan_uri: str,
+    store_uri: str | None,
+    name: str,
+    engine: str | None = None,
+    images: dict[str, str] | None = None,
+) -> dict:
+    """Move deployment ``name`` to the plan at ``plan_uri``: only servers whose fingerprint
+    changed are replaced, each new one ready before an old one stops."""
+    result = redeploy(_local_plan(plan_uri, name), store_uri, name, engine, images)
+    return {
+        "plan_id": result.deployment.plan_id,
+        "kept": result.kept,
+        "started": result.started,
+        "stopped": result.stopped,
+        "handles": dict(result.deployment.handles),
+    }
+
+
+@task(name="read-deployment", cache_policy=NO_CACHE)
+def deployment_record(name: str) -> dict:
+    return msgspec.to_builtins(read_deployment(name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import msgspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -14,6 +15,8 @@ from packing.repack import repack
 from packing.solver import solve
 from packing.validate import check
 from serving.store import open_store
+from tasks.documents import open_plan
+from tasks.policy import network_retries
 
 
 def build_problem(
@@ -131,3 +134,85 @@ def pack_models(
         "wall_seconds": time.perf_counter() - started,
         "moves": moves,
     }
+
+
+def plan_summary(plan: Plan, uri: str) -> dict:
+    """What a pack task returns (and the Prefect database keeps): the plan's URI and figures."""
+    return {
+        "plan_uri": uri,
+        "plan_id": plan.plan_id,
+        "instances": len(plan.instances),
+        "servers": len(plan.servers),
+        "models": len({m for s in plan.servers for m in s.model_ids}),
+        "cost_per_hour": plan.cost_per_hour,
+        "lower_bound_cost_per_hour": plan.lower_bound_cost_per_hour,
+        "gap": plan.gap,
+        "solver_status": plan.solver_status,
+    }
+
+
+# Not retried: an infeasible problem or an invalid plan fails the same way every time.
+@task(name="pack-plan", cache_policy=NO_CACHE, task_run_name="pack-{problem_name}")
+def pack_plan(
+    problem_json: str,
+    store_uri: str | None,
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    current_plan_uri: str | None = None,
+    repack_tolerance: float | None = None,
+    problem_name: str = "fleet",
+) -> dict:
+    """Solve afresh and publish; with ``current_plan_uri`` and ``repack_tolerance``, repack that
+    plan incrementally instead. Returns the plan's URI and figures, and the moves (each a
+    replica that changes server) when it repacked."""
+    problem = decode(problem_json, Problem, "packing problem")
+    started = time.perf_counter()
+    moves = None
+    fresh_cost = None
+    if current_plan_uri is not None and repack_tolerance is not None:
+        result = repack(
+            problem,
+            open_plan(current_plan_uri),
+            tolerance=repack_tolerance,
+            time_limit_s=time_limit_s,
+            workers=workers,
+        )
+        plan, fresh_cost = result.plan, result.fresh_cost_per_hour
+        moves = [msgspec.to_builtins(move) for move in result.moves]
+    else:
+        plan = solve(problem, time_limit_s=time_limit_s, workers=workers)
+    check(problem, plan)
+    uri = publish_plan_with_retries(plan, store_uri)
+    summary = plan_summary(plan, uri)
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["moves"] = moves
+    summary["fresh_cost_per_hour"] = fresh_cost
+    return summary
+
+
+def publish_plan_with_retries(plan: Plan, store_uri: str | None) -> str:
+    """``publish_plan``, retried on transient store errors (the solve is not redone)."""
+    from tasks.policy import NETWORK_RETRIES, is_transient
+
+    for attempt in range(NETWORK_RETRIES + 1):
+        try:
+            return publish_plan(plan, store_uri)
+        except Exception as exc:
+            if attempt == NETWORK_RETRIES or not is_transient(exc):
+                raise
+            time.sleep(2 ** (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+@task(name="read-plan", cache_policy=NO_CACHE, **network_retries())
+def plan_figures(plan_uri: str) -> dict:
+    return plan_summary(open_plan(plan_uri), plan_uri)
+
+
+def latest_plan_uri(store_uri: str | None) -> str | None:
+    """The URI of the store's latest plan, or None when the store holds no plan yet."""
+    store = open_store(store_uri)
+    if not store.exists("plans/latest"):
+        return None
+    plan_id = store.get_bytes("plans/latest").decode().strip()
+    return store.url_for(f"plans/{plan_id}/plan.json")

@@ -1,0 +1,42 @@
+"""Flow parameters that validate when a run starts: Prefect checks the ``Literal`` types against
+each run's parameters (a bad runtime or precision is refused before any task runs), and the
+documents named by URI are read and validated first thing in the flow."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from packing.contracts import Catalog, Fleet
+from tasks.documents import read_document
+
+Runtime = Literal["local", "docker", "kubernetes"]
+Precision = Literal["fp32", "fp16", "bf16"]
+EnginePrecision = Literal["fp32", "bf16", "fp16", "int8"]
+LoadMode = Literal["sequential", "random", "closed", "sweep", "rate"]
+
+
+def check_fleet(uri: str) -> Fleet:
+    """The fleet at ``uri``; a missing file or a bad field fails the run with its message."""
+    return read_document(uri, Fleet)
+
+
+def check_catalog(uri: str) -> Catalog:
+    return read_document(uri, Catalog)
+
+
+def check_positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be above 0, got {value}")
+
+
+def trace_settings(precision: str | None, minimal_profile: bool = False) -> dict | None:
+    """``TraceSettings`` fields for a precision; ``minimal_profile``: batch 1, one repeat (for
+    big synthetic fleets, where the profile of one look-alike stands for all)."""
+    settings: dict = {}
+    if precision:
+        settings["precision"] = precision
+    if minimal_profile:
+        settings["profile_batch_sizes"] = [1]
+        settings["profile_repeats"] = 1
+    return settings or None
