@@ -207,7 +207,19 @@ def pack(
     from packing.validate import check
 
     repacked = None
-    with console.status("solving"):
+    status = console.status("solving")
+
+    def show(step) -> None:
+        def money(value: float | None) -> str:
+            return "-" if value is None else f"${value:.4f}/h"
+
+        gap = "-" if step.gap is None else f"{step.gap:.2%}"
+        status.update(
+            f"solving: {step.elapsed_s:.0f} of {step.time_limit_s:.0f} s, plan {money(step.cost)},"
+            f" bound {money(step.bound)}, gap {gap} ({step.stage})"
+        )
+
+    with status:
         if current is not None:
             from packing.contracts import Plan
             from packing.repack import repack
@@ -221,7 +233,7 @@ def pack(
             )
             plan = repacked.plan
         else:
-            plan = solve(spec, time_limit_s=time_limit, workers=workers)
+            plan = solve(spec, time_limit_s=time_limit, workers=workers, progress=show)
     check(spec, plan)
     save(plan, out)
     figure = plot_plan(spec, plan, png or out.with_suffix(".png"))
