@@ -23,7 +23,7 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 
-from serving.dataplane import MAX_TEXTS_PER_REQUEST, DataPlane, logger
+from serving.dataplane import DataPlane, logger
 from serving.errors import (
     DeadlineExceeded,
     Forbidden,
@@ -40,7 +40,7 @@ from serving.metrics import ServerMetrics
 from serving.models import ModelRepository
 from serving.v2 import HEADER_LENGTH, decode_json
 
-__all__ = ["MAX_TEXTS_PER_REQUEST", "create_app", "parse_texts"]
+__all__ = ["create_app", "parse_texts"]
 
 MAX_BODY_BYTES = 1 << 20
 

@@ -69,20 +69,21 @@ class DataPlane:
         self,
         model_id: str,
         count: int,
-        call: Callable[[Any], list[dict]],
-        batch: tuple[list[str], bool] | None = None,
+        texts: tuple[list[str], bool] | None = None,
+        call: Callable[[Any], list[dict]] | None = None,
         version: str | None = None,
     ) -> list[dict]:
-        """Run ``call`` on a worker thread (or ``batch`` texts through the batcher), recording
-        its status and latency; an error that is not a typed one is logged with its traceback."""
+        """Submit ``texts`` (and ``raw``) to the model's own scheduler, or run ``call`` on a
+        worker thread, recording status and latency; an untyped error is logged with its
+        traceback."""
         started = time.perf_counter()
         try:
             model = self._model(model_id, version)
             if not model.ready:
                 raise ModelNotReady(model_id, model.state, model.reason)
-            if batch is not None:
+            if texts is not None:
                 # The backend's scheduler computes; this request waits on the loop, not a thread.
-                result = await settled(model.submit(*batch))
+                result = await settled(model.submit(*texts))
             else:
                 if self._limiter is None:
                     self._limiter = anyio.CapacityLimiter(self.workers)
@@ -102,9 +103,7 @@ class DataPlane:
         except InvalidInput as exc:
             self.refuse(model_id, exc)
             raise
-        return await self._run(
-            model_id, len(texts), lambda m: m.predict(texts, raw=raw), (texts, raw)
-        )
+        return await self._run(model_id, len(texts), (texts, raw))
 
     def refuse(self, model_id: str, exc: Exception) -> None:
         """Count a request refused before it reached a model (undecodable body)."""
@@ -133,18 +132,12 @@ class DataPlane:
             self.refuse(model_id, exc)
             raise
         if texts_input is not None:
-            results = await self._run(
-                model_id,
-                len(texts),
-                lambda m: m.predict(texts, raw=True),
-                (texts, True),
-                version,
-            )
+            results = await self._run(model_id, len(texts), (texts, True), version=version)
         else:
             results = await self._run(
                 model_id,
                 len(input_ids),
-                lambda m: m.predict_ids(input_ids, attention_mask, raw=True),
+                call=lambda m: m.predict_ids(input_ids, attention_mask, raw=True),
                 version=version,
             )
         return v2.encode_response(
