@@ -525,6 +525,36 @@ def loadtest(
         console.print(f"report: {out}/report.md, report.json and plots")
 
 
+@app.command()
+def publish(
+    model: Annotated[list[str], typer.Option(help="model id that was retrained (repeatable)")],
+    fleet: Annotated[str, typer.Option(help="the fleet it belongs to")] = "examples/demo.yaml",
+    note: Annotated[str, typer.Option(help="free text carried in the event payload")] = "",
+) -> None:
+    """Announce retrained models: emit a ``myriad.model.updated`` event per model to the Prefect
+    server at $PREFECT_API_URL; the ``retrain`` deployment's trigger runs the redeploy flow."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("set PREFECT_API_URL to the Prefect server that runs the retrain deployment")
+    for model_id in model:
+        event = emit_event(
+            event="myriad.model.updated",
+            resource={
+                "prefect.resource.id": f"myriad.model.{model_id}",
+                "prefect.resource.name": model_id,
+                "myriad.model.id": model_id,
+                "myriad.fleet": fleet,
+            },
+            payload={"note": note} if note else None,
+        )
+        if event is None:
+            _fail("Prefect is not set up to emit events here (PREFECT_API_URL, events enabled?)")
+        console.print(f"emitted myriad.model.updated for {model_id} (event {event.id})")
+    EventsWorker.drain_all(timeout=30)
+
+
 def main() -> None:
     _embedded_prefect_defaults()
     from packing.io import ContractError

@@ -39,18 +39,21 @@ def redeploy(
     duration_s: float = 5.0,
     concurrency: int = 4,
     models: list[str] | None = None,
+    model: str | None = None,
 ) -> dict:
     """Move deployment ``deployment`` to what ``fleet`` says now, touching only what changed.
-    ``models``: the ids an update event named (logged; detection still checks every model, so
-    a retrained model nobody announced is found too). ``duration_s`` 0 skips the load test."""
+    ``models`` / ``model``: the ids an update event named (the deployment trigger fills in
+    ``model``); logged only, since detection checks every model and so also finds a retrained
+    model nobody announced. ``duration_s`` 0 skips the load test."""
     logger = get_run_logger()
     started = time.perf_counter()
     fleet_spec = check_fleet(fleet)
     catalog_spec = check_catalog(catalog)
     if repack_tolerance < 0:
         raise ValueError(f"repack_tolerance must be at least 0, got {repack_tolerance}")
-    if models:
-        logger.info("update announced for: %s", ", ".join(models))
+    announced = [*(models or []), *([model] if model else [])]
+    if announced:
+        logger.info("update announced for: %s", ", ".join(announced))
     running = deployment_record(deployment)
     current_uri = running["plan_path"]
     current = open_plan(current_uri)
