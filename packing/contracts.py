@@ -271,6 +271,15 @@ class PlannedServer(_Contract, kw_only=True):
     compute_utilization: NonNegativeFloat
 
 
+class SolvePoint(_Contract, kw_only=True):
+    """One improvement during the solve: wall seconds since it began, the cheapest plan's cost
+    and the best proven bound then (dollars per hour; None before the first)."""
+
+    elapsed_s: NonNegativeFloat
+    cost_per_hour: NonNegativeFloat | None = None
+    lower_bound_cost_per_hour: NonNegativeFloat | None = None
+
+
 class Plan(_Contract, kw_only=True):
     schema_version: SchemaVersion = SCHEMA_VERSION
     plan_id: str
@@ -284,6 +293,8 @@ class Plan(_Contract, kw_only=True):
     gap: NonNegativeFloat
     solver_status: str
     solve_seconds: NonNegativeFloat
+    # How cost and bound improved over the solve (the solve record; empty for older plans).
+    solve_trajectory: list[SolvePoint] = []
 
     def __post_init__(self) -> None:
         instance_ids = {i.id for i in self.instances}

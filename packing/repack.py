@@ -255,6 +255,7 @@ def _incremental(
         gap=round((cost - lower) / cost, 6) if cost else 0.0,
         solver_status="incremental",
         solve_seconds=fresh.solve_seconds,
+        solve_trajectory=fresh.solve_trajectory,
     )
 
 

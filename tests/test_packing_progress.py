@@ -35,6 +35,13 @@ def test_progress_reports_every_improvement_and_changes_nothing() -> None:
     quiet = solve(problem, time_limit_s=1.5, deterministic=True)
 
     def blanked(p):
-        return to_json(msgspec.structs.replace(p, created_at="", solve_seconds=0.0))
+        return to_json(
+            msgspec.structs.replace(p, created_at="", solve_seconds=0.0, solve_trajectory=[])
+        )
 
     assert blanked(plan) == blanked(quiet)
+    # The plan keeps its trajectory as its solve record.
+    assert [point.elapsed_s for point in plan.solve_trajectory] == [
+        round(point.elapsed_s, 3) for point in trajectory
+    ]
+    assert plan.solve_trajectory[-1].cost_per_hour == plan.cost_per_hour

@@ -7,7 +7,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from packing.contracts import Plan, Problem
+import msgspec
+
+from packing.contracts import Plan, Problem, SolvePoint
 from packing.solver.assemble import assemble_plan
 from packing.solver.bounds import WholeInstanceBound, greedy_assignment, mip_start, solve_aggregated
 from packing.solver.cpsat import WALL, Clock
@@ -134,7 +136,15 @@ def solve_with_trajectory(
         plan_id=plan_id,
     )
     tracker.finish(plan.cost_per_hour, plan.lower_bound_cost_per_hour)
-    return plan, tracker.trajectory
+    record = [
+        SolvePoint(
+            elapsed_s=round(point.elapsed_s, 3),
+            cost_per_hour=None if point.cost is None else round(point.cost, 6),
+            lower_bound_cost_per_hour=None if point.bound is None else round(point.bound, 6),
+        )
+        for point in tracker.trajectory
+    ]
+    return msgspec.structs.replace(plan, solve_trajectory=record), tracker.trajectory
 
 
 def _search(
