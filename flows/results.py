@@ -26,7 +26,7 @@ def results_slug() -> str | None:
 def result_options() -> dict[str, Any]:
     """``@flow`` keyword arguments: persist results, to the configured block if there is one.
     Read when the flow module is imported, so once per flow-run process under a worker."""
-    options: dict[str, Any] = {"persist_result": True}
+    options: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
     slug = results_slug()
     if slug is not None:
         options["result_storage"] = slug

@@ -12,6 +12,7 @@ from prefect.exceptions import MissingContextError
 
 from serving.runtimes.images import BuildError, NoEngine, dockerfile_for, push_image
 from serving.runtimes.images import build_image as build_server_image
+from tasks.policy import network_retries
 
 __all__ = ["BuildError", "build_image", "dockerfile_for", "environment_digest"]
 
@@ -30,7 +31,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("myriad.build")
 
 
-@task(name="build-image", retries=1, retry_delay_seconds=5)
+@task(name="build-image", persist_result=True, **network_retries())
 def build_image(processor: str, runtime: str = "local", registry: str | None = None) -> dict:
     """Local servers run in this environment, so its digest stands in for an image digest;
     container runtimes get the processor's image (pushed to ``registry`` when one is given).

@@ -21,6 +21,7 @@ from serving.runtimes import (
     read_deployment,
 )
 from serving.runtimes.base import deployments_dir
+from tasks.policy import PERSISTED
 
 __all__ = ["RUNTIMES", "DeployError", "deploy", "deployment_path", "read_deployment"]
 
@@ -108,7 +109,7 @@ def _network_retries() -> dict:
 
 @task(
     name="deploy-plan",
-    cache_policy=NO_CACHE,
+    **PERSISTED,
     task_run_name="deploy-{name}-{runtime}",
     **_network_retries(),
 )
@@ -127,7 +128,7 @@ def deploy_plan(
 
 @task(
     name="redeploy-servers",
-    cache_policy=NO_CACHE,
+    **PERSISTED,
     task_run_name="redeploy-{name}",
     **_network_retries(),
 )
@@ -150,6 +151,6 @@ def redeploy_servers(
     }
 
 
-@task(name="read-deployment", cache_policy=NO_CACHE)
+@task(name="read-deployment", **PERSISTED)
 def deployment_record(name: str) -> dict:
     return msgspec.to_builtins(read_deployment(name))

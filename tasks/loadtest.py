@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import msgspec
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Plan
 from serving.client import Deployment, Router
 from tasks import loadgen
+from tasks.policy import PERSISTED
 
 MODES = ("sequential", "random", "closed", "sweep", "rate")
 
@@ -164,7 +164,7 @@ def _sweep(
     return points, best[1] if best else last
 
 
-@task(name="load-test", cache_policy=NO_CACHE)
+@task(name="load-test", **PERSISTED)
 def load_test(plan_json: str, deployment: dict, settings: dict) -> dict:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 

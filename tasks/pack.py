@@ -7,7 +7,6 @@ import time
 
 import msgspec
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Catalog, Fleet, Limits, Plan, Problem, ProblemModel, Profile
 from packing.io import decode, to_json
@@ -16,7 +15,7 @@ from packing.solver import solve
 from packing.validate import check
 from serving.store import open_store
 from tasks.documents import open_plan
-from tasks.policy import network_retries
+from tasks.policy import PERSISTED, network_retries
 
 
 def build_problem(
@@ -100,7 +99,7 @@ def _current_plan(store_uri: str | None) -> Plan | None:
     return latest_plan(store_uri) if store.exists("plans/latest") else None
 
 
-@task(name="pack-models", cache_policy=NO_CACHE)
+@task(name="pack-models", **PERSISTED)
 def pack_models(
     problem_json: str,
     store_uri: str | None,
@@ -152,7 +151,11 @@ def plan_summary(plan: Plan, uri: str) -> dict:
 
 
 # Not retried: an infeasible problem or an invalid plan fails the same way every time.
-@task(name="pack-plan", cache_policy=NO_CACHE, task_run_name="pack-{problem_name}")
+@task(
+    name="pack-plan",
+    **PERSISTED,
+    task_run_name="pack-{problem_name}",
+)
 def pack_plan(
     problem_json: str,
     store_uri: str | None,
@@ -204,7 +207,7 @@ def publish_plan_with_retries(plan: Plan, store_uri: str | None) -> str:
     raise AssertionError("unreachable")
 
 
-@task(name="read-plan", cache_policy=NO_CACHE, **network_retries())
+@task(name="read-plan", **PERSISTED, **network_retries())
 def plan_figures(plan_uri: str) -> dict:
     return plan_summary(open_plan(plan_uri), plan_uri)
 

@@ -75,3 +75,15 @@ def network_retries() -> dict[str, Any]:
         "retry_jitter_factor": 0.5,
         "retry_condition_fn": network_only,
     }
+
+
+# ``@task`` keyword arguments for a task whose small result persists (to the flow's result
+# storage: $MYRIAD_RESULTS or local). Prefect keys a persisted task result by its cache key and
+# NO_CACHE has none, so the key is the task run's own id: a result is written, never reused.
+PERSISTED: dict[str, Any] = {
+    "cache_policy": None,
+    "persist_result": True,
+    "result_storage_key": "{task_run.task_name}-{task_run.id}",
+    # JSON, not pickle: readable in the bucket, and a torch object could not slip in.
+    "result_serializer": "json",
+}

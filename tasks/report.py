@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Plan
 from serving.store import open_store
+from tasks.policy import PERSISTED
 
 
 def summarize(plan: Plan, load: dict) -> dict:
@@ -223,7 +223,7 @@ def write_report(plan: Plan, load: dict, out: Path) -> dict:
     return summary
 
 
-@task(name="publish-report", cache_policy=NO_CACHE)
+@task(name="publish-report", **PERSISTED)
 def publish_report(plan_json: str, load: dict, store_uri: str | None) -> dict:
     import msgspec
     from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import msgspec
 from prefect import task, unmapped
-from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Fleet, ModelSpec
 from serving import sources
 from serving.store import open_store, read_manifest
 from serving.tracing import TraceSettings, artifact_prefix, trace_key, trace_to_store
-from tasks.policy import network_retries
+from tasks.policy import PERSISTED, network_retries
 
 # SQLite (the embedded Prefect server) struggles with thousands of concurrent task runs, so big
 # fleets are traced in chunks; small ones get one task run per model × processor.
@@ -51,7 +50,10 @@ def job_label(jobs: list[tuple[ModelSpec, str]]) -> str:
 # so an unchanged model is skipped even on a fresh Prefect server or another machine. Retried
 # only on network failures (the store); a parity or trace failure fails the run at once.
 @task(
-    name="trace-models", cache_policy=NO_CACHE, task_run_name="trace-{label}", **network_retries()
+    name="trace-models",
+    **PERSISTED,
+    task_run_name="trace-{label}",
+    **network_retries(),
 )
 def trace_models(
     jobs: list[tuple[dict, str]],
@@ -142,7 +144,7 @@ def stale_jobs(
     return changed, unchanged
 
 
-@task(name="find-changed-models", cache_policy=NO_CACHE, **network_retries())
+@task(name="find-changed-models", **PERSISTED, **network_retries())
 def find_changed(
     fleet_uri: str, store_uri: str | None, settings: dict | None = None
 ) -> dict[str, list[str]]:
@@ -157,7 +159,7 @@ def find_changed(
     }
 
 
-@task(name="read-profiles", cache_policy=NO_CACHE, **network_retries())
+@task(name="read-profiles", **PERSISTED, **network_retries())
 def read_profiles(jobs: list[str], store_uri: str | None) -> list[dict]:
     """The stored profile of each ``id/processor`` job, in the shape of a trace result."""
     store = open_store(store_uri)

@@ -1,0 +1,262 @@
+"""The flows as an MLOps team runs them: a real ``prefect server start`` (SQLite) on a loopback
+port, the work pools created, ``prefect deploy --all`` from prefect.yaml, a process worker, runs
+started with ``prefect deployment run`` and checked through the API: the pipeline completes with
+its artifacts, results persist to SeaweedFS S3 through a saved S3Bucket block, an infeasible
+fleet fails once with its message, not retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serving.runtimes.local import free_port
+from tests.s3_server import ACCESS_KEY, SECRET_KEY
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY_FLEET = {
+    "schema_version": 1,
+    "name": "tiny",
+    "processors": ["cpu"],
+    "model_sets": [
+        {"prefix": "p-", "count": 2, "digits": 1, "source": "synthetic:bert-tiny",
+         "task": "sequence-classification", "max_length": 32, "traffic_rps": 1}
+    ],
+}  # fmt: skip
+
+
+class PrefectServer:
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = env
+        self.api_url = env["PREFECT_API_URL"]
+
+    def cli(self, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def api(self, method: str, path: str, body: dict | None = None) -> object:
+        answer = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
+        answer.raise_for_status()
+        return answer.json()
+
+    def run_deployment(self, name: str, parameters: dict, job_env: dict | None = None) -> str:
+        args = ["deployment", "run", name]
+        for key, value in parameters.items():
+            args += ["-p", f"{key}={json.dumps(value)}"]
+        if job_env:
+            args += ["--job-variable", f"env={json.dumps(job_env)}"]
+        out = self.cli(*args)
+        match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+        assert match, out
+        return match.group(1)
+
+    def wait(self, flow_run_id: str, timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = self.api("GET", f"/flow_runs/{flow_run_id}")
+            assert isinstance(run, dict)
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            assert time.monotonic() < deadline, f"flow run still {run['state']['type']}"
+            time.sleep(1)
+
+    def task_runs(self, flow_run_id: str) -> list[dict]:
+        body = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+        runs = self.api("POST", "/task_runs/filter", body)
+        assert isinstance(runs, list)
+        return runs
+
+    def artifacts(self, flow_run_id: str) -> list[dict]:
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        found = self.api("POST", "/artifacts/filter", body)
+        assert isinstance(found, list)
+        return found
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "MYRIAD_HOME": str(home / "myriad"),
+        "PWD": str(ROOT),  # what prefect.yaml's set_working_directory step is given
+    }
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prefect server did not start"
+            time.sleep(1)
+        prefect = PrefectServer(home, env)
+        prefect.cli("work-pool", "create", "myriad", "--type", "process")
+        prefect.cli(
+            "work-pool", "create", "myriad-k8s", "--type", "kubernetes",
+            "--base-job-template", str(ROOT / "flows/work_pools/kubernetes.json"),
+        )  # fmt: skip
+        prefect.cli("deploy", "--all", timeout=300)
+        worker_log = (home / "worker.log").open("w")
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "myriad", "--limit", "1"],
+            cwd=ROOT,
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        yield prefect
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    fleet = root / "tiny.yaml"
+    fleet.write_text(yaml.safe_dump(TINY_FLEET))
+    return fleet, f"file://{root}/store"
+
+
+def test_deploy_all_registers_every_deployment_with_its_trigger(
+    prefect_server: PrefectServer,
+) -> None:
+    deployments = prefect_server.api("POST", "/deployments/filter", {})
+    assert isinstance(deployments, list)
+    names = {d["name"]: d for d in deployments}
+    assert {"demo", "trace", "pack", "deploy", "loadtest", "retrain", "k8s-pipeline"} <= set(names)
+    assert names["k8s-trace"]["work_pool_name"] == "myriad-k8s"
+    assert names["k8s-trace"]["job_variables"]["service_account_name"] == "myriad-orchestrator"
+    assert names["demo"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"] == {
+        "directory": str(ROOT)
+    }
+    automations = prefect_server.api("POST", "/automations/filter", {})
+    assert isinstance(automations, list)
+    triggers = [a["trigger"] for a in automations]
+    assert any("myriad.model.updated" in t.get("expect", []) for t in triggers), triggers
+
+
+def test_pipeline_deployment_runs_on_the_worker_with_its_artifacts(
+    prefect_server: PrefectServer, tiny_fleet: tuple[Path, str]
+) -> None:
+    fleet, store = tiny_fleet
+    run_id = prefect_server.run_deployment(
+        "myriad-pipeline/demo",
+        {"fleet": str(fleet), "store": store, "duration_s": 1, "concurrency": 2,
+         "time_limit_s": 3, "load_modes": ["closed"]},
+    )  # fmt: skip
+    run = prefect_server.wait(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    keys = {a["key"] for a in prefect_server.artifacts(run_id)}
+    assert {"myriad-plan", "myriad-images"} <= keys
+    # The load test is a subflow run; its artifacts hang off it.
+    names = {t["name"] for t in prefect_server.task_runs(run_id)}
+    assert any(name.startswith("trace-p-0") for name in names), names
+    assert "deploy-pipeline-local" in names and "pack-tiny" in names
+
+
+def test_results_persist_to_s3_through_a_saved_s3_bucket_block(
+    prefect_server: PrefectServer, tiny_fleet: tuple[Path, str], s3_server, s3_bucket: str
+) -> None:
+    fleet, store = tiny_fleet
+    folder = f"results-{uuid.uuid4().hex[:8]}"
+    script = f"""
+from prefect_aws import AwsCredentials, S3Bucket
+credentials = AwsCredentials(aws_access_key_id={ACCESS_KEY!r},
+    aws_secret_access_key={SECRET_KEY!r}, region_name="us-east-1",
+    aws_client_parameters={{"endpoint_url": {s3_server.endpoint_url!r}}})
+credentials.save("myriad-test", overwrite=True)
+S3Bucket(bucket_name={s3_bucket!r}, bucket_folder={folder!r},
+    credentials=credentials).save("myriad-results", overwrite=True)
+"""
+    subprocess.run([sys.executable, "-c", script], env=prefect_server.env, check=True, timeout=120)
+    run_id = prefect_server.run_deployment(
+        "myriad-trace/trace",
+        {"fleet": str(fleet), "store": store, "minimal_profile": True},
+        job_env={"MYRIAD_RESULTS": "s3-bucket/myriad-results"},
+    )
+    run = prefect_server.wait(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix=f"{folder}/")
+    objects = [o["Key"] for o in listed.get("Contents", [])]
+    # The flow's result and each trace chunk's, as JSON records of small values.
+    assert len(objects) >= 3 and any("/trace-models-" in key for key in objects), objects
+    for key in objects:
+        body = s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        record = json.loads(body)  # JSON through and through: small values, no pickles
+        assert len(body) < 20_000, (key, len(body))
+        if "/trace-models-" in key:
+            assert record["metadata"]["serializer"]["type"] == "json"
+            assert json.loads(record["result"])[0]["model_id"].startswith("p-")
+
+
+def test_an_infeasible_fleet_fails_once_with_its_message(
+    prefect_server: PrefectServer, tiny_fleet: tuple[Path, str], tmp_path: Path
+) -> None:
+    fleet, store = tiny_fleet
+    catalog = yaml.safe_load((ROOT / "catalogs/aws.yaml").read_text())
+    small = dict(catalog["instance_types"][0])
+    small.update(name="c5.nano", device_memory_gib=0.0001, host_memory_gib=0.0001)
+    catalog["instance_types"] = [small]
+    (tmp_path / "nano.yaml").write_text(yaml.safe_dump(catalog))
+    run_id = prefect_server.run_deployment(
+        "myriad-pack/pack",
+        {"fleet": str(fleet), "catalog": str(tmp_path / "nano.yaml"), "store": store},
+    )
+    run = prefect_server.wait(run_id)
+    assert run["state"]["type"] == "FAILED"
+    assert "no plan is possible" in run["state"]["message"], run["state"]["message"]
+    assert run["run_count"] == 1
+    pack_runs = [t for t in prefect_server.task_runs(run_id) if t["name"] == "pack-tiny"]
+    assert len(pack_runs) == 1 and pack_runs[0]["run_count"] == 1
+    assert pack_runs[0]["state"]["type"] == "FAILED"
