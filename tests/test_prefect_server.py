@@ -260,3 +260,35 @@ def test_an_infeasible_fleet_fails_once_with_its_message(
     pack_runs = [t for t in prefect_server.task_runs(run_id) if t["name"] == "pack-tiny"]
     assert len(pack_runs) == 1 and pack_runs[0]["run_count"] == 1
     assert pack_runs[0]["state"]["type"] == "FAILED"
+
+
+def test_myriad_publish_triggers_the_retrain_deployment(prefect_server: PrefectServer) -> None:
+    """The event path: ``myriad publish`` emits myriad.model.updated, the deployment trigger of
+    prefect.yaml starts a retrain run with the model's id. No deployment named ``myriad`` runs
+    here, so that run fails fast, naming it (the flow itself is tested in test_redeploy_flow)."""
+    done = subprocess.run(
+        [str(BIN / "myriad"), "publish", "--model", "p-1"],
+        cwd=ROOT,
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "emitted myriad.model.updated for p-1" in done.stdout, done
+    deployments = prefect_server.api("POST", "/deployments/filter", {})
+    assert isinstance(deployments, list)
+    retrain = next(d for d in deployments if d["name"] == "retrain")
+    deadline = time.monotonic() + 120
+    while True:
+        runs = prefect_server.api(
+            "POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [retrain["id"]]}}}
+        )
+        assert isinstance(runs, list)
+        if runs:
+            break
+        assert time.monotonic() < deadline, "the trigger started no retrain run"
+        time.sleep(1)
+    assert runs[0]["parameters"]["model"] == "p-1"
+    run = prefect_server.wait(runs[0]["id"])
+    assert run["state"]["type"] == "FAILED"
+    assert "no deployment named 'myriad'" in run["state"]["message"], run["state"]["message"]
