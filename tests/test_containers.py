@@ -93,14 +93,16 @@ def test_docker_runtime_answers_as_the_local_runtime_and_tears_down_only_its_own
 
     # A container that is not Myriad's must survive the teardown.
     bystander = f"bystander-{free_port()}"
+    # A name of its own: another run on the same podman must not share the label.
+    name = f"demo-docker-{free_port()}"
     podman("create", "--name", bystander, "--label", f"{LABEL}=other", cpu_image)
     try:
         containers = deploy(
-            plan_path, store_uri, "docker", "demo-docker", images={"cpu": cpu_image}
+            plan_path, store_uri, "docker", name, images={"cpu": cpu_image}
         )
         try:
             assert containers.runtime == "docker"
-            made = _containers(f"{LABEL}=demo-docker")
+            made = _containers(f"{LABEL}={name}")
             assert sorted(made) == sorted(containers.handles.values())
             assert len(made) == len(plan.servers)
             assert_same(answers(plan, containers), expected)
@@ -113,10 +115,10 @@ def test_docker_runtime_answers_as_the_local_runtime_and_tears_down_only_its_own
             # The model cache is writable by the server's user on the read-only root.
             podman("exec", made[0], "touch", "/var/lib/myriad/probe", "/tmp/probe")
         finally:
-            stopped = teardown("demo-docker")
+            stopped = teardown(name)
         assert sorted(stopped) == sorted(s.id for s in plan.servers)
-        assert _containers(f"{LABEL}=demo-docker") == []
-        assert not deployment_path("demo-docker").exists()
+        assert _containers(f"{LABEL}={name}") == []
+        assert not deployment_path(name).exists()
         assert _containers(f"{LABEL}=other") == [bystander]
     finally:
         podman("rm", "--force", bystander, check=False)
