@@ -21,7 +21,7 @@ from serving.runtimes import (
     read_deployment,
 )
 from serving.runtimes.base import deployments_dir
-from tasks.policy import PERSISTED
+from tasks.policy import PERSISTED, network_retries
 
 __all__ = ["RUNTIMES", "DeployError", "deploy", "deployment_path", "read_deployment"]
 
@@ -99,19 +99,13 @@ def _local_plan(plan_uri: str, name: str) -> Path:
     return save(plan, deployments_dir() / f"{name}.{plan.plan_id}.plan.json")
 
 
-def _network_retries() -> dict:
-    # Only for runtimes that talk to an API: a local server that cannot load its models fails
-    # the same way every time (DeployError), so it is not retried.
-    from tasks.policy import network_retries
-
-    return network_retries()
-
-
 @task(
     name="deploy-plan",
     **PERSISTED,
     task_run_name="deploy-{name}-{runtime}",
-    **_network_retries(),
+    # Only network errors retry: a server that cannot load its models (DeployError) fails
+    # the same way every time.
+    **network_retries(),
 )
 def deploy_plan(
     plan_uri: str,
@@ -130,7 +124,7 @@ def deploy_plan(
     name="redeploy-servers",
     **PERSISTED,
     task_run_name="redeploy-{name}",
-    **_network_retries(),
+    **network_retries(),
 )
 def redeploy_servers(
     plan_uri: str,
