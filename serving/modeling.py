@@ -37,6 +37,27 @@ warnings.filterwarnings(
 )
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Whole-word entries of the synthetic vocabularies, as a real WordPiece vocabulary has them: a
+# sentence of common words then costs about a token a word (as with bert-base's vocabulary), not
+# one per character, so synthetic models see the sequence lengths real ones would.
+COMMON_WORDS = tuple(
+    """
+    the of and to a in is it you that he was for on are as with his they i at be this have
+    from or one had by word but not what all were we when your can said there use an each which
+    she do how their if will up other about out many then them these so some her would make like
+    him into time has look two more write go see number no way could people my than first water
+    been call who oil its now find long down day did get come made may part over new sound take
+    only little work know place year live me back give most very after thing our just name good
+    sentence man think say great where help through much before line right too mean old any same
+    tell boy follow came want show also around form three small set put end does another well
+    large must big even such because turn here why ask went men read need land different home us
+    move try kind hand picture again change off play spell air away animal house point page
+    letter mother answer found study still learn should world service quick staff friendly order
+    arrived late box damaged reset password best purchase all year meeting moved thursday weather
+    forecast says rain tomorrow afternoon please send invoice price product customer support
+    account delivery refund great bad happy sad love hate today week month morning night
+    """.split()
+)
 
 # Seeding goes through torch's global generator; traces run in worker threads, so building a
 # synthetic model must not interleave with another one or its weights would depend on timing.
@@ -170,15 +191,20 @@ def _labels(config: object, spec: ModelSpec) -> list[str]:
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
-    """A character-level WordPiece tokenizer that fills exactly ``vocab_size`` ids.
+    """A WordPiece tokenizer that fills exactly ``vocab_size`` ids.
 
     Synthetic models have no vocabulary of their own and no hub is reachable, so every printable
-    ASCII character (and its ``##`` continuation) gets an id and the rest are unused slots.
+    ASCII character (and its ``##`` continuation) gets an id, then as many of
+    :data:`COMMON_WORDS` as fit (whole words, one token each), and the rest are unused slots:
+    any text tokenises, common words as a real vocabulary would.
     """
     characters = [chr(c) for c in range(33, 127)]
     vocab_tokens = SPECIAL_TOKENS + characters + [f"##{c}" for c in characters]
     if vocab_size < len(vocab_tokens):
         raise ValueError(f"vocab_size {vocab_size} is smaller than {len(vocab_tokens)}")
+    known = set(vocab_tokens)
+    words = [w for w in dict.fromkeys(COMMON_WORDS) if w not in known]
+    vocab_tokens += words[: vocab_size - len(vocab_tokens)]
     vocab_tokens += [f"[unused{i}]" for i in range(vocab_size - len(vocab_tokens))]
     vocab = {token: index for index, token in enumerate(vocab_tokens)}
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))

@@ -17,7 +17,7 @@ from pathlib import Path
 from packing.contracts import ModelSpec
 
 # Bump when synthetic weights or tokenizers would come out differently for the same model id.
-SYNTHETIC_GENERATOR_VERSION = 1
+SYNTHETIC_GENERATOR_VERSION = 2
 
 
 class SourceError(ValueError):

@@ -174,6 +174,21 @@ def test_text_length_follows_tokens() -> None:
     assert len(loadgen.text_of(64, random.Random(0)).split()) == 64
 
 
+@pytest.mark.parametrize("vocab_size", [512, 1024])
+def test_generated_words_are_one_token_each_for_synthetic_models(vocab_size: int) -> None:
+    """Benchmarks on synthetic models see the sequence lengths a real vocabulary gives: a text
+    of N generated words is N tokens plus [CLS] and [SEP], not one token per character."""
+    import random
+
+    from serving.modeling import synthetic_tokenizer
+
+    tokenizer = synthetic_tokenizer(vocab_size)
+    text = loadgen.text_of(12, random.Random(0))
+    assert len(tokenizer.encode(text).ids) == 12 + 2
+    # Words outside the vocabulary still tokenise, piece by piece.
+    assert tokenizer.encode("zyzzyva").tokens[1:-1] == ["z", "##y", "##z", "##z", "##y", "##v", "##a"]
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
