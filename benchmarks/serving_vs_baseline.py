@@ -41,6 +41,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a server's front ends under ``--workers``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the server process (``engine``) and of its children (``front_ends``)."""
+    return {"engine": cpu_seconds(pid), "front_ends": sum(cpu_seconds(c) for c in children(pid))}
+
+
 def start(command: list[str], url: str, log: Path, timeout_s: float = 300) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
@@ -58,21 +77,28 @@ def start(command: list[str], url: str, log: Path, timeout_s: float = 300) -> su
 
 def measure(url: str, pid: int, ids: list[str], clients: int, seconds: float) -> dict:
     targets = loadgen.Targets(routes={m: [f"{url}/predictions/{m}"] for m in ids})
-    before = cpu_seconds(pid)
+    before = process_cpu(pid)
     recorder = loadgen.run(
         "closed", targets, loadgen.Shape(tokens=12), loadgen.Bounds(duration_s=seconds), clients
     )
-    used = cpu_seconds(pid) - before
+    after = process_cpu(pid)
     summary = recorder.summary("closed", concurrency=clients)
     if not summary["completed"]:
         raise RuntimeError(f"{url}: no request completed: {summary['errors']}")
     requests = max(1, round(summary["requests_per_s"] * summary["duration_s"]))
+    engine = after["engine"] - before["engine"]
+    front_ends = after["front_ends"] - before["front_ends"]
     return {
         "requests_per_s": summary["requests_per_s"],
         "p50_ms": summary["p50_ms"],
         "p90_ms": summary["p90_ms"],
         "p99_ms": summary["p99_ms"],
-        "cpu_ms_per_request": 1000 * used / requests,
+        # All of the server's processes; with --workers, split into the engine process and
+        # the front ends.
+        "cpu_ms_per_request": 1000 * (engine + front_ends) / requests,
+        "engine_cpu_ms_per_request": 1000 * engine / requests,
+        "front_end_cpu_ms_per_request": 1000 * front_ends / requests,
+        "generator_cpu": summary["generator"]["generator_cpu"],
         "error_rate": summary["error_rate"],
     }
 
@@ -85,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", default=f"file://{ROOT}/.myriad/bench-baseline-store")
-    parser.add_argument("--servers", nargs="+", default=["baseline", "torchscript", "engine"])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["baseline", "torchscript", "engine", "engine-2fe"],
+        help="engine-2fe: the engine behind two front-end processes (--workers 2)",
+    )
     args = parser.parse_args(argv)
 
     store = open_store(args.store)
@@ -102,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--store", args.store, "--models", ",".join(ids)],
         "torchscript": myriad,
         "engine": [*myriad, "--engine", "cross-model", "--max-wait-ms", "1"],
+        "engine-2fe": [*myriad, "--engine", "cross-model", "--max-wait-ms", "1", "--workers", "2"],
     }  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in args.servers}
     for _ in range(args.rounds):

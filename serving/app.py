@@ -6,8 +6,10 @@ encode; errors are typed in :mod:`serving.errors` and mapped to HTTP here, in on
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, Router, get, post, route
@@ -36,13 +38,19 @@ from serving.errors import (
     ServingError,
     Unauthorized,
 )
+from serving.fastpath import (
+    MAX_BODY_BYTES,
+    Answer,
+    FastPath,
+    answer_call,
+    infer_answer,
+    predict_answer,
+)
 from serving.metrics import ServerMetrics
 from serving.models import ModelRepository
-from serving.v2 import HEADER_LENGTH, decode_json
+from serving.v2 import HEADER_LENGTH
 
-__all__ = ["create_app", "parse_texts"]
-
-MAX_BODY_BYTES = 1 << 20
+__all__ = ["create_app", "serving_app"]
 
 ModelIdPath = Annotated[str, PathParameter(description="Model id, as in the plan")]
 VersionPath = Annotated[str, PathParameter(description="Model version (each model has version 1)")]
@@ -73,32 +81,6 @@ def _problem(status: int, title: str, headers: dict[str, str] | None = None):
     return convert
 
 
-def parse_texts(body: bytes, content_type: str) -> tuple[list[str], bool]:
-    """Texts from a JSON ``{"text": str | [str]}`` / ``[str]`` body or a raw text body.
-
-    Returns the texts and whether the caller sent a single text (so it gets one answer back).
-    """
-    if "json" in content_type or body[:1] in (b"{", b"["):
-        payload: Any = decode_json(body, Any)
-        if isinstance(payload, dict):
-            unknown = sorted(set(payload) - {"text", "texts"})
-            if unknown:
-                raise InvalidInput(f'unknown fields {unknown}; send {{"text": ...}}')
-            payload = payload.get("text", payload.get("texts"))
-        texts = payload
-    else:
-        try:
-            texts = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput("raw text body is not UTF-8") from None
-    single = isinstance(texts, str)
-    if single:
-        texts = [texts]
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise InvalidInput('"text" must be a string or a list of strings')
-    return texts, single
-
-
 def _plane(state: State) -> DataPlane:
     return state.dataplane
 
@@ -116,17 +98,27 @@ def list_models(state: State) -> dict[str, Any]:
     return _plane(state).models()
 
 
+def _response(answer: Answer) -> Response[bytes]:
+    return Response(
+        answer.body,
+        status_code=answer.status,
+        media_type=answer.media_type,
+        headers=answer.headers,
+    )
+
+
 @post("/predictions/{model_id:str}", status_code=200)
-async def predict(request: Request, state: State, model_id: ModelIdPath) -> Any:
-    plane = _plane(state)
-    try:
-        texts, single = parse_texts(await request.body(), request.headers.get("content-type", ""))
-    except InvalidInput as exc:
-        plane.refuse(model_id, exc)
-        raise
-    raw = request.query_params.get("raw") in ("1", "true")
-    results = await plane.predict(model_id, texts, raw)
-    return results[0] if single else results
+async def predict(request: Request, state: State, model_id: ModelIdPath) -> Response[bytes]:
+    """One text (``{"text": "..."}`` or a raw text body) or a list; ``?raw=1`` for logits.
+    On a running server :class:`serving.fastpath.FastPath` answers this route itself."""
+    answer = await predict_answer(
+        _plane(state),
+        model_id,
+        await request.body(),
+        request.headers.get("content-type", ""),
+        request.scope.get("query_string", b""),
+    )
+    return _response(answer)
 
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
@@ -183,11 +175,14 @@ def model_version_ready(
 
 
 async def _infer(request: Request, model_id: str, version: str | None) -> Response[bytes]:
-    body, headers = await request.app.state.dataplane.infer(
-        model_id, await request.body(), request.headers.get(HEADER_LENGTH), version
+    answer = await infer_answer(
+        request.app.state.dataplane,
+        model_id,
+        version,
+        await request.body(),
+        request.headers.get(HEADER_LENGTH),
     )
-    media_type = headers.pop("content-type")
-    return Response(body, media_type=media_type, headers=headers)
+    return _response(answer)
 
 
 @post("/models/{model_id:str}/infer", status_code=200)
@@ -292,12 +287,15 @@ def create_app(
     workers: int = 1,
     batching: dict | None = None,
     admin_token: str | None = None,
+    on_startup: Sequence[Callable[[Litestar], Any]] = (),
+    on_shutdown: Sequence[Callable[[Litestar], Any]] = (),
 ) -> Litestar:
     """Wire the app; models load in a background thread so liveness answers during the load.
 
     ``batching``: :class:`serving.batching.Batcher` settings for TorchScript models (None runs
     each request on its own). ``admin_token`` (default ``$MYRIAD_ADMIN_TOKEN``, read once)
-    opens the repository's load and unload routes."""
+    opens the repository's load and unload routes. ``on_startup`` hooks run after the load
+    has begun, ``on_shutdown`` hooks before the backends close."""
     server_metrics = ServerMetrics(repository)
     plane = DataPlane(
         repository,
@@ -328,11 +326,17 @@ def create_app(
     return Litestar(
         route_handlers=[ping, list_models, predict, metrics, V2_ROUTES],
         state=State({"dataplane": plane, "repository": repository, "metrics": server_metrics}),
-        on_startup=[start_loading],
-        on_shutdown=[stop],
+        on_startup=[start_loading, *on_startup],
+        on_shutdown=[*on_shutdown, stop],
         plugins=[problem_details],
         exception_handlers={Exception: internal_error},
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(title="Myriad model server", version="0.1.0"),
         debug=False,
     )
+
+
+def serving_app(app: Litestar) -> FastPath:
+    """What a server runs: ``app`` behind :class:`serving.fastpath.FastPath`, which answers
+    the prediction and inference routes without the framework."""
+    return FastPath(app, functools.partial(answer_call, app.state.dataplane))

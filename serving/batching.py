@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from serving.family import Overloaded, claim
-from serving.models import ServedModel, answers
+from serving.models import ServedModel, answer_rows
 
 
 @dataclass
@@ -152,9 +152,10 @@ class Batcher:
             self.batch_sizes.append(len(live))
             if self.on_batch is not None:
                 self.on_batch(model_id, len(live))
-            for item, row in zip(live, outputs, strict=True):
-                item.future.set_result(
-                    answers(model.task, model.labels, row.unsqueeze(0), item.raw)[0]
-                )
+            results = answer_rows(
+                model.task, outputs, [model.labels] * len(live), [item.raw for item in live]
+            )
+            for item, result in zip(live, results, strict=True):
+                item.future.set_result(result)
         finally:
             self._busy.release()

@@ -286,17 +286,28 @@ def _example_shapes(shape: BertShape) -> dict[str, tuple[int, ...]]:
 class CrossModelExecutor:
     """The forward pass of a batch whose requests each name a slot of the bank."""
 
-    def __init__(self, bank: WeightBank, grouped: bool = True, full_bank: bool = False) -> None:
+    def __init__(
+        self,
+        bank: WeightBank,
+        grouped: bool = True,
+        full_bank: bool = False,
+        views: bool | None = None,
+    ) -> None:
         self.bank = bank
         self.shape = bank.shape
         # full_bank: hand the grouped GEMM the whole bank with empty groups for the slots not
         # in the batch, instead of a copy of the batch's groups (saves a weight copy per layer;
         # an older torch hung on empty groups on CUDA, so it is opt-in until measured there).
         self.full_bank = full_bank and not bank.int8
-        # torch._grouped_mm: one kernel for all groups on CUDA (bf16), a per-group fallback on
-        # CPU (measured faster than a Python loop over groups for small models here); without
-        # it (older torch), a loop of per-group matmuls over views of the bank.
+        # torch._grouped_mm: one kernel for all groups on CUDA (bf16). On CPU it is a loop of
+        # GEMMs after a copy of the batch's weights out of the bank, and that copy cost more
+        # than the GEMMs (37% of a forward of 16 bert-mini models); there, as without it
+        # (older torch), one GEMM per model runs on its view of the bank. int8 weights need
+        # the dequantising copy either way. ``views`` None: that choice; True/False forces it.
         self.grouped = grouped and hasattr(torch, "_grouped_mm")
+        if views is None:
+            views = not self.grouped or bank.device.type == "cpu"
+        self.views = views and not bank.int8
 
     @torch.inference_mode()
     def forward(
@@ -319,6 +330,8 @@ class CrossModelExecutor:
             unique = torch.arange(bank.slots, device=device)
         token_offsets = (counts * length).cumsum(0).to(torch.int32)
         request_offsets = counts.cumsum(0).to(torch.int32)
+        token_groups = list(zip(unique.tolist(), token_offsets.tolist(), strict=True))
+        request_groups = list(zip(unique.tolist(), request_offsets.tolist(), strict=True))
 
         t = bank.tensors
         positions = torch.arange(length, device=device)
@@ -336,7 +349,9 @@ class CrossModelExecutor:
         for layer in range(shape.layers):
 
             def linear(z: torch.Tensor, name: str, layer: int = layer) -> torch.Tensor:
-                return self._linear(z, f"{layer}.{name}", slots, unique, token_offsets)
+                return self._linear(
+                    z, f"{layer}.{name}", slots, unique, token_offsets, token_groups
+                )
 
             q, k, v = (self._heads(linear(x, n)) for n in ("query", "key", "value"))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
@@ -350,8 +365,12 @@ class CrossModelExecutor:
             result = F.normalize(pooled.float(), p=2.0, dim=1)
         else:
             first = x[:, :1, :]
-            pooled = torch.tanh(self._linear(first, "pooler", slots, unique, request_offsets))
-            logits = self._linear(pooled, "classifier", slots, unique, request_offsets)[:, 0]
+            pooled = torch.tanh(
+                self._linear(first, "pooler", slots, unique, request_offsets, request_groups)
+            )
+            logits = self._linear(
+                pooled, "classifier", slots, unique, request_offsets, request_groups
+            )[:, 0]
             result = logits[:, : shape.num_labels].float()
         return result[inverse].cpu()
 
@@ -371,11 +390,21 @@ class CrossModelExecutor:
         slots: torch.Tensor,
         unique: torch.Tensor,
         offsets: torch.Tensor,
+        groups: list[tuple[int, int]],
     ) -> torch.Tensor:
-        """``x`` [B, T, in] sorted by slot → [B, T, out], one group per distinct model."""
+        """``x`` [B, T, in] sorted by slot → [B, T, out], one group per distinct model;
+        ``groups``: (slot, end row) per group, the same as ``unique`` and ``offsets``."""
         batch, length, n_in = x.shape
         flat = x.reshape(batch * length, n_in)
-        if self.grouped:
+        if self.views:
+            # One GEMM per model straight from its view of the bank, into its rows of y.
+            bank = self.bank.tensors[f"{name}.w"]
+            y = flat.new_empty((batch * length, bank.shape[-1]))
+            start = 0
+            for slot, end in groups:
+                torch.mm(flat[start:end], bank[slot], out=y[start:end])
+                start = end
+        elif self.grouped:
             # [G, in, out] for the models in the batch (or the whole bank), one grouped GEMM.
             weights = (
                 self.bank.tensors[f"{name}.w"]
@@ -385,8 +414,7 @@ class CrossModelExecutor:
             y = torch._grouped_mm(flat, weights, offs=offsets)
         else:
             pieces, start = [], 0
-            for slot, end in zip(unique.tolist(), offsets.tolist(), strict=True):
-                # A view of the slot's weights: no copy of the stacked bank.
+            for slot, end in groups:
                 weight = self.bank.linear_weights(f"{name}.w", torch.tensor([slot]))[0]
                 pieces.append(flat[start:end] @ weight)
                 start = end

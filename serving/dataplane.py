@@ -228,11 +228,54 @@ class DataPlane:
         self.repository.close()
 
 
-def settled(futures: list[Future]) -> asyncio.Future:
-    """One awaitable for a request's futures, woken once when the last of them is done (not
-    a loop wake-up per text); the first error among them is raised."""
+class Mailbox:
+    """Hands results from compute threads to one event loop in bulk.
+
+    A backend completes a batch's futures one after another in its own thread; each completion
+    posts here, and only the first post since the loop last drained wakes the loop (one
+    ``call_soon_threadsafe``, one write to its self-pipe), so a batch of N requests costs one
+    wake-up, not N."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.wakeups = 0
+        self._pending: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def post(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.append(callback)
+            wake = len(self._pending) == 1
+        if wake:
+            self.wakeups += 1
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            callbacks, self._pending = self._pending, []
+        for callback in callbacks:
+            callback()
+
+
+_mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+
+def mailbox() -> Mailbox:
+    """The running loop's mailbox (one per loop; a server has one loop per process)."""
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
+    box = _mailboxes.get(loop)
+    if box is None or box.loop is not loop:
+        _mailboxes.clear()  # a loop that is gone (tests start many) leaves no mailbox behind
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
+def settled(futures: list[Future]) -> asyncio.Future:
+    """One awaitable for a request's futures, settled through the loop's :class:`Mailbox`
+    when the last of them is done (no loop wake-up per text, and at most one per batch); the
+    first error among them is raised."""
+    box = mailbox()
+    done = box.loop.create_future()
     remaining = len(futures)
     lock = threading.Lock()
 
@@ -250,7 +293,7 @@ def settled(futures: list[Future]) -> asyncio.Future:
             remaining -= 1
             last = remaining == 0
         if last:
-            loop.call_soon_threadsafe(settle)
+            box.post(settle)
 
     def abandon(_: asyncio.Future) -> None:
         # The caller went away: texts not yet claimed by a batch are never computed.

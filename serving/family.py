@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -39,7 +40,7 @@ from serving.models import (
     ModelState,
     NotSupported,
     ServingModel,
-    answers,
+    answer_rows,
     describe,
     open_artifact,
 )
@@ -225,32 +226,42 @@ class FamilyEngine:
 
     def _execute(self, chunk: list[_Request]) -> None:
         assert self.pool is not None and self.executor is not None and self.shape is not None
-        encoded = []
-        for request in chunk:
-            # The tokenizer may pad to max_length itself; keep the real tokens only.
-            encoding = self.members[request.model_id].tokenizer.encode(request.text)
-            encoded.append(encoding.ids[: sum(encoding.attention_mask)])
+        # One tokenizer call per model in the chunk (the texts of a model go through it as a
+        # batch), then the rows are laid out in the chunk's order.
+        by_model: dict[str, list[int]] = {}
+        for row, request in enumerate(chunk):
+            by_model.setdefault(request.model_id, []).append(row)
+        encoded: list[list[int]] = [[] for _ in chunk]
+        for model_id, rows in by_model.items():
+            tokenizer = self.members[model_id].tokenizer
+            texts = [chunk[r].text for r in rows]
+            for row, encoding in zip(rows, tokenizer.encode_batch(texts), strict=True):
+                # The tokenizer may pad to max_length itself; keep the real tokens only.
+                encoded[row] = encoding.ids[: sum(encoding.attention_mask)]
         longest = max(len(ids) for ids in encoded)
         length = next((b for b in BUCKETS if b >= longest), longest)
-        input_ids = torch.zeros((len(chunk), length), dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        input_ids = np.zeros((len(chunk), length), dtype=np.int64)
+        attention_mask = np.zeros((len(chunk), length), dtype=np.int64)
         for row, ids in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
+            input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
         slots = self.pool.acquire([r.model_id for r in chunk])
         try:
-            output = self.executor.forward(torch.tensor(slots), input_ids, attention_mask)
+            output = self.executor.forward(
+                torch.tensor(slots), torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+            )
         finally:
             self.pool.release(slots)
         self.batches += 1
         self.batched_texts += len(chunk)
-        for request, row in zip(chunk, output, strict=True):
-            request.future.set_result(self._answer(request, row))
-
-    def _answer(self, request: _Request, row: torch.Tensor) -> dict:
-        assert self.shape is not None
-        labels = self.members[request.model_id].labels
-        return answers(self.shape.task, labels, row.unsqueeze(0), request.raw)[0]
+        results = answer_rows(
+            self.shape.task,
+            output,
+            [self.members[r.model_id].labels for r in chunk],
+            [r.raw for r in chunk],
+        )
+        for request, result in zip(chunk, results, strict=True):
+            request.future.set_result(result)
 
 
 class FamilyModel(ServingModel):

@@ -56,17 +56,34 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        # Label lookups take a lock and hash the label values; the children of the models
+        # served are kept here (bounded by the models this server hosts, never by the ids
+        # requested).
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._batch_children: dict[str, Histogram] = {}
+
     def label(self, model_id: str) -> str:
         return model_id if model_id in self.repository.models else UNKNOWN_MODEL  # type: ignore[attr-defined]
 
     def observe(self, model_id: str, status: int, seconds: float, texts: int) -> None:
-        label = self.label(model_id)
-        self.requests.labels(label, str(status)).inc()
+        children = self._children.get((model_id, status))
+        if children is None:
+            label = self.label(model_id)
+            children = (self.requests.labels(label, str(status)), self.latency.labels(label))
+            if label != UNKNOWN_MODEL:
+                self._children[(model_id, status)] = children
+        children[0].inc()
         if status == 200:
-            self.latency.labels(label).observe(seconds)
+            children[1].observe(seconds)
 
     def observe_batch(self, model_id: str, texts: int) -> None:
-        self.batch.labels(self.label(model_id)).observe(texts)
+        child = self._batch_children.get(model_id)
+        if child is None:
+            label = self.label(model_id)
+            child = self.batch.labels(label)
+            if label != UNKNOWN_MODEL:
+                self._batch_children[model_id] = child
+        child.observe(texts)
 
     def exposition(self) -> bytes:
         """Refresh the gauges read at scrape time and render the text format."""

@@ -6,12 +6,13 @@ import abc
 import enum
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -210,26 +211,35 @@ def load_neuron_runtime() -> None:
 
 
 def answers(task: str, labels: list[str], output: torch.Tensor, raw: bool) -> list[dict]:
-    """The JSON answers for a batch of outputs: vectors for embeddings, logits when ``raw``,
-    else the best label with its probability and every label's probability."""
+    """The JSON answers for a batch of outputs of one model: vectors for embeddings, logits
+    when ``raw``, else the best label with its probability and every label's probability."""
+    rows = len(output)
+    return answer_rows(task, output, [labels] * rows, [raw] * rows)
+
+
+def answer_rows(
+    task: str, output: torch.Tensor, labels: Sequence[list[str]], raw: Sequence[bool]
+) -> list[dict]:
+    """:func:`answers` for a batch whose rows may belong to different models (``labels[i]``)
+    and ask for different forms (``raw[i]``): one softmax over the whole batch in numpy, one
+    conversion to Python floats, no tensor op per row."""
+    values = output.float().numpy()
     if task == "embedding":
-        return [{"embedding": row.tolist()} for row in output]
-    if raw:
-        return [{"logits": row.tolist()} for row in output]
-
-    def name(i: int) -> str:
-        return labels[i] if i < len(labels) else str(i)
-
+        return [{"embedding": row} for row in values.tolist()]
+    shifted = np.exp(values - values.max(axis=-1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+    best = probabilities.argmax(axis=-1).tolist()
     results = []
-    for row in output.softmax(dim=-1):
-        best = int(row.argmax())
-        results.append(
-            {
-                "label": name(best),
-                "score": float(row[best]),
-                "probabilities": {name(i): float(p) for i, p in enumerate(row)},
-            }
-        )
+    for logits, row, top, names, as_logits in zip(
+        values.tolist(), probabilities.tolist(), best, labels, raw, strict=True
+    ):
+        if as_logits:
+            results.append({"logits": logits})
+            continue
+        if len(names) < len(row):
+            names = [*names, *(str(i) for i in range(len(names), len(row)))]
+        probabilities = dict(zip(names, row, strict=False))
+        results.append({"label": names[top], "score": row[top], "probabilities": probabilities})
     return results
 
 

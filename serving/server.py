@@ -27,13 +27,16 @@ def serve(
     cache_dir: Path | None = None,
     engine: dict | None = None,
     batch: dict | None = None,
+    front_ends: int = 1,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
-    cross-model engine (serving.family.EngineSettings fields) for models of one BERT shape."""
+    cross-model engine (serving.family.EngineSettings fields) for models of one BERT shape.
+    ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.workers`).
+    """
     import torch
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import create_app, serving_app
     from serving.models import ModelRepository
     from serving.store import open_store
 
@@ -54,14 +57,69 @@ def serve(
         )
         # Requests wait on the event loop for the engine's futures, not on worker threads.
         workers = threads
-    app = create_app(repository, workers=workers, batching=batching)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=os.environ.get("MYRIAD_LOG_LEVEL", "warning"),
-        timeout_graceful_shutdown=30,
+    log_level = os.environ.get("MYRIAD_LOG_LEVEL", "warning")
+    if front_ends <= 1:
+        app = serving_app(create_app(repository, workers=workers, batching=batching))
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=30,
+            lifespan="on",
+        )
+        return
+    serve_behind_front_ends(repository, workers, batching, host, port, front_ends, log_level)
+
+
+def serve_behind_front_ends(
+    repository: object,
+    workers: int,
+    batching: dict | None,
+    host: str,
+    port: int,
+    front_ends: int,
+    log_level: str,
+) -> None:
+    """This process owns the models and serves on a private loopback port; ``front_ends``
+    processes answer ``host:port`` and hand it the hot routes over ZeroMQ."""
+    import functools
+
+    import uvicorn
+
+    from serving.app import create_app, serving_app
+    from serving.fastpath import answer_call
+    from serving.workers import EngineEndpoint, FrontEnds, engine_address, listening_socket
+
+    public = listening_socket(host, port)
+    private = listening_socket("127.0.0.1", 0)
+    address = engine_address()
+    endpoint: EngineEndpoint | None = None
+    processes = FrontEnds(
+        front_ends, public, f"http://127.0.0.1:{private.getsockname()[1]}", address
     )
+
+    async def start(app: object) -> None:
+        nonlocal endpoint
+        endpoint = EngineEndpoint(functools.partial(answer_call, app.state.dataplane), address)
+        await endpoint.start()
+        processes.start()
+
+    async def stop(app: object) -> None:
+        processes.stop()  # each front end drains its calls while the endpoint still answers
+        if endpoint is not None:
+            await endpoint.close()
+
+    app = create_app(
+        repository, workers=workers, batching=batching, on_startup=[start], on_shutdown=[stop]
+    )
+    config = uvicorn.Config(
+        serving_app(app), log_level=log_level, timeout_graceful_shutdown=30, lifespan="on"
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[private])
+    finally:
+        processes.stop(timeout_s=5)  # when startup failed: no front end is left behind
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=SERVER_PORT_DEFAULT)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="compute threads")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="HTTP front-end processes; above 1 this process keeps the models and the "
+        "front ends hand it requests over ZeroMQ",
+    )
     parser.add_argument(
         "--engine",
         default="torchscript",
@@ -130,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         args.threads,
         engine=engine,
         batch=batch,
+        front_ends=args.workers,
     )
 
 

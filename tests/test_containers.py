@@ -97,9 +97,7 @@ def test_docker_runtime_answers_as_the_local_runtime_and_tears_down_only_its_own
     name = f"demo-docker-{free_port()}"
     podman("create", "--name", bystander, "--label", f"{LABEL}=other", cpu_image)
     try:
-        containers = deploy(
-            plan_path, store_uri, "docker", name, images={"cpu": cpu_image}
-        )
+        containers = deploy(plan_path, store_uri, "docker", name, images={"cpu": cpu_image})
         try:
             assert containers.runtime == "docker"
             made = _containers(f"{LABEL}={name}")

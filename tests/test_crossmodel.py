@@ -72,10 +72,22 @@ def bank_for(models, task: str, slots: int | None = None, **options) -> WeightBa
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "embedding"])
-@pytest.mark.parametrize(("grouped", "full_bank"), [(True, False), (False, False), (True, True)])
-def test_each_answer_is_its_own_model_alone(task: str, grouped: bool, full_bank: bool) -> None:
+@pytest.mark.parametrize(
+    ("grouped", "full_bank", "views"),
+    [
+        (True, False, None),  # this device's choice (CPU: a GEMM per model on its bank view)
+        (True, False, False),  # the grouped GEMM over a copy of the batch's weights (CUDA's)
+        (True, True, False),  # the grouped GEMM over the whole bank
+        (False, False, None),
+    ],
+)
+def test_each_answer_is_its_own_model_alone(
+    task: str, grouped: bool, full_bank: bool, views: bool | None
+) -> None:
     models = eager_models(task, 5)  # slot 4 gets no request: an empty group with full_bank
-    executor = CrossModelExecutor(bank_for(models, task), grouped=grouped, full_bank=full_bank)
+    executor = CrossModelExecutor(
+        bank_for(models, task), grouped=grouped, full_bank=full_bank, views=views
+    )
     slots = torch.tensor([2, 0, 2, 3, 1, 0])  # repeated and interleaved models
     ids, mask = batch_of(models[0][1], TEXTS)
     out = executor.forward(slots, ids, mask)

@@ -28,14 +28,24 @@ SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[triton.InferenceServerClient]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-front-ends"])
+def client(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[triton.InferenceServerClient]:
+    """The same conformance checks on a one-process server and on one whose HTTP is answered
+    by two front-end processes feeding the engine process (``--workers 2``)."""
     root: Path = tmp_path_factory.mktemp("kserve")
     uri = f"file://{root}/store"
     for spec in SPECS:
         trace_to_store(spec, "cpu", open_store(uri), TraceSettings(profile_batch_sizes=(1,)))
     ids = [s.id for s in SPECS]
-    with model_server(uri, ids, root / "server.log", env={"MYRIAD_ADMIN_TOKEN": TOKEN}) as url:
+    with model_server(
+        uri,
+        ids,
+        root / "server.log",
+        extra_args=("--workers", str(request.param)),
+        env={"MYRIAD_ADMIN_TOKEN": TOKEN},
+    ) as url:
         kserve = triton.InferenceServerClient(url.removeprefix("http://"))
         yield kserve
         kserve.close()

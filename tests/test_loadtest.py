@@ -186,7 +186,15 @@ def test_generated_words_are_one_token_each_for_synthetic_models(vocab_size: int
     text = loadgen.text_of(12, random.Random(0))
     assert len(tokenizer.encode(text).ids) == 12 + 2
     # Words outside the vocabulary still tokenise, piece by piece.
-    assert tokenizer.encode("zyzzyva").tokens[1:-1] == ["z", "##y", "##z", "##z", "##y", "##v", "##a"]
+    assert tokenizer.encode("zyzzyva").tokens[1:-1] == [
+        "z",
+        "##y",
+        "##z",
+        "##z",
+        "##y",
+        "##v",
+        "##a",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,375 @@
+"""One model server over several processes: ``python -m serving --workers N``.
+
+One process, the *engine process*, owns the models (and the accelerator): it loads them, runs
+the backends' schedulers and the :class:`serving.dataplane.DataPlane`, and serves the whole
+HTTP API on a private loopback port. N *front-end processes* share the public listening socket
+(the kernel spreads connections over them) and parse HTTP, so HTTP scales with cores while one
+process holds the device:
+
+- the hot routes (``POST /predictions/...``, ``POST /v2/models/.../infer``) go to the engine
+  process over ZeroMQ (a DEALER per front end, a ROUTER in the engine process, on a Unix
+  socket): the request's body and headers as read off the wire (a
+  :class:`serving.fastpath.Call`), answered with the finished HTTP answer, so errors, metrics
+  and refusals are exactly those of a one-process server;
+- every other route (health, metadata, repository, metrics) is proxied to the engine
+  process's own HTTP port: one source of truth for state and metrics.
+
+The engine process starts the front ends once its HTTP port answers, restarts one that dies,
+and on SIGTERM stops them first (each drains its connections) and then itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from serving.fastpath import Answer, Call, FastPath, v2_error
+
+logger = logging.getLogger("myriad.workers")
+
+# How long a front end waits for the engine's answer before it answers 504 itself: past the
+# engine's own deadline (a request the engine dropped, or an engine that died, is not waited
+# on for ever).
+ANSWER_TIMEOUT_S = 60.0
+# Hop-by-hop headers a proxy must not forward (RFC 9110 section 7.6.1).
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"upgrade",
+    b"te",
+    b"trailer",
+    b"host",
+    b"content-length",
+}
+
+_call_encoder = msgspec.msgpack.Encoder()
+_call_fields = msgspec.msgpack.Decoder(tuple)
+
+
+def encode_call(call: Call) -> list[bytes]:
+    head = (
+        call.kind,
+        call.model_id,
+        call.version,
+        call.content_type,
+        call.query_string,
+        call.header_length,
+    )
+    return [_call_encoder.encode(head), call.body]
+
+
+def decode_call(head: bytes, body: bytes) -> Call:
+    kind, model_id, version, content_type, query_string, header_length = _call_fields.decode(head)
+    return Call(kind, model_id, version, body, content_type, query_string, header_length)
+
+
+def encode_answer(answer: Answer) -> list[bytes]:
+    return [_call_encoder.encode((answer.status, answer.media_type, answer.headers)), answer.body]
+
+
+def decode_answer(head: bytes, body: bytes) -> Answer:
+    status, media_type, headers = _call_fields.decode(head)
+    return Answer(status, body, media_type, headers)
+
+
+# ------------------------------------------------------------------------ engine process
+
+
+class EngineEndpoint:
+    """The engine process's ROUTER: answers the front ends' calls on its event loop, each
+    as its own task, so slow models do not hold up the others."""
+
+    def __init__(self, answer: Any, address: str) -> None:
+        self.answer = answer
+        self.address = address
+        self._socket: Any = None
+        self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(self.address)
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            identity, request_id, head, body = await self._socket.recv_multipart(copy=True)
+            task = asyncio.get_running_loop().create_task(
+                self._reply(identity, request_id, decode_call(head, body))
+            )
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _reply(self, identity: bytes, request_id: bytes, call: Call) -> None:
+        answer = await self.answer(call)  # answer_call never raises: errors are answers
+        await self._socket.send_multipart([identity, request_id, *encode_answer(answer)])
+
+    async def close(self) -> None:
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=30)
+        if self._task is not None:
+            self._task.cancel()
+        if self._socket is not None:
+            self._socket.close()
+        if self.address.startswith("ipc://"):
+            Path(self.address.removeprefix("ipc://")).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ front ends
+
+
+class EngineClient:
+    """A front end's DEALER: each call gets an id; one reader task settles the answers."""
+
+    def __init__(self, address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._ids = itertools.count()
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._socket: Any = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            request_id, head, body = await self._socket.recv_multipart(copy=True)
+            future = self._pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(decode_answer(head, body))
+
+    async def __call__(self, call: Call) -> Answer:
+        loop = asyncio.get_running_loop()
+        request_id = next(self._ids).to_bytes(8, "little")
+        future = loop.create_future()
+        self._pending[request_id] = future
+        timer = loop.call_later(self.timeout_s, _expire, future)
+        try:
+            await self._socket.send_multipart([request_id, *encode_call(call)])
+            return await future
+        except TimeoutError:
+            message = f"the engine process did not answer within {self.timeout_s:.0f} s"
+            if call.kind == "infer":
+                return v2_error(504, message)
+            from serving.fastpath import problem
+
+            return problem(504, "Deadline exceeded", message)
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._socket is not None:
+            self._socket.close()
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class EngineProxy:
+    """ASGI: every route that is not hot, forwarded to the engine process's HTTP port."""
+
+    def __init__(self, base_url: str, client: EngineClient) -> None:
+        self.base_url = base_url
+        self.client = client
+        self._http: Any = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        import httpx
+
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+        url = self.base_url + scope["raw_path"].decode("latin-1")
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        try:
+            response = await self._http.request(
+                scope["method"], url, headers=headers, content=bytes(body)
+            )
+        except httpx.TransportError as exc:
+            status, content = 503, f'{{"error": "the engine process is not answering: {exc}"}}'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+                }
+            )
+            await send({"type": "http.response.body", "body": content.encode()})
+            return
+        forwarded = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+        forwarded.append((b"content-length", str(len(response.content)).encode()))
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": forwarded}
+        )
+        await send({"type": "http.response.body", "body": response.content})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        import httpx
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._http = httpx.AsyncClient(
+                    timeout=ANSWER_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=16)
+                )
+                await self.client.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.client.close()
+                await self._http.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def run_front_end(fd: int, engine_url: str, engine_address: str) -> None:
+    import uvicorn
+
+    client = EngineClient(engine_address)
+    app = FastPath(EngineProxy(engine_url, client), client)
+    sock = socket.socket(fileno=fd)
+    config = uvicorn.Config(
+        app,
+        log_level=os.environ.get("MYRIAD_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def front_end_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving.workers", description=__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="the shared listening socket")
+    parser.add_argument("--engine-url", required=True, help="the engine process's HTTP URL")
+    parser.add_argument("--engine-address", required=True, help="its ZeroMQ address")
+    args = parser.parse_args(argv)
+    run_front_end(args.fd, args.engine_url, args.engine_address)
+
+
+# ------------------------------------------------------------------------ the engine's side
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class FrontEnds:
+    """The front-end processes of one engine process: started once the engine's HTTP port
+    answers, restarted when one dies, stopped (gracefully) before the engine stops."""
+
+    def __init__(self, count: int, sock: socket.socket, engine_url: str, address: str) -> None:
+        self.count = count
+        self.sock = sock
+        self.engine_url = engine_url
+        self.address = address
+        self.processes: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="front-ends", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen:
+        command = [
+            sys.executable,
+            "-m",
+            "serving.workers",
+            "--fd",
+            str(self.sock.fileno()),
+            "--engine-url",
+            self.engine_url,
+            "--engine-address",
+            self.address,
+        ]
+        return subprocess.Popen(
+            command, pass_fds=(self.sock.fileno(),), preexec_fn=_die_with_parent
+        )
+
+    def start(self) -> None:
+        self.processes = [self._spawn() for _ in range(self.count)]
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None and not self._stopping.is_set():
+                    logger.warning(
+                        "front end %d exited with %s; restarting", index, process.returncode
+                    )
+                    self.processes[index] = self._spawn()
+
+    def stop(self, timeout_s: float = 35.0) -> None:
+        self._stopping.set()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the engine process dies, however it dies, so no
+    front end outlives it holding the public port."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def engine_address(directory: Path | None = None) -> str:
+    base = directory or Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp"))
+    return f"ipc://{base}/myriad-engine-{os.getpid()}.sock"
+
+
+if __name__ == "__main__":
+    front_end_main()
