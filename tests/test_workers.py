@@ -17,6 +17,7 @@ import pytest
 from packing.contracts import ModelSpec
 from serving.store import open_store
 from serving.tracing import TraceSettings, trace_to_store
+from tasks import loadgen
 from tests.servers import model_server
 
 pytestmark = pytest.mark.slow
@@ -125,6 +126,14 @@ def test_front_ends_answer_as_one_process_does(store: str, single: str, tmp_path
                 assert fresh.post(f"{url}/predictions/wk-0", json={"text": "x"}).status_code == 200
         assert requests_counted(url, "wk-0") == before + 20
         assert httpx.get(f"{url}/v2/models/wk-0/ready").status_code == 200
+
+        # Under concurrent load over keep-alive connections nothing is lost on the way.
+        targets = loadgen.Targets(routes={s.id: [f"{url}/predictions/{s.id}"] for s in SPECS})
+        recorder = loadgen.run(
+            "closed", targets, loadgen.Shape(tokens=8), loadgen.Bounds(duration_s=2.0), 16
+        )
+        summary = recorder.summary("closed", concurrency=16)
+        assert summary["completed"] > 100 and summary["error_rate"] == 0.0, summary["errors"]
 
 
 def test_a_dead_front_end_is_replaced(store: str, tmp_path: Path) -> None:
