@@ -264,7 +264,7 @@ def mailbox() -> Mailbox:
     """The running loop's mailbox (one per loop; a server has one loop per process)."""
     loop = asyncio.get_running_loop()
     box = _mailboxes.get(loop)
-    if box is None or box.loop is not loop:
+    if box is None:
         _mailboxes.clear()  # a loop that is gone (tests start many) leaves no mailbox behind
         box = _mailboxes[loop] = Mailbox(loop)
     return box

@@ -157,8 +157,12 @@ async def answer_call(plane: DataPlane, call: Call) -> Answer:
 # ---------------------------------------------------------------------------------- ASGI
 
 
-async def read_body(receive: Any, declared: int | None) -> bytes:
-    if declared is not None and declared > MAX_BODY_BYTES:
+async def read_body(
+    receive: Any, declared: int | None, limit: int | None = MAX_BODY_BYTES
+) -> bytes:
+    """The request's body; :class:`BodyTooLarge` past ``limit`` (None: no limit), as soon as
+    the declared length or the bytes received show it."""
+    if limit is not None and declared is not None and declared > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
@@ -168,7 +172,7 @@ async def read_body(receive: Any, declared: int | None) -> bytes:
             raise ConnectionResetError("the client went away before sending its body")
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if limit is not None and size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
         if not message.get("more_body", False):
@@ -228,10 +232,12 @@ class FastPath:
             body = await read_body(receive, declared)
         except BodyTooLarge:
             limit = f"the body is over {MAX_BODY_BYTES} bytes"
-            answer = problem(413, "Request entity too large", limit)
-            if kind == "infer":
-                answer = v2_error(413, limit)
-            await send_answer(send, answer)
+            too_large = (
+                v2_error(413, limit)
+                if kind == "infer"
+                else problem(413, "Request entity too large", limit)
+            )
+            await send_answer(send, too_large)
             return
         except ConnectionResetError:
             return

@@ -59,7 +59,7 @@ class ServerMetrics:
         # Label lookups take a lock and hash the label values; the children of the models
         # served are kept here (bounded by the models this server hosts, never by the ids
         # requested).
-        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram | None]] = {}
         self._batch_children: dict[str, Histogram] = {}
 
     def label(self, model_id: str) -> str:
@@ -69,12 +69,15 @@ class ServerMetrics:
         children = self._children.get((model_id, status))
         if children is None:
             label = self.label(model_id)
-            children = (self.requests.labels(label, str(status)), self.latency.labels(label))
+            # A latency series only for answered requests, as before the cache.
+            latency = self.latency.labels(label) if status == 200 else None
+            children = (self.requests.labels(label, str(status)), latency)
             if label != UNKNOWN_MODEL:
                 self._children[(model_id, status)] = children
-        children[0].inc()
-        if status == 200:
-            children[1].observe(seconds)
+        counter, latency = children
+        counter.inc()
+        if latency is not None:
+            latency.observe(seconds)
 
     def observe_batch(self, model_id: str, texts: int) -> None:
         child = self._batch_children.get(model_id)

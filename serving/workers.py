@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-from serving.fastpath import Answer, Call, FastPath, v2_error
+from serving.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
 
 logger = logging.getLogger("myriad.workers")
 
@@ -87,6 +87,17 @@ def decode_answer(head: bytes, body: bytes) -> Answer:
     return Answer(status, body, media_type, headers)
 
 
+def zmq_socket(kind: int) -> Any:
+    """An asyncio ZeroMQ socket that drops unsent messages on close (a stopping process does
+    not wait for a peer that is gone)."""
+    import zmq
+    import zmq.asyncio
+
+    sock = zmq.asyncio.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
 # ------------------------------------------------------------------------ engine process
 
 
@@ -103,10 +114,8 @@ class EngineEndpoint:
 
     async def start(self) -> None:
         import zmq
-        import zmq.asyncio
 
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket = zmq_socket(zmq.ROUTER)
         self._socket.bind(self.address)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
@@ -150,10 +159,8 @@ class EngineClient:
 
     async def start(self) -> None:
         import zmq
-        import zmq.asyncio
 
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket = zmq_socket(zmq.DEALER)
         self._socket.connect(self.address)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -177,8 +184,6 @@ class EngineClient:
             message = f"the engine process did not answer within {self.timeout_s:.0f} s"
             if call.kind == "infer":
                 return v2_error(504, message)
-            from serving.fastpath import problem
-
             return problem(504, "Deadline exceeded", message)
         finally:
             timer.cancel()
@@ -212,32 +217,20 @@ class EngineProxy:
             return
         import httpx
 
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        try:
+            # No limit here: the engine's app applies its own and answers as it always does.
+            body = await read_body(receive, None, limit=None)
+        except ConnectionResetError:
+            return
         headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
         url = self.base_url + scope["raw_path"].decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         try:
-            response = await self._http.request(
-                scope["method"], url, headers=headers, content=bytes(body)
-            )
+            response = await self._http.request(scope["method"], url, headers=headers, content=body)
         except httpx.TransportError as exc:
-            status, content = 503, f'{{"error": "the engine process is not answering: {exc}"}}'
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
-                }
-            )
-            await send({"type": "http.response.body", "body": content.encode()})
+            message = f"the engine process is not answering: {exc}"
+            await send_answer(send, v2_error(503, message, {"Retry-After": "1"}))
             return
         forwarded = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
         forwarded.append((b"content-length", str(len(response.content)).encode()))
