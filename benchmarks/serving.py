@@ -6,7 +6,7 @@ traces up to 100 synthetic models once (into ``--store``, reused by later runs),
 model count starts ``python -m serving`` with that many models and drives it with the load
 generator (closed loop, uniform over the models), printing requests/s and P50/P90/P99. The
 overhead figure compares a single request over HTTP (concurrency 1, one model) with the same
-model called directly in this process (``ServedModel.predict``): medians of both.
+model called directly in this process (``TorchScriptModel.predict``): medians of both.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from packing.contracts import ModelSpec  # noqa: E402
-from serving.models import ServedModel  # noqa: E402
-from serving.store import open_store  # noqa: E402
-from serving.tracing import TraceSettings, artifact_prefix, trace_to_store  # noqa: E402
+from serving.build.tracing import TraceSettings, trace_to_store  # noqa: E402
+from serving.engine.torchscript import TorchScriptModel  # noqa: E402
+from serving.store import artifact_prefix, open_store  # noqa: E402
 from tasks import loadgen  # noqa: E402
 from tests.servers import model_server  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    direct = ServedModel(specs[0].id, "cpu", artifact_prefix(specs[0].id, "cpu"))
+    direct = TorchScriptModel(specs[0].id, "cpu", artifact_prefix(specs[0].id, "cpu"))
     direct.load(store, None)
     samples = []
     for _ in range(300):

@@ -110,8 +110,8 @@ def trace(
 
     from packing.contracts import Fleet
     from packing.io import load
+    from serving.build.tracing import TraceSettings, trace_to_store
     from serving.store import open_store
-    from serving.tracing import TraceSettings, trace_to_store
     from tasks.trace import trace_jobs
 
     fleet_spec = load(fleet, Fleet)
@@ -166,8 +166,7 @@ def pack(
 
     from packing.contracts import Catalog, Fleet, Problem
     from packing.io import load, save
-    from serving.store import open_store
-    from serving.tracing import artifact_prefix
+    from serving.store import artifact_prefix, open_store
 
     if problem is not None:
         spec = load(problem, Problem)
@@ -270,7 +269,7 @@ def serve(
     threads: int = 1,
 ) -> None:
     """Run one model server in the foreground."""
-    from serving.server import main as serve_main
+    from serving.http.server import main as serve_main
 
     argv = [
         "--processor",
@@ -456,7 +455,7 @@ def gateway(
 ) -> None:
     """One HTTP address for a deployment: routes each model to a server that holds it, and
     follows redeploys."""
-    from serving.gateway import serve_gateway
+    from serving.routing.gateway import serve_gateway
     from serving.runtimes import deployment_path, read_deployment
 
     read_deployment(name)  # a clear error when there is none

@@ -1,3 +1,3 @@
-from serving.server import main
+from serving.http.server import main
 
 main()

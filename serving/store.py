@@ -370,3 +370,7 @@ def materialize(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, manifest
+
+
+def artifact_prefix(model_id: str, processor: str) -> str:
+    return f"models/{model_id}/{processor}"

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from packing.contracts import Catalog, Plan
 from packing.io import load, save
-from serving.client import Deployment
+from serving.routing.client import Deployment
 from serving.runtimes import (
     RUNTIMES,
     DeployError,

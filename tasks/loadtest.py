@@ -10,7 +10,7 @@ import msgspec
 from prefect import task
 
 from packing.contracts import Plan
-from serving.client import Deployment, Router
+from serving.routing.client import Deployment, Router
 from tasks import loadgen
 from tasks.policy import PERSISTED
 

@@ -13,9 +13,9 @@ import msgspec
 from prefect import task, unmapped
 
 from packing.contracts import Fleet, ModelSpec
-from serving import sources
-from serving.store import open_store, read_manifest
-from serving.tracing import TraceSettings, artifact_prefix, trace_key, trace_to_store
+from serving.build import sources
+from serving.build.tracing import TraceSettings, trace_key, trace_to_store
+from serving.store import artifact_prefix, open_store, read_manifest
 from tasks.policy import PERSISTED, network_retries
 
 # SQLite (the embedded Prefect server) struggles with thousands of concurrent task runs, so big

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from packing.contracts import ModelSpec
-from serving.batching import Batcher
-from serving.family import DeadlineExceeded, Overloaded
-from serving.models import ServedModel
-from serving.store import open_store
-from serving.tracing import TraceSettings, artifact_prefix, trace_to_store
+from serving.build.tracing import TraceSettings, trace_to_store
+from serving.engine.torchscript import Batcher, TorchScriptModel
+from serving.errors import DeadlineExceeded, Overloaded
+from serving.store import artifact_prefix, open_store
 
 SPECS = [
     ModelSpec(id=f"bat-{i}", source="synthetic:bert-tiny", num_labels=3, max_length=32)
@@ -25,21 +24,21 @@ TEXTS = [f"text number {i} with {'many ' * (i % 4)}words" for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> list[ServedModel]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[TorchScriptModel]:
     store = open_store(f"file://{tmp_path_factory.mktemp('batching')}/store")
     loaded = []
     for spec in SPECS:
         trace_to_store(
             spec, "cpu", store, TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
         )
-        model = ServedModel(spec.id, "cpu", artifact_prefix(spec.id, "cpu"))
+        model = TorchScriptModel(spec.id, "cpu", artifact_prefix(spec.id, "cpu"))
         model.load(store, None)
         assert model.ready, model.reason
         loaded.append(model)
     return loaded
 
 
-def test_batched_answers_are_the_answers_alone(models: list[ServedModel]) -> None:
+def test_batched_answers_are_the_answers_alone(models: list[TorchScriptModel]) -> None:
     model = models[0]
     batcher = Batcher(max_batch=8, max_wait_s=0.2)
     try:
@@ -55,7 +54,7 @@ def test_batched_answers_are_the_answers_alone(models: list[ServedModel]) -> Non
         )
 
 
-def test_a_flooded_model_does_not_starve_another(models: list[ServedModel]) -> None:
+def test_a_flooded_model_does_not_starve_another(models: list[TorchScriptModel]) -> None:
     busy, quiet = models
     batcher = Batcher(max_batch=4, max_wait_s=0.001, per_model_queue=1000)
     finished: list[str] = []
@@ -83,7 +82,9 @@ def test_a_flooded_model_does_not_starve_another(models: list[ServedModel]) -> N
     assert finished.index("quiet") < 20, finished.index("quiet")
 
 
-def test_full_queues_refuse_at_once_and_late_texts_are_dropped(models: list[ServedModel]) -> None:
+def test_full_queues_refuse_at_once_and_late_texts_are_dropped(
+    models: list[TorchScriptModel],
+) -> None:
     model = models[0]
     batcher = Batcher(max_batch=2, max_wait_s=10.0, per_model_queue=3, total_queue=100)
     try:

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from packing.contracts import ModelSpec
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.runtimes import images
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tasks.build import BuildError, build_image, dockerfile_for, environment_digest
 from tests import containers
 from tests.containers import local_wheels, podman, server_container
@@ -64,8 +64,9 @@ def test_server_imports_no_pipeline_packages() -> None:
     leaves Prefect, OR-Tools, the CLI and plotting out: the `serve` extra is enough."""
     code = (
         "import sys\n"
-        "import serving.server, serving.app, serving.models, serving.family, serving.store\n"
-        "from serving.server import main\n"
+        "import serving.http.server, serving.http.app, serving.store\n"
+        "import serving.engine.torchscript, serving.engine.crossmodel\n"
+        "from serving.http.server import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit:\n"
@@ -110,7 +111,7 @@ def test_context_follows_the_ignore_file(tmp_path: Path) -> None:
     (root / ".venv").mkdir()
     (root / ".venv" / "big").write_bytes(b"\0")
     files = {p.as_posix() for p in images.context_files(root)}
-    assert {"pyproject.toml", "README.md", "serving/server.py", "packing/contracts.py"} <= files
+    assert {"pyproject.toml", "README.md", "serving/http/server.py", "packing/contracts.py"} <= files
     assert not {f for f in files if f.split("/")[0] not in ("packing", "serving")} - {
         "pyproject.toml",
         "README.md",
@@ -131,7 +132,7 @@ def test_tag_carries_version_and_content_hash(tmp_path: Path) -> None:
     (root / "Makefile").write_text("# changed\n")
     assert images.content_hash("cpu", root=root) == digest
     # A served file, the Dockerfile, a build argument or the processor change it.
-    server = root / "serving" / "server.py"
+    server = root / "serving" / "http" / "server.py"
     server.write_text(server.read_text() + "\n# changed\n")
     changed = images.content_hash("cpu", root=root)
     assert changed != digest

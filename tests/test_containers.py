@@ -16,13 +16,13 @@ import yaml
 from packing.contracts import Catalog, Fleet, Plan
 from packing.io import load, save
 from packing.solver import solve
-from serving.client import Client, Router
+from serving.build.tracing import TraceSettings, trace_to_store
+from serving.routing.client import Client, Router
 from serving.runtimes import DeployOptions, get_runtime
 from serving.runtimes.docker import LABEL
 from serving.runtimes.kubernetes import pod_manifests
 from serving.runtimes.local import free_port
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tasks.deploy import deploy, deployment_path, teardown
 from tasks.pack import build_problem
 from tasks.trace import trace_jobs

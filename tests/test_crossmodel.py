@@ -12,19 +12,20 @@ import pytest
 import torch
 
 from packing.contracts import ModelSpec
-from serving import sources
-from serving.crossmodel import (
+from serving.build import sources
+from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager
+from serving.build.tracing import TraceSettings, trace_to_store
+from serving.engine.crossmodel import CrossModelEngine, CrossModelSettings
+from serving.engine.weightbank import (
+    CrossModelError,
     CrossModelExecutor,
-    FamilyError,
     ModelPool,
     PoolFull,
     WeightBank,
     bert_weights,
 )
-from serving.family import DeadlineExceeded, EngineSettings, FamilyEngine, Overloaded
-from serving.modeling import EagerModel, configure_tokenizer, encode, load_eager
+from serving.errors import DeadlineExceeded, Overloaded
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tests.servers import model_server
 
 TEXTS = [
@@ -116,9 +117,9 @@ def test_a_model_of_another_shape_is_refused() -> None:
     bank = bank_for(models, "embedding")
     other = ModelSpec(id="mini", source="synthetic:bert-mini", task="embedding")
     _, weights = bert_weights(load_eager(other, sources.resolve(other)).module, "embedding")
-    with pytest.raises(FamilyError, match="shape"):
+    with pytest.raises(CrossModelError, match="shape"):
         bank.write(0, weights)
-    with pytest.raises(FamilyError, match="mini"):
+    with pytest.raises(CrossModelError, match="mini"):
         ModelPool(bank).add("mini", weights)
 
 
@@ -157,12 +158,12 @@ def test_pool_swaps_models_in_and_never_evicts_one_in_use() -> None:
 
 
 @pytest.fixture
-def engine() -> Iterator[tuple[FamilyEngine, list]]:
+def engine() -> Iterator[tuple[CrossModelEngine, list]]:
     models = eager_models("sequence-classification", 5)
-    family = FamilyEngine(EngineSettings(slots=3, max_batch=16, max_wait_s=0.02))
+    shared = CrossModelEngine(CrossModelSettings(slots=3, max_batch=16, max_wait_s=0.02))
     for spec, eager in models:
         shape, weights = bert_weights(eager.module, spec.task)
-        family.add(
+        shared.add(
             spec.id,
             shape,
             weights,
@@ -170,40 +171,40 @@ def engine() -> Iterator[tuple[FamilyEngine, list]]:
             [f"LABEL_{i}" for i in range(3)],
             32,
         )
-    yield family, models
-    family.close()
+    yield shared, models
+    shared.close()
 
 
 def test_engine_batches_concurrent_requests_across_models(engine) -> None:
-    family, models = engine
+    shared, models = engine
     answers: dict[int, dict] = {}
 
     def ask(k: int) -> None:
         spec, _ = models[k % len(models)]
-        answers[k] = family.predict(spec.id, [TEXTS[k % len(TEXTS)]], raw=True)[0]
+        answers[k] = shared.predict(spec.id, [TEXTS[k % len(TEXTS)]], raw=True)[0]
 
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(24)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert family.batched_texts == 24
-    assert family.batches < 24  # requests to different models shared forward passes
+    assert shared.batched_texts == 24
+    assert shared.batches < 24  # requests to different models shared forward passes
     for k, answer in answers.items():
         expected = alone(models[k % len(models)][1], TEXTS[k % len(TEXTS)])
         np.testing.assert_allclose(answer["logits"], expected.numpy(), atol=FP32_TOLERANCE)
 
 
 def test_engine_refuses_when_full_and_drops_late_requests(engine) -> None:
-    family, models = engine
-    family.close()  # no scheduler: the queue can only fill
-    family.queue.maxsize = 2
-    family.submit(models[0][0].id, ["a"])
-    family.submit(models[1][0].id, ["b"])
+    shared, models = engine
+    shared.close()  # no scheduler: the queue can only fill
+    shared.queue.maxsize = 2
+    shared.submit(models[0][0].id, ["a"])
+    shared.submit(models[1][0].id, ["b"])
     with pytest.raises(Overloaded, match="waiting"):
-        family.submit(models[2][0].id, ["c"])
+        shared.submit(models[2][0].id, ["c"])
 
-    late = FamilyEngine(EngineSettings(slots=1, deadline_s=0.0))
+    late = CrossModelEngine(CrossModelSettings(slots=1, deadline_s=0.0))
     spec, eager = models[0]
     shape, weights = bert_weights(eager.module, spec.task)
     late.add(spec.id, shape, weights, configure_tokenizer(eager.tokenizer, 32), [], 32)
@@ -267,7 +268,7 @@ def test_real_minilm_through_the_engine_matches_it_alone() -> None:
 def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
     from packing.contracts import Catalog, Fleet
     from packing.io import load
-    from serving.crossmodel import planned_bytes
+    from serving.engine.weightbank import planned_bytes
     from tasks.pack import build_problem
 
     fleet = Fleet(
@@ -302,18 +303,18 @@ def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
 def test_overload_answers_503_with_retry_after(engine) -> None:
     from litestar.testing import TestClient
 
-    from serving.app import create_app
-    from serving.family import FamilyModel
-    from serving.models import ModelRepository, ModelState
+    from serving.engine.contract import ModelState
+    from serving.engine.crossmodel import CrossModel, CrossModelRepository
+    from serving.http.app import create_app
 
-    family, models = engine
-    family.close()  # no scheduler: the queue stays full
-    family.queue.maxsize = 1
+    shared, models = engine
+    shared.close()  # no scheduler: the queue stays full
+    shared.queue.maxsize = 1
     spec = models[0][0]
-    family.submit(spec.id, ["fills the queue"])
-    served = FamilyModel(spec.id, "cpu")
-    served.engine, served.state = family, ModelState.READY
-    repository = ModelRepository(store=None, model_ids=[])  # type: ignore[arg-type]
+    shared.submit(spec.id, ["fills the queue"])
+    served = CrossModel(spec.id, "cpu")
+    served.engine, served.state = shared, ModelState.READY
+    repository = CrossModelRepository(store=None, model_ids=[])  # type: ignore[arg-type]
     repository.models = {spec.id: served}  # type: ignore[dict-item]
     with TestClient(create_app(repository, load_on_startup=False)) as client:
         response = client.post(f"/predictions/{spec.id}", json={"text": "one more"})

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from packing.contracts import ModelSpec
-from serving import v2
-from serving.dataplane import DataPlane
+from serving.build.tracing import TraceSettings, trace_to_store
+from serving.dataplane import v2
+from serving.dataplane.metrics import ServerMetrics
+from serving.dataplane.plane import DataPlane
+from serving.engine.torchscript import TorchScriptRepository
 from serving.errors import ModelNotFound, ServingError
-from serving.metrics import ServerMetrics
-from serving.models import ModelRepository
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 
 SPEC = ModelSpec(id="dp-0", source="synthetic:bert-tiny", num_labels=2, max_length=16)
 
@@ -30,7 +30,7 @@ SPEC = ModelSpec(id="dp-0", source="synthetic:bert-tiny", num_labels=2, max_leng
 def plane(tmp_path_factory: pytest.TempPathFactory) -> DataPlane:
     store = open_store(f"file://{tmp_path_factory.mktemp('dataplane')}/store")
     trace_to_store(SPEC, "cpu", store, TraceSettings(profile_batch_sizes=(1,)))
-    repository = ModelRepository(store, [SPEC.id])
+    repository = TorchScriptRepository(store, [SPEC.id])
     repository.load_all()
     assert repository.ready
     return DataPlane(repository, ServerMetrics(repository))

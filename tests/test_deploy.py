@@ -20,11 +20,11 @@ import pytest
 
 from packing.contracts import ModelSpec, Plan, PlannedInstance, PlannedServer
 from packing.io import save
-from serving.client import Client, Router, RoutingError
+from serving.build.tracing import TraceSettings, trace_to_store
+from serving.routing.client import Client, Router, RoutingError
 from serving.runtimes import get_runtime
 from serving.runtimes.local import free_port
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tasks.deploy import DeployError, deploy, deployment_path, read_deployment, redeploy, teardown
 
 pytestmark = pytest.mark.slow
@@ -98,8 +98,8 @@ def gateway(name: str) -> Iterator[str]:
     """A real gateway process for deployment ``name``, following its record."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.gateway", "--deployment", str(deployment_path(name)),
-         "--port", str(port)],
+        [sys.executable, "-m", "serving.routing.gateway",
+         "--deployment", str(deployment_path(name)), "--port", str(port)],
         env={**os.environ, "MYRIAD_LOG_LEVEL": "warning"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

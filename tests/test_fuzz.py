@@ -9,8 +9,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from packing.contracts import ModelSpec
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tests.servers import model_server
 
 pytestmark = pytest.mark.slow

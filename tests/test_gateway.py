@@ -9,10 +9,10 @@ import pytest
 from litestar.testing import TestClient
 
 from packing.contracts import ModelSpec, Plan, PlannedInstance, PlannedServer
-from serving.client import Deployment
-from serving.gateway import create_gateway
+from serving.build.tracing import TraceSettings, trace_to_store
+from serving.routing.client import Deployment
+from serving.routing.gateway import create_gateway
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tests.servers import free_port, model_server
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from packing.contracts import ModelSpec
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tests.servers import model_server
 
 pytestmark = pytest.mark.slow

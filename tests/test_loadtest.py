@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from packing.contracts import Plan, PlannedInstance, PlannedServer
-from serving.client import Deployment
+from serving.routing.client import Deployment
 from tasks import loadgen
 from tasks.loadtest import LoadSettings, run_load_test
 from tasks.report import write_report
@@ -180,7 +180,7 @@ def test_generated_words_are_one_token_each_for_synthetic_models(vocab_size: int
     of N generated words is N tokens plus [CLS] and [SEP], not one token per character."""
     import random
 
-    from serving.modeling import synthetic_tokenizer
+    from serving.build.modeling import synthetic_tokenizer
 
     tokenizer = synthetic_tokenizer(vocab_size)
     text = loadgen.text_of(12, random.Random(0))

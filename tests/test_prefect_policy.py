@@ -10,8 +10,8 @@ import pytest
 
 from packing.contracts import ModelSpec
 from packing.io import ContractError
+from serving.build.tracing import TraceError
 from serving.store import ObjectNotFound, StoreError
-from serving.tracing import TraceError
 from tasks.policy import is_transient
 
 

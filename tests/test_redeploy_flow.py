@@ -13,8 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from packing.contracts import ModelSpec
 from packing.io import save
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tasks.deploy import deploy, read_deployment, teardown
 from tests.test_deploy import Load, _alive, gateway, make_plan
 

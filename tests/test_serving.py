@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from packing.contracts import ModelSpec
-from serving import sources
-from serving.modeling import configure_tokenizer, encode, load_eager
+from serving.build import sources
+from serving.build.modeling import configure_tokenizer, encode, load_eager
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tests.servers import model_server
 
 pytestmark = pytest.mark.slow

@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from packing.contracts import ModelSpec
-from serving import sources
-from serving.modeling import configure_tokenizer, encode, load_eager, synthetic_tokenizer
-from serving.store import open_store, read_manifest
-from serving.tracing import (
+from serving.build import sources
+from serving.build.modeling import configure_tokenizer, encode, load_eager, synthetic_tokenizer
+from serving.build.tracing import (
     TraceError,
     TraceSettings,
-    artifact_prefix,
     parity_check,
     trace_to_store,
 )
+from serving.store import artifact_prefix, open_store, read_manifest
 
 FAST = TraceSettings(profile_batch_sizes=(1, 2), profile_repeats=2)
 
@@ -163,11 +162,11 @@ def test_hf_source_on_s3_traces(s3_store_uri: str, tmp_path: Path) -> None:
 
 
 def test_a_traced_model_answers_the_same_on_trimmed_padding(tmp_path: Path) -> None:
-    from serving.models import ServedModel
+    from serving.engine.torchscript import TorchScriptModel
 
     store = open_store(f"file://{tmp_path}/store")
     trace_to_store(tiny(max_length=64), "cpu", store, FAST)
-    model = ServedModel("tiny-a", "cpu", "models/tiny-a/cpu")
+    model = TorchScriptModel("tiny-a", "cpu", "models/tiny-a/cpu")
     model.load(store, None)
     texts = ["short", "a somewhat longer text than the first one"]
     full_ids, full_mask = encode(model.tokenizer, texts)

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from serving import v2
+from serving.dataplane import v2
 from serving.errors import InvalidInput
 
 NUMERIC = [name for name, dtype in v2.DATATYPES.items() if dtype is not None]

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from packing.contracts import ModelSpec
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
-from serving.tracing import TraceSettings, trace_to_store
 from tasks import loadgen
 from tests.servers import model_server
 
@@ -72,7 +72,7 @@ def engine_and_front_ends(url: str) -> tuple[int, list[int]]:
     front_ends = [
         pid
         for pid, (parent, command) in table.items()
-        if parent == engine and "serving.workers" in command
+        if parent == engine and "serving.http.workers" in command
     ]
     return engine, front_ends
 

@@ -14,7 +14,7 @@ import msgspec
 
 from packing.contracts import Plan, PlannedServer
 from packing.io import load, write_atomic
-from serving.client import Deployment
+from serving.routing.client import Deployment
 from serving.store import ArtifactStore, data_dir, open_store
 
 SERVER_PORT = 8080
@@ -120,7 +120,7 @@ def server_fingerprint(
     """Content hash of what a server runs: its processor, engine, model ids and the manifest of
     each model's artifact. Two servers with one fingerprint are interchangeable, so a redeploy
     keeps them running."""
-    from serving.tracing import artifact_prefix
+    from serving.store import artifact_prefix
 
     digest = hashlib.sha256(f"{server.processor}\n{engine}\n".encode())
     for model_id in sorted(server.model_ids):

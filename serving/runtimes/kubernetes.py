@@ -36,7 +36,7 @@ import yaml
 
 from packing.contracts import Catalog, InstanceType, Plan, PlannedServer
 from packing.io import to_json, write_atomic
-from serving.client import Deployment
+from serving.routing.client import Deployment
 from serving.runtimes.base import (
     SERVER_PORT,
     DeployError,

@@ -6,7 +6,7 @@ next replica on a connection error or a 502/503/504; the answer of the first rep
 answers otherwise is passed back unchanged. Unknown models get 404 without a hop.
 
     myriad gateway --name local --port 8000
-    python -m serving.gateway --deployment .myriad/deployments/local.json
+    python -m serving.routing.gateway --deployment .myriad/deployments/local.json
 
 The gateway re-reads the deployment's record when a redeploy rewrites it, so requests follow
 the servers of the new plan without a restart.
@@ -35,7 +35,7 @@ from litestar.response import Response
 
 from packing.contracts import Plan
 from packing.io import ContractError, load
-from serving.client import RETRYABLE_STATUS, Deployment, Router, RoutingError
+from serving.routing.client import RETRYABLE_STATUS, Deployment, Router, RoutingError
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
 # The binary tensor extension puts the JSON header's length in a header of its own.
@@ -194,7 +194,7 @@ def create_gateway(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serving.routing.gateway", description=__doc__)
     parser.add_argument("--deployment", required=True, help="the deployment's JSON file")
     parser.add_argument("--plan", help="plan.json (default: the one the record names)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -3,7 +3,7 @@
 ``POST /predictions/{model}`` and ``POST /v2/models/{model}[/versions/{v}]/infer`` carry
 nearly all of a server's traffic. :class:`FastPath` is bare ASGI in front of the Litestar app:
 it answers those two routes itself (read the body under the size limit, decode with msgspec,
-call the :class:`serving.dataplane.DataPlane`, encode with msgspec) and hands every other
+call the :class:`serving.dataplane.plane.DataPlane`, encode with msgspec) and hands every other
 request to the app, so routing, middleware, dependency injection and response objects cost
 nothing where it matters and the rest keeps Litestar's validation and OpenAPI schema.
 
@@ -23,9 +23,9 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from serving.dataplane import DataPlane, logger
+from serving.dataplane.plane import DataPlane, logger
+from serving.dataplane.v2 import decode_json
 from serving.errors import InvalidInput, ServingError
-from serving.v2 import decode_json
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -55,7 +55,7 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class Call:
     """One request to a hot route, as read off the wire: all a data plane needs to answer it,
-    here or in another process (:mod:`serving.workers`)."""
+    here or in another process (:mod:`serving.http.workers`)."""
 
     kind: str  # "predict" or "infer"
     model_id: str
@@ -206,7 +206,7 @@ def route(path: str) -> tuple[str, str, str | None] | None:
 
 class FastPath:
     """ASGI: the hot routes answered by ``answer`` (a :class:`DataPlane` here, or the engine
-    process behind :mod:`serving.workers`), everything else (and lifespan) by ``app``."""
+    process behind :mod:`serving.http.workers`), everything else (and lifespan) by ``app``."""
 
     def __init__(self, app: Any, answer: Callable[[Call], Awaitable[Answer]]) -> None:
         self.app = app

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from packing.contracts import ModelSpec
-from serving.sources import (
+from serving.build.sources import (
     SYNTHETIC_ARCHITECTURES,
     ResolvedSource,
     SourceError,

@@ -30,29 +30,30 @@ def serve(
     front_ends: int = 1,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
-    cross-model engine (serving.family.EngineSettings fields) for models of one BERT shape.
-    ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.workers`).
+    cross-model engine (:class:`serving.engine.crossmodel.CrossModelSettings` fields) for
+    models of one BERT shape.
+    ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.http.workers`).
     """
     import torch
     import uvicorn
 
-    from serving.app import create_app, serving_app
-    from serving.models import ModelRepository
+    from serving.engine.torchscript import TorchScriptRepository
+    from serving.http.app import create_app, serving_app
     from serving.store import open_store
 
     # Many servers share a machine; one intra-op thread each keeps them from fighting over cores.
     torch.set_num_threads(threads)
     batching = None
     if engine is None:
-        repository = ModelRepository(open_store(store_uri), model_ids, processor, cache_dir)
+        repository = TorchScriptRepository(open_store(store_uri), model_ids, processor, cache_dir)
         workers = threads
         batching = dict(batch or {})
     else:
-        from serving.family import EngineSettings, FamilyRepository
+        from serving.engine.crossmodel import CrossModelRepository, CrossModelSettings
 
         # slots 0: as many as the models of each shape (all resident).
-        settings = EngineSettings(**{"slots": 0, **engine})
-        repository = FamilyRepository(
+        settings = CrossModelSettings(**{"slots": 0, **engine})
+        repository = CrossModelRepository(
             open_store(store_uri), model_ids, processor, cache_dir, settings
         )
         # Requests wait on the event loop for the engine's futures, not on worker threads.
@@ -87,9 +88,9 @@ def serve_behind_front_ends(
 
     import uvicorn
 
-    from serving.app import create_app, serving_app
-    from serving.fastpath import answer_call
-    from serving.workers import EngineEndpoint, FrontEnds, engine_address, listening_socket
+    from serving.http.app import create_app, serving_app
+    from serving.http.fastpath import answer_call
+    from serving.http.workers import EngineEndpoint, FrontEnds, engine_address, listening_socket
 
     public = listening_socket(host, port)
     private = listening_socket("127.0.0.1", 0)

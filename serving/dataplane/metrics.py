@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving.process import resident_bytes
+
 UNKNOWN_MODEL = "_unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -100,12 +102,3 @@ class ServerMetrics:
         self.queue_depth.set(self.repository.queue_depth())  # type: ignore[attr-defined]
         self.memory.set(resident_bytes())
         return generate_latest(self.registry)
-
-
-def resident_bytes() -> int:
-    """Resident memory of this process (Linux); 0 where /proc is not there."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * 4096
-    except OSError:
-        return 0

@@ -46,8 +46,8 @@ class BertShape:
         return self.hidden // self.heads
 
 
-class FamilyError(ValueError):
-    """A model does not fit the family (another shape or head) or the pool is misused."""
+class CrossModelError(ValueError):
+    """A model does not fit the engine's shape (another shape or head) or the pool is misused."""
 
 
 def bert_weights(module: torch.nn.Module, task: str) -> tuple[BertShape, dict[str, torch.Tensor]]:
@@ -56,7 +56,7 @@ def bert_weights(module: torch.nn.Module, task: str) -> tuple[BertShape, dict[st
     state = {k: v.detach() for k, v in module.state_dict().items()}
     anchor = next((k for k in state if k.endswith("embeddings.word_embeddings.weight")), None)
     if anchor is None:
-        raise FamilyError("not a BERT model: no embeddings.word_embeddings.weight")
+        raise CrossModelError("not a BERT model: no embeddings.word_embeddings.weight")
     prefix = anchor.removesuffix("embeddings.word_embeddings.weight")
     base = prefix.removesuffix("bert.") if prefix.endswith("bert.") else prefix
 
@@ -64,19 +64,19 @@ def bert_weights(module: torch.nn.Module, task: str) -> tuple[BertShape, dict[st
         try:
             return state[prefix + name]
         except KeyError:
-            raise FamilyError(f"BERT weight {name} is missing") from None
+            raise CrossModelError(f"BERT weight {name} is missing") from None
 
     layers = 1 + max(int(k[len(prefix) :].split(".")[2]) for k in state if ".layer." in k)
     config = _find_config(module)
     if config is None or not getattr(config, "num_attention_heads", None):
-        raise FamilyError("the model carries no config with num_attention_heads")
+        raise CrossModelError("the model carries no config with num_attention_heads")
     heads = int(config.num_attention_heads)
     # The executor implements exact GELU and absolute positions; anything else would give
     # silently different outputs.
     activation = getattr(config, "hidden_act", "gelu")
     positions = getattr(config, "position_embedding_type", "absolute")
     if activation != "gelu" or positions != "absolute":
-        raise FamilyError(
+        raise CrossModelError(
             f"the cross-model engine runs BERT with hidden_act 'gelu' and absolute positions, "
             f"not {activation!r} / {positions!r}"
         )
@@ -111,7 +111,7 @@ def bert_weights(module: torch.nn.Module, task: str) -> tuple[BertShape, dict[st
         weights["pooler.b"] = get("pooler.dense.bias")
         classifier = state.get(base + "classifier.weight")
         if classifier is None:
-            raise FamilyError("a classification model needs classifier.weight")
+            raise CrossModelError("a classification model needs classifier.weight")
         weights["classifier.w"] = classifier.t().contiguous()
         weights["classifier.b"] = state[base + "classifier.bias"]
         num_labels = classifier.shape[0]
@@ -159,7 +159,7 @@ class WeightBank:
         int8: bool = False,
     ) -> None:
         if slots < 1:
-            raise FamilyError(f"a weight bank needs at least one slot, got {slots}")
+            raise CrossModelError(f"a weight bank needs at least one slot, got {slots}")
         self.shape, self.slots, self.dtype, self.int8 = shape, slots, dtype, int8
         self.device = torch.device(device)
         self.tensors: dict[str, torch.Tensor] = {}
@@ -178,8 +178,8 @@ class WeightBank:
         for name, tensor in self.tensors.items():
             source = _fit(name, weights[name], tuple(tensor.shape[1:]))
             if source.shape != tensor.shape[1:]:
-                raise FamilyError(
-                    f"weight {name} has shape {tuple(source.shape)}, the family "
+                raise CrossModelError(
+                    f"weight {name} has shape {tuple(source.shape)}, the engine's shape "
                     f"{tuple(tensor.shape[1:])}"
                 )
             if name in self.scales:
@@ -454,7 +454,9 @@ class ModelPool:
         for name, dims in expected.items():
             if name not in weights or tuple(_fit(name, weights[name], dims).shape) != dims:
                 got = tuple(weights[name].shape) if name in weights else "missing"
-                raise FamilyError(f"model {model_id}: weight {name} is {got}, the family {dims}")
+                raise CrossModelError(
+                    f"model {model_id}: weight {name} is {got}, the engine's shape {dims}"
+                )
         pin = self.bank.device.type == "cuda"
         self.host[model_id] = {
             n: (w.contiguous().pin_memory() if pin else w.contiguous()) for n, w in weights.items()
@@ -464,7 +466,7 @@ class ModelPool:
         with self._lock:
             slot = self.resident.get(model_id)
             if slot is not None and self.in_use.get(slot):
-                raise FamilyError(f"model {model_id} is in use and cannot be removed")
+                raise CrossModelError(f"model {model_id} is in use and cannot be removed")
             if slot is not None:
                 del self.resident[model_id]
                 del self.slot_owner[slot]
@@ -476,7 +478,7 @@ class ModelPool:
         wanted = list(dict.fromkeys(model_ids))
         unknown = [m for m in wanted if m not in self.host]
         if unknown:
-            raise FamilyError(f"models {unknown[:5]} are not in the pool")
+            raise CrossModelError(f"models {unknown[:5]} are not in the pool")
         if len(wanted) > self.bank.slots:
             raise PoolFull(f"{len(wanted)} distinct models in one batch, {self.bank.slots} slots")
         with self._lock:
@@ -527,7 +529,7 @@ class ModelPool:
         ]
         if not candidates:
             raise PoolFull("every slot holds a model in use")
-        # Every model of a family costs the same bytes to reload, so the least expected demand
+        # Every model of one shape costs the same bytes to reload, so the least expected demand
         # is the least expected reload time.
         _, victim, slot = min(candidates)
         del self.resident[victim]

@@ -1,7 +1,7 @@
-"""A model family behind the model contract: requests to different models of one BERT shape
-are batched together and run by :class:`serving.crossmodel.CrossModelExecutor`.
+"""The cross-model engine behind the model contract: requests to different models of one BERT shape
+are batched together and run by :class:`serving.engine.weightbank.CrossModelExecutor`.
 
-The :class:`FamilyEngine` owns one scheduler thread. Callers (the server's worker threads)
+The :class:`CrossModelEngine` owns one scheduler thread. Callers (the server's worker threads)
 submit texts and wait; the scheduler takes what has arrived within ``max_wait_s`` (up to
 ``max_batch`` texts, at most one bank's worth of distinct models), drops requests past their
 deadline, pads to a sequence-length bucket, swaps in models that are not resident, and runs one
@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,37 +22,34 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from serving.crossmodel import (
+from serving.build.modeling import tensor_bytes
+from serving.engine.contract import (
+    LOAD_ERRORS,
+    ModelRepository,
+    ModelState,
+    ServingModel,
+    answer_rows,
+    claim,
+    describe,
+    open_artifact,
+)
+from serving.engine.weightbank import (
     BertShape,
+    CrossModelError,
     CrossModelExecutor,
-    FamilyError,
     ModelPool,
     WeightBank,
     bert_weights,
 )
-from serving.errors import DeadlineExceeded, Overloaded
-from serving.modeling import tensor_bytes
-from serving.models import (
-    LOAD_ERRORS,
-    InvalidInput,
-    ModelNotReady,
-    ModelRepository,
-    ModelState,
-    NotSupported,
-    ServingModel,
-    answer_rows,
-    describe,
-    open_artifact,
-)
-from serving.store import ArtifactStore
-from serving.tracing import artifact_prefix
+from serving.errors import InvalidInput, ModelNotReady, NotSupported, Overloaded
+from serving.store import ArtifactStore, artifact_prefix
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class EngineSettings:
+class CrossModelSettings:
     slots: int = 64
     precision: str = "fp32"
     int8: bool = False
@@ -79,29 +76,8 @@ class _Request:
     future: Future = field(default_factory=Future)
 
 
-def claim(queued: list) -> list:
-    """The queued requests (anything with ``future`` and ``deadline``) still worth computing.
-
-    Each future is marked running, so from here on its caller can no longer cancel it and no
-    result lands on a cancelled future; a cancelled one is skipped, and one whose deadline
-    passed while it waited gets :class:`DeadlineExceeded` instead of being computed.
-    """
-    now = time.monotonic()
-    live = []
-    for request in queued:
-        if not request.future.set_running_or_notify_cancel():
-            continue
-        if request.deadline < now:
-            request.future.set_exception(
-                DeadlineExceeded("request waited past its deadline; not computed")
-            )
-        else:
-            live.append(request)
-    return live
-
-
-class FamilyEngine:
-    def __init__(self, settings: EngineSettings) -> None:
+class CrossModelEngine:
+    def __init__(self, settings: CrossModelSettings) -> None:
         if settings.precision not in DTYPES:
             raise ValueError(f"precision {settings.precision!r}: choose fp32, bf16 or fp16")
         self.settings = settings
@@ -114,7 +90,7 @@ class FamilyEngine:
         self.batched_texts = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="family-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="cross-model-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------------ membership
@@ -141,7 +117,7 @@ class FamilyEngine:
                 self.pool = ModelPool(bank)
                 self.executor = CrossModelExecutor(bank)
             elif shape != self.shape:
-                raise FamilyError(
+                raise CrossModelError(
                     f"model {model_id} has shape {shape}, this engine serves {self.shape}"
                 )
             assert self.pool is not None
@@ -264,7 +240,7 @@ class FamilyEngine:
             request.future.set_result(result)
 
 
-class FamilyModel(ServingModel):
+class CrossModel(ServingModel):
     """One model behind the model contract, run by the engine of its shape.
 
     Loading has two steps: :meth:`load` reads and verifies the artifact (in the repository's
@@ -275,7 +251,7 @@ class FamilyModel(ServingModel):
         self.model_id = model_id
         self.processor = processor
         self.prefix = artifact_prefix(model_id, processor)
-        self.engine: FamilyEngine | None = None
+        self.engine: CrossModelEngine | None = None
         self.state = ModelState.PENDING
         self.reason: str | None = None
         self.task = ""
@@ -301,7 +277,7 @@ class FamilyModel(ServingModel):
         finally:
             self.load_seconds = time.perf_counter() - started
 
-    def join(self, engine: FamilyEngine) -> None:
+    def join(self, engine: CrossModelEngine) -> None:
         if self._loaded is None or self.shape is None:
             return
         weights, tokenizer, labels = self._loaded
@@ -337,11 +313,11 @@ def rebuild_module(directory: Path, task: str) -> torch.nn.Module:
     from safetensors.torch import load_model
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    from serving.modeling import ClassificationLogits, MeanPoolEmbedding
+    from serving.build.modeling import ClassificationLogits, MeanPoolEmbedding
 
     config = BertConfig.from_json_file(str(directory / "config.json"))
     if config.model_type != "bert":
-        raise FamilyError(f"the cross-model engine runs BERT encoders, not {config.model_type}")
+        raise CrossModelError(f"the cross-model engine runs BERT encoders, not {config.model_type}")
     if task == "embedding":
         module: torch.nn.Module = MeanPoolEmbedding(BertModel(config))
     else:
@@ -350,7 +326,7 @@ def rebuild_module(directory: Path, task: str) -> torch.nn.Module:
     return module.eval()
 
 
-class FamilyRepository(ModelRepository):
+class CrossModelRepository(ModelRepository):
     """A repository whose models run on cross-model engines, one per BERT shape and head."""
 
     def __init__(
@@ -359,17 +335,17 @@ class FamilyRepository(ModelRepository):
         model_ids: list[str],
         processor: str = "cpu",
         cache_dir: Path | None = None,
-        settings: EngineSettings | None = None,
+        settings: CrossModelSettings | None = None,
     ) -> None:
-        super().__init__(store, [], processor, cache_dir)
+        models = {m: CrossModel(m, processor) for m in model_ids}
+        super().__init__(store, models, processor, cache_dir)  # type: ignore[arg-type]
         # transformers' lazy module is not safe to import from several loader threads at once.
         from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: F401
 
-        self.settings = settings or EngineSettings(slots=0)
+        self.settings = settings or CrossModelSettings(slots=0)
         if processor == "gpu":
             self.settings.device = "cuda"
-        self.engines: dict[BertShape, FamilyEngine] = {}
-        self.models = {m: FamilyModel(m, processor) for m in model_ids}  # type: ignore[misc]
+        self.engines: dict[BertShape, CrossModelEngine] = {}
 
     def start(self, workers: int = 1, on_batch: object = None, **batching: object) -> None:
         """Nothing to start: each engine is its models' scheduler (it starts with the engine)."""
@@ -388,15 +364,14 @@ class FamilyRepository(ModelRepository):
         raise NotSupported("unloading models is not supported by the cross-model engine")
 
     def load_all(self) -> None:
-        with ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="load") as pool:
-            list(pool.map(lambda m: m.load(self.store, self.cache_dir), self.models.values()))
-        families: dict[BertShape, list[FamilyModel]] = {}
+        self.load_models()
+        by_shape: dict[BertShape, list[CrossModel]] = {}
         for model in self.models.values():
             if model.shape is not None and model.state is ModelState.LOADING:
-                families.setdefault(model.shape, []).append(model)  # type: ignore[arg-type]
-        for shape, members in families.items():
+                by_shape.setdefault(model.shape, []).append(model)  # type: ignore[arg-type]
+        for shape, members in by_shape.items():
             slots = self.settings.slots or len(members)
-            engine = FamilyEngine(replace(self.settings, slots=min(slots, len(members))))
+            engine = CrossModelEngine(replace(self.settings, slots=min(slots, len(members))))
             self.engines[shape] = engine
             for model in members:
                 model.join(engine)

@@ -1,7 +1,7 @@
 """The data plane of one model server, with no web framework in it: predict, KServe v2 infer,
 metadata, readiness and the model repository, taking and returning plain values and structs,
 recording metrics, raising the typed errors of :mod:`serving.errors`. The REST front ends in
-:mod:`serving.app` only decode, call and encode.
+:mod:`serving.http.app` only decode, call and encode.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import anyio
 import numpy as np
 
 from packing.contracts import is_model_id
-from serving import v2
+from serving.dataplane import v2
+from serving.dataplane.metrics import ServerMetrics
+from serving.engine.contract import ModelState
 from serving.errors import (
     Forbidden,
     InvalidInput,
@@ -30,8 +32,6 @@ from serving.errors import (
     Unauthorized,
 )
 from serving.errors import status_of as error_status
-from serving.metrics import ServerMetrics
-from serving.models import ModelState
 
 logger = logging.getLogger("myriad.server")
 

@@ -1,7 +1,7 @@
 """One model server over several processes: ``python -m serving --workers N``.
 
 One process, the *engine process*, owns the models (and the accelerator): it loads them, runs
-the backends' schedulers and the :class:`serving.dataplane.DataPlane`, and serves the whole
+the backends' schedulers and the :class:`serving.dataplane.plane.DataPlane`, and serves the whole
 HTTP API on a private loopback port. N *front-end processes* share the public listening socket
 (the kernel spreads connections over them) and parse HTTP, so HTTP scales with cores while one
 process holds the device:
@@ -9,7 +9,7 @@ process holds the device:
 - the hot routes (``POST /predictions/...``, ``POST /v2/models/.../infer``) go to the engine
   process over ZeroMQ (a DEALER per front end, a ROUTER in the engine process, on a Unix
   socket): the request's body and headers as read off the wire (a
-  :class:`serving.fastpath.Call`), answered with the finished HTTP answer, so errors, metrics
+  :class:`serving.http.fastpath.Call`), answered with the finished HTTP answer, so errors, metrics
   and refusals are exactly those of a one-process server;
 - every other route (health, metadata, repository, metrics) is proxied to the engine
   process's own HTTP port: one source of truth for state and metrics.
@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-from serving.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
+from serving.http.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
 
 logger = logging.getLogger("myriad.workers")
 
@@ -273,7 +273,7 @@ def run_front_end(fd: int, engine_url: str, engine_address: str) -> None:
 
 
 def front_end_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.workers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serving.http.workers", description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="the shared listening socket")
     parser.add_argument("--engine-url", required=True, help="the engine process's HTTP URL")
     parser.add_argument("--engine-address", required=True, help="its ZeroMQ address")
@@ -311,7 +311,7 @@ class FrontEnds:
         command = [
             sys.executable,
             "-m",
-            "serving.workers",
+            "serving.http.workers",
             "--fd",
             str(self.sock.fileno()),
             "--engine-url",

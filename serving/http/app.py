@@ -1,4 +1,4 @@
-"""The REST front ends of one model server, over its :class:`serving.dataplane.DataPlane`:
+"""The REST front ends of one model server, over its :class:`serving.dataplane.plane.DataPlane`:
 TorchServe-style routes (``/predictions``, ``/models``, problem-details errors) and KServe v2
 (``/v2``: JSON or binary tensors, ``{"error": ...}`` bodies). Handlers only decode, call and
 encode; errors are typed in :mod:`serving.errors` and mapped to HTTP here, in one place.
@@ -25,7 +25,10 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 
-from serving.dataplane import DataPlane, logger
+from serving.dataplane.metrics import ServerMetrics
+from serving.dataplane.plane import DataPlane, logger
+from serving.dataplane.v2 import HEADER_LENGTH
+from serving.engine.contract import ModelRepository
 from serving.errors import (
     DeadlineExceeded,
     Forbidden,
@@ -38,7 +41,7 @@ from serving.errors import (
     ServingError,
     Unauthorized,
 )
-from serving.fastpath import (
+from serving.http.fastpath import (
     MAX_BODY_BYTES,
     Answer,
     FastPath,
@@ -46,9 +49,6 @@ from serving.fastpath import (
     infer_answer,
     predict_answer,
 )
-from serving.metrics import ServerMetrics
-from serving.models import ModelRepository
-from serving.v2 import HEADER_LENGTH
 
 __all__ = ["create_app", "serving_app"]
 
@@ -110,7 +110,7 @@ def _response(answer: Answer) -> Response[bytes]:
 @post("/predictions/{model_id:str}", status_code=200)
 async def predict(request: Request, state: State, model_id: ModelIdPath) -> Response[bytes]:
     """One text (``{"text": "..."}`` or a raw text body) or a list; ``?raw=1`` for logits.
-    On a running server :class:`serving.fastpath.FastPath` answers this route itself."""
+    On a running server :class:`serving.http.fastpath.FastPath` answers this route itself."""
     answer = await predict_answer(
         _plane(state),
         model_id,
@@ -292,10 +292,10 @@ def create_app(
 ) -> Litestar:
     """Wire the app; models load in a background thread so liveness answers during the load.
 
-    ``batching``: :class:`serving.batching.Batcher` settings for TorchScript models (None runs
-    each request on its own). ``admin_token`` (default ``$MYRIAD_ADMIN_TOKEN``, read once)
-    opens the repository's load and unload routes. ``on_startup`` hooks run after the load
-    has begun, ``on_shutdown`` hooks before the backends close."""
+    ``batching``: :class:`serving.engine.torchscript.Batcher` settings for TorchScript models
+    (None runs each request on its own). ``admin_token`` (default ``$MYRIAD_ADMIN_TOKEN``, read
+    once) opens the repository's load and unload routes. ``on_startup`` hooks run after the
+    load has begun, ``on_shutdown`` hooks before the backends close."""
     server_metrics = ServerMetrics(repository)
     plane = DataPlane(
         repository,
@@ -337,6 +337,6 @@ def create_app(
 
 
 def serving_app(app: Litestar) -> FastPath:
-    """What a server runs: ``app`` behind :class:`serving.fastpath.FastPath`, which answers
+    """What a server runs: ``app`` behind :class:`serving.http.fastpath.FastPath`, which answers
     the prediction and inference routes without the framework."""
     return FastPath(app, functools.partial(answer_call, app.state.dataplane))

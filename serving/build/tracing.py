@@ -20,10 +20,10 @@ import msgspec
 import torch
 
 from packing.contracts import ModelSpec, Processor
-from serving import sources
-from serving.metrics import resident_bytes
-from serving.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
-from serving.store import ArtifactStore, put_artifact, read_manifest
+from serving.build import sources
+from serving.process import resident_bytes
+from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
+from serving.store import ArtifactStore, artifact_prefix, put_artifact, read_manifest
 
 # Bump when the traced artifact would differ for the same source and settings.
 TRACE_FORMAT_VERSION = 1
@@ -67,10 +67,6 @@ class TraceResult:
     cached: bool
     seconds: float
     profile: dict
-
-
-def artifact_prefix(model_id: str, processor: str) -> str:
-    return f"models/{model_id}/{processor}"
 
 
 def trace_key(
@@ -260,7 +256,7 @@ def profile_artifact(
 ) -> dict:
     """Resident memory and seconds per request at each batch size, measured on this machine.
 
-    On CPU it measures one intra-op thread, as servers run (serving.server), so that the
+    On CPU it measures one intra-op thread, as servers run (serving.http.server), so that the
     packer's CPU capacity (one request per physical core) matches what is profiled.
     """
     with _intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()):
@@ -320,11 +316,11 @@ def _intra_op_threads(count: int) -> Iterator[None]:
 
 def _engine_bytes(eager: EagerModel, spec: ModelSpec) -> dict[str, int] | None:
     """Bytes per model in the cross-model engine at each precision; None for non-BERT models."""
-    from serving.crossmodel import FamilyError, bert_weights, planned_bytes
+    from serving.engine.weightbank import CrossModelError, bert_weights, planned_bytes
 
     try:
         shape, _ = bert_weights(eager.module, spec.task)
-    except FamilyError:
+    except CrossModelError:
         return None
     return planned_bytes(shape)
 
