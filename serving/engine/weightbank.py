@@ -138,11 +138,6 @@ def _find_config(module: torch.nn.Module) -> object | None:
     return None
 
 
-def weight_bytes(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
-    size = torch.tensor([], dtype=dtype).element_size()
-    return sum(t.numel() for t in weights.values()) * size
-
-
 class WeightBank:
     """Stacked weights of ``slots`` models on one device.
 
