@@ -422,11 +422,15 @@ def redeploy(
 
 
 @app.command()
-def status(name: Annotated[str, typer.Option(help="deployment name")] = "local") -> None:
-    """Each server of a deployment: its address and state (ready, loading, failed, down)."""
+def status(
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    store: StoreOption = None,
+) -> None:
+    """Each server of a deployment: its address and state (ready, loading, failed, down). With
+    ``--store``, the record kept in that store (wherever the deploy ran)."""
     from serving.runtimes import get_runtime, read_deployment
 
-    deployment = read_deployment(name)
+    deployment = read_deployment(name, store)
     table = Table(title=f"deployment {name} ({deployment.runtime}, plan {deployment.plan_id})")
     for column in ("server", "address", "state", "detail"):
         table.add_column(column)
@@ -436,11 +440,14 @@ def status(name: Annotated[str, typer.Option(help="deployment name")] = "local")
 
 
 @app.command()
-def teardown(name: Annotated[str, typer.Option(help="deployment name")] = "local") -> None:
+def teardown(
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    store: StoreOption = None,
+) -> None:
     """Stop the servers of a deployment (and remove what its runtime made)."""
     from tasks.deploy import teardown as teardown_deployment
 
-    stopped = teardown_deployment(name)
+    stopped = teardown_deployment(name, store)
     console.print(f"stopped {len(stopped)} servers of {name}")
 
 

@@ -38,6 +38,6 @@ def loadtest(
         settings.setdefault("modes", ["rate"])
     LoadSettings(**settings)  # fails the run now on a bad combination, before any load
     plan_text = msgspec.json.encode(read_document(plan, Plan)).decode()
-    record = deployment_record(deployment)
+    record = deployment_record(deployment, store)
     figures = load_test(plan_text, record, settings)
     return publish_report(plan_text, figures, store)

@@ -54,8 +54,10 @@ def redeploy(
     announced = [*(models or []), *([model] if model else [])]
     if announced:
         logger.info("update announced for: %s", ", ".join(announced))
-    running = deployment_record(deployment)
-    current_uri = running["plan_path"]
+    running = deployment_record(deployment, store)
+    # The plan's copy in the store where there is one: a redeploy on another machine (a
+    # Kubernetes work pool's job) has no access to the deploying machine's files.
+    current_uri = running.get("plan_uri") or running["plan_path"]
     current = open_plan(current_uri)
 
     settings = trace_settings(precision, minimal_profile)

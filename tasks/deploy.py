@@ -54,17 +54,18 @@ def redeploy(
     images: dict[str, str] | None = None,
     registry: str | None = None,
 ) -> RedeployResult:
-    """Move the running deployment ``name`` to the plan at ``plan_path``, in its own runtime."""
-    running = read_deployment(name)
+    """Move the running deployment ``name`` to the plan at ``plan_path``, in its own runtime
+    (its record from ``store_uri`` when the store holds it, else from this machine)."""
+    running = read_deployment(name, store_uri)
     options = DeployOptions(
         name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
     )
     return get_runtime(running.runtime).redeploy(running, load(plan_path, Plan), plan_path, options)
 
 
-def teardown(name: str = "local") -> list[str]:
+def teardown(name: str = "local", store_uri: str | None = None) -> list[str]:
     """Stop the servers of deployment ``name``; returns the server ids it stopped."""
-    running = read_deployment(name)
+    running = read_deployment(name, store_uri)
     return get_runtime(running.runtime).teardown(running)
 
 
@@ -145,6 +146,6 @@ def redeploy_servers(
     }
 
 
-@task(name="read-deployment", **PERSISTED)
-def deployment_record(name: str) -> dict:
-    return msgspec.to_builtins(read_deployment(name))
+@task(name="read-deployment", **PERSISTED, **network_retries())
+def deployment_record(name: str, store_uri: str | None = None) -> dict:
+    return msgspec.to_builtins(read_deployment(name, store_uri))

@@ -111,7 +111,8 @@ def test_context_follows_the_ignore_file(tmp_path: Path) -> None:
     (root / ".venv").mkdir()
     (root / ".venv" / "big").write_bytes(b"\0")
     files = {p.as_posix() for p in images.context_files(root)}
-    assert {"pyproject.toml", "README.md", "serving/http/server.py", "packing/contracts.py"} <= files
+    expected = {"pyproject.toml", "README.md", "serving/http/server.py", "packing/contracts.py"}
+    assert expected <= files
     assert not {f for f in files if f.split("/")[0] not in ("packing", "serving")} - {
         "pyproject.toml",
         "README.md",

@@ -26,6 +26,7 @@ from serving.runtimes import get_runtime
 from serving.runtimes.local import free_port
 from serving.store import open_store
 from tasks.deploy import DeployError, deploy, deployment_path, read_deployment, redeploy, teardown
+from tasks.documents import read_document
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +184,7 @@ def test_deploy_route_failover_and_teardown(
         stopped = teardown("t")
     assert stopped == ["i000-d0", "i001-d0"]
     assert not deployment_path("t").exists()
+    assert not open_store(store_uri).list("deployments/t")
     assert not any(_alive(pid) for pid in supervisors)
 
 
@@ -234,6 +236,35 @@ def test_redeploy_replaces_only_changed_servers_with_no_failed_request(
         assert not _alive(int(deployed.handles["i001-d0"]))
     finally:
         teardown("r")
+
+
+def test_the_record_in_the_store_lets_another_machine_redeploy_and_tear_down(
+    store_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retrain job on a Kubernetes work pool has none of the deploying machine's files: it
+    finds the running deployment, and the plan it runs, through the store."""
+    monkeypatch.setenv("MYRIAD_HOME", str(tmp_path / "deployer"))
+    before = make_plan({"i000-d0": ["only-a"], "i001-d0": ["only-b"]}, "plan-one")
+    deployed = deploy(save(before, tmp_path / "one.json"), store_uri, "local", "s")
+    try:
+        in_store = read_deployment("s", store_uri)
+        assert in_store == deployed and in_store.store_uri == store_uri
+        store = open_store(store_uri)
+        assert in_store.plan_uri == store.url_for("deployments/s/plan-one.plan.json")
+        assert read_document(in_store.plan_uri, Plan) == before
+        monkeypatch.setenv("MYRIAD_HOME", str(tmp_path / "elsewhere"))
+        with pytest.raises(DeployError, match="no deployment named 's'"):
+            read_deployment("s")
+        after = make_plan({"i000-d0": ["only-a"], "i001-d0": ["only-b", "shared"]}, "plan-two")
+        result = redeploy(save(after, tmp_path / "two.json"), store_uri, "s")
+        assert result.kept == ["i000-d0"] and result.started == ["i001-d0"]
+        assert read_deployment("s", store_uri).plan_id == "plan-two"
+        assert _alive(int(deployed.handles["i000-d0"]))
+    finally:
+        stopped = teardown("s", store_uri)
+    assert stopped == ["i000-d0", "i001-d0"]
+    assert not open_store(store_uri).list("deployments/s")
+    assert not any(_alive(int(pid)) for pid in deployed.handles.values())
 
 
 def test_a_killed_server_is_restarted_and_no_request_fails_meanwhile(

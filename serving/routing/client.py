@@ -29,6 +29,11 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The plan file the servers were started from, so a gateway can follow a redeploy.
     plan_path: str | None = None
     namespace: str | None = None
+    # The store the servers load from; the record and a copy of its plan are kept there too
+    # (``plan_uri``), so a redeploy run on another machine (a Kubernetes work pool's job) finds
+    # the running deployment.
+    store_uri: str | None = None
+    plan_uri: str | None = None
 
 
 class RoutingError(RuntimeError):

@@ -101,17 +101,50 @@ def deployment_path(name: str) -> Path:
     return deployments_dir() / f"{name}.json"
 
 
-def read_deployment(name: str) -> Deployment:
+def deployment_key(name: str) -> str:
+    """Where a deployment's record lives in its store."""
+    return f"deployments/{name}.json"
+
+
+def read_deployment(name: str, store_uri: str | None = None) -> Deployment:
+    """The record of deployment ``name``: from ``store_uri`` when given and it holds one (the
+    newest wherever the last deploy ran), else from this machine's deployments folder."""
     path = deployment_path(name)
+    if store_uri is not None:
+        store = open_store(store_uri)
+        if store.exists(deployment_key(name)):
+            return msgspec.json.decode(store.get_bytes(deployment_key(name)), type=Deployment)
     if not path.is_file():
-        raise DeployError(f"no deployment named {name!r} ({path} does not exist)")
+        where = f"{path} does not exist" + (
+            f" and {store_uri} has no {deployment_key(name)}" if store_uri else ""
+        )
+        raise DeployError(f"no deployment named {name!r} ({where})")
     return load(path, Deployment)
 
 
-def write_deployment(deployment: Deployment) -> Path:
-    path = deployment_path(deployment.name)
-    write_atomic(path, msgspec.json.encode(deployment))
-    return path
+def write_deployment(deployment: Deployment, plan: Plan | None = None) -> Deployment:
+    """Write the record here (the gateway follows this file) and, when the deployment has a
+    store, there with a copy of ``plan``, which the record then names by ``plan_uri``.
+    Returns the record as written."""
+    if deployment.store_uri is not None:
+        store = open_store(deployment.store_uri)
+        if plan is not None:
+            key = f"deployments/{deployment.name}/{plan.plan_id}.plan.json"
+            store.put_bytes(key, msgspec.json.encode(plan))
+            deployment = msgspec.structs.replace(deployment, plan_uri=store.url_for(key))
+        store.put_bytes(deployment_key(deployment.name), msgspec.json.encode(deployment))
+    write_atomic(deployment_path(deployment.name), msgspec.json.encode(deployment))
+    return deployment
+
+
+def forget_deployment(deployment: Deployment) -> None:
+    """Remove the record of a torn-down deployment, here and in its store."""
+    deployment_path(deployment.name).unlink(missing_ok=True)
+    if deployment.store_uri is not None:
+        store = open_store(deployment.store_uri)
+        if store.exists(deployment_key(deployment.name)):
+            store.delete(deployment_key(deployment.name))
+        store.delete_prefix(f"deployments/{deployment.name}/")
 
 
 def server_fingerprint(
@@ -272,9 +305,9 @@ class HostRuntime(Runtime):
             handles=handles,
             fingerprints=fingerprints(plan, options),
             plan_path=str(plan_file),
+            store_uri=options.store_uri,
         )
-        write_deployment(deployment)
-        return deployment
+        return write_deployment(deployment, plan)
 
     def redeploy(
         self, deployment: Deployment, plan: Plan, plan_path: Path, options: DeployOptions
@@ -305,8 +338,9 @@ class HostRuntime(Runtime):
             handles={s.id: handles[s.id] for s in plan.servers},
             fingerprints=new_prints,
             plan_path=str(plan_file),
+            store_uri=options.store_uri,
         )
-        write_deployment(moved)
+        moved = write_deployment(moved, plan)
         stopped = sorted(set(deployment.servers) - set(taken.values()))
         if stopped:
             time.sleep(self.drain_s)
@@ -325,5 +359,5 @@ class HostRuntime(Runtime):
     def teardown(self, deployment: Deployment) -> list[str]:
         for handle in set(deployment.handles.values()):
             self.stop_server(handle)
-        deployment_path(deployment.name).unlink(missing_ok=True)
+        forget_deployment(deployment)
         return sorted(deployment.servers)

@@ -44,7 +44,7 @@ from serving.runtimes.base import (
     RedeployResult,
     Runtime,
     ServerStatus,
-    deployment_path,
+    forget_deployment,
     image_for,
     server_arguments,
     write_deployment,
@@ -1076,9 +1076,7 @@ class KubernetesRuntime(Runtime):
     def deploy(self, plan: Plan, plan_path: Path, options: DeployOptions) -> Deployment:
         objects = self._render(plan, options)
         self._converge(objects, options)
-        deployment = self._record(plan, plan_path, options, objects)
-        write_deployment(deployment)
-        return deployment
+        return write_deployment(self._record(plan, plan_path, options, objects), plan)
 
     def _record(
         self, plan: Plan, plan_path: Path, options: DeployOptions, objects: list[dict]
@@ -1098,6 +1096,7 @@ class KubernetesRuntime(Runtime):
             fingerprints=prints,
             plan_path=str(plan_path),
             namespace=namespace,
+            store_uri=options.store_uri,
         )
 
     def status(self, deployment: Deployment) -> list[ServerStatus]:
@@ -1143,7 +1142,7 @@ class KubernetesRuntime(Runtime):
             for s in deployment.servers
             if s not in new.fingerprints or (s in started and s in deployment.fingerprints)
         )
-        write_deployment(new)
+        new = write_deployment(new, plan)
         return RedeployResult(deployment=new, kept=kept, started=started, stopped=stopped)
 
     def teardown(self, deployment: Deployment) -> list[str]:
@@ -1161,7 +1160,7 @@ class KubernetesRuntime(Runtime):
             and (found["metadata"].get("labels") or {}).get(CREATED_BY) == deployment.name
         ):
             self._delete("v1", "Namespace", namespace, None)
-        deployment_path(deployment.name).unlink(missing_ok=True)
+        forget_deployment(deployment)
         ids = {deployment.handles.get(s, s): s for s in deployment.servers}
         return sorted(ids.get(name, name) for name in stopped)
 
