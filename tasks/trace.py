@@ -29,6 +29,13 @@ _COMPILES = threading.BoundedSemaphore(
 )
 
 
+def compile_slot() -> threading.BoundedSemaphore:
+    """This process's compile limit. Tasks reach it through this function: a Dask worker
+    unpickles a task's function by value, and a semaphore cannot travel, but a reference to
+    this importable function can (each worker process then has its own limit)."""
+    return _COMPILES
+
+
 def trace_jobs(fleet: Fleet) -> list[tuple[ModelSpec, str]]:
     return [(spec, proc) for spec in fleet.all_models() for proc in fleet.processors_for(spec)]
 
@@ -68,7 +75,7 @@ def trace_models(
     results = []
     for spec_dict, processor in jobs:
         spec = msgspec.convert(spec_dict, ModelSpec)
-        with _COMPILES:
+        with compile_slot():
             result = trace_to_store(
                 spec,
                 processor,
