@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from packing.contracts import ModelSpec
 from serving.runtimes.local import free_port
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
@@ -292,3 +293,79 @@ def test_myriad_publish_triggers_the_retrain_deployment(prefect_server: PrefectS
     run = prefect_server.wait(runs[0]["id"])
     assert run["state"]["type"] == "FAILED"
     assert "no deployment named 'myriad'" in run["state"]["message"], run["state"]["message"]
+
+
+def test_an_update_event_redeploys_only_the_retrained_model_with_no_failed_request(
+    prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retraining loop end to end on the real server: a fleet of three tiny models is
+    deployed one server per model; the retrain deployment (prefect.yaml's own entry, trigger and
+    all, with parameters naming this test's fleet, store and deployment) runs on the worker when
+    ``myriad publish`` announces the retrained model; it re-traces only that model, replaces
+    only its server, and the gateway's clients see no failed request throughout."""
+    from packing.io import save
+    from serving.build.tracing import trace_to_store
+    from serving.store import open_store
+    from tasks.deploy import deploy, read_deployment, teardown
+    from tests.test_deploy import Load, _alive, gateway, make_plan
+    from tests.test_redeploy_flow import MINIMAL, MODELS, write_fleet
+
+    store = f"file://{tmp_path}/store"
+    for model_id in MODELS:
+        spec = ModelSpec(id=model_id, source="synthetic:bert-tiny", max_length=32, traffic_rps=1)
+        trace_to_store(spec, "cpu", open_store(store), MINIMAL)
+    fleet = write_fleet(tmp_path / "fleet.yaml", {"rb": 3})  # rb is retrained: 3 labels now
+    # prefect.yaml's retrain deployment under another name, with this test's parameters.
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    entry = next(d for d in project["deployments"] if d["name"] == "retrain")
+    entry.update(name="retrain-event-test", schedules=[])
+    entry["parameters"] = {
+        "fleet": str(fleet), "catalog": str(ROOT / "catalogs/aws.yaml"), "store": store,
+        "deployment": "event", "repack_tolerance": 10.0, "time_limit_s": 3.0,
+        "minimal_profile": True, "duration_s": 1.0, "concurrency": 2,
+    }  # fmt: skip
+    project["deployments"] = [entry]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(project))
+    prefect_server.cli("deploy", "--prefect-file", str(tmp_path / "prefect.yaml"), "--all")
+    test_deployment = next(
+        d
+        for d in prefect_server.api("POST", "/deployments/filter", {})  # type: ignore[union-attr]
+        if d["name"] == "retrain-event-test"
+    )
+
+    monkeypatch.setenv("MYRIAD_HOME", prefect_server.env["MYRIAD_HOME"])  # the worker's records
+    plan = make_plan({f"i00{n}-d0": [m] for n, m in enumerate(MODELS)}, "plan-event")
+    before = deploy(save(plan, tmp_path / "plan.json"), store, "local", "event")
+    try:
+        with gateway("event") as url, Load(url, MODELS) as load:
+            time.sleep(1)
+            published = subprocess.run(
+                [str(BIN / "myriad"), "publish", "--model", "rb", "--fleet", str(fleet)],
+                cwd=ROOT, env=prefect_server.env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert published.returncode == 0, published
+            deadline = time.monotonic() + 120
+            while True:
+                body = {"flow_runs": {"deployment_id": {"any_": [test_deployment["id"]]}}}
+                runs = prefect_server.api("POST", "/flow_runs/filter", body)
+                assert isinstance(runs, list)
+                if runs:
+                    break
+                assert time.monotonic() < deadline, "the update event started no run"
+                time.sleep(1)
+            run = prefect_server.wait(runs[0]["id"], timeout_s=400)
+            time.sleep(1)
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        assert run["parameters"]["model"] == "rb"
+        assert load.failures == []
+        assert load.answers["200"] > 20
+        names = {t["name"] for t in prefect_server.task_runs(run["id"])}
+        assert "trace-rb-cpu" in names, names
+        assert not any(n.startswith(("trace-ra", "trace-rc")) for n in names), names
+        after = read_deployment("event", store)
+        assert after.plan_id != "plan-event"
+        assert {before.handles["i000-d0"], before.handles["i002-d0"]} <= set(after.handles.values())
+        assert before.handles["i001-d0"] not in after.handles.values()
+        assert not _alive(int(before.handles["i001-d0"]))
+    finally:
+        teardown("event", store)
