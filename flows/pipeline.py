@@ -12,7 +12,7 @@ from flows.stages import plan_artifacts, trace_task_runner
 from packing.contracts import Limits
 from packing.io import to_json
 from tasks.build import build_image
-from tasks.deploy import deploy_plan, teardown_servers
+from tasks.deploy import deploy_servers, teardown_servers
 from tasks.documents import base_dir
 from tasks.pack import build_problem, latest_plan_uri, pack_plan
 from tasks.trace import submit_traces
@@ -81,7 +81,7 @@ def pipeline(
     )
     plan_artifacts(packed["plan_uri"], problem)
     images = {b["processor"]: b["image"] for b in builds if b.get("image")}
-    deploy_plan(packed["plan_uri"], store, runtime, deployment_name, engine, images)
+    deploy_servers(packed["plan_uri"], store, runtime, deployment_name, engine, images)
     try:
         summary = loadtest(
             plan=packed["plan_uri"],

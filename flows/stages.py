@@ -23,7 +23,7 @@ from flows.params import (
 from flows.results import result_options
 from packing.contracts import Limits
 from packing.io import to_json
-from tasks.deploy import deploy_plan
+from tasks.deploy import deploy_servers
 from tasks.documents import base_dir, open_plan
 from tasks.pack import build_problem, pack_plan
 from tasks.trace import MAX_TASK_RUNS, read_profiles, submit_traces, trace_jobs
@@ -176,7 +176,7 @@ def deploy(
     """Start the servers of the plan at ``plan`` (a URI) on ``runtime`` as deployment ``name``;
     returns each server's URL. Servers keep running until ``myriad teardown --name``."""
     open_plan(plan)  # a bad URI fails here, before anything starts
-    record = deploy_plan(plan, store, runtime, name, engine)
+    record = deploy_servers(plan, store, runtime, name, engine)
     create_table_artifact(
         key="myriad-deployment",
         table=[{"server": s, "url": u} for s, u in sorted(record["servers"].items())],

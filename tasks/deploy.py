@@ -7,6 +7,8 @@ from pathlib import Path
 import msgspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from packing.contracts import Catalog, Plan
 from packing.io import load, save
@@ -20,7 +22,7 @@ from serving.runtimes import (
     get_runtime,
     read_deployment,
 )
-from serving.runtimes.base import deployments_dir
+from serving.runtimes.base import HostRuntime, deployments_dir
 from tasks.policy import PERSISTED, network_retries
 
 __all__ = ["RUNTIMES", "DeployError", "deploy", "deployment_path", "read_deployment"]
@@ -69,24 +71,6 @@ def teardown(name: str = "local", store_uri: str | None = None) -> list[str]:
     return get_runtime(running.runtime).teardown(running)
 
 
-def _plan_file(plan_json: str, name: str) -> Path:
-    plan = msgspec.json.decode(plan_json, type=Plan)
-    return save(plan, deployments_dir() / f"{name}.{plan.plan_id}.plan.json")
-
-
-@task(name="deploy-servers", cache_policy=NO_CACHE)
-def deploy_servers(
-    plan_json: str,
-    store_uri: str | None,
-    runtime: str,
-    name: str,
-    engine: str | None = None,
-    images: dict[str, str] | None = None,
-) -> dict:
-    plan_path = _plan_file(plan_json, name)
-    return msgspec.to_builtins(deploy(plan_path, store_uri, runtime, name, engine, images))
-
-
 @task(name="teardown-servers", cache_policy=NO_CACHE)
 def teardown_servers(name: str) -> list[str]:
     return teardown(name)
@@ -116,9 +100,72 @@ def deploy_plan(
     engine: str | None = None,
     images: dict[str, str] | None = None,
 ) -> dict:
-    """Deploy the plan at ``plan_uri``; returns the deployment record (server URLs, handles)."""
+    """Deploy the plan at ``plan_uri`` in one step; returns the deployment record."""
     plan_path = _local_plan(plan_uri, name)
     return msgspec.to_builtins(deploy(plan_path, store_uri, runtime, name, engine, images))
+
+
+@task(name="deploy-server", **PERSISTED, task_run_name="deploy-server-{server_id}")
+def deploy_server(plan_file: str, server_id: str, runtime: str, options: dict) -> dict[str, str]:
+    """Start one server of the plan and wait until its models are loaded (not retried: a
+    server that cannot load fails the same way again)."""
+    plan = load(Path(plan_file), Plan)
+    server = next(s for s in plan.servers if s.id == server_id)
+    host = get_runtime(runtime)
+    url, handle = host.start_ready(server, Path(plan_file), msgspec.convert(options, DeployOptions))
+    return {"url": url, "handle": handle}
+
+
+def deploy_servers(
+    plan_uri: str,
+    store_uri: str | None,
+    runtime: str,
+    name: str,
+    engine: str | None = None,
+    images: dict[str, str] | None = None,
+) -> dict:
+    """Deploy the plan at ``plan_uri`` with one task run per server (``deploy-server-<id>``,
+    concurrent on the flow's task runner) where the runtime starts servers one by one (local,
+    docker); Kubernetes converges the whole plan in one apply, so it stays one task run. If a
+    server fails, the ones that started are stopped and nothing is recorded. Call from a flow;
+    returns the deployment record."""
+    host = get_runtime(runtime)
+    if not isinstance(host, HostRuntime):
+        return deploy_plan(plan_uri, store_uri, runtime, name, engine, images)
+    plan = load(_local_plan(plan_uri, name), Plan)
+    options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
+    plan_file = host.begin(plan, options)
+    settings = msgspec.to_builtins(options)
+    arguments = [(str(plan_file), s.id, runtime, settings) for s in plan.servers]
+    context = FlowRunContext.get()
+    if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
+        futures = [deploy_server.submit(*a) for a in arguments]
+        for future in futures:
+            future.wait()
+        states = [future.state for future in futures]
+    else:
+        # Another task runner (Dask) would start the servers on its workers' machines, not
+        # on this one, where the local and docker runtimes put them: start them here in turn.
+        states = [deploy_server(*a, return_state=True) for a in arguments]
+    started: dict[str, dict[str, str]] = {}
+    failures: list[str] = []
+    for server, state in zip(plan.servers, states, strict=True):
+        if state.is_completed():
+            started[server.id] = state.result()
+        else:
+            failures.append(f"{server.id}: {state.message}")
+    if failures:
+        for server in started.values():
+            host.stop_server(server["handle"])
+        raise DeployError(f"deployment {name}: " + "; ".join(failures))
+    deployment = host.finish(
+        plan,
+        plan_file,
+        {s: started[s]["url"] for s in started},
+        {s: started[s]["handle"] for s in started},
+        options,
+    )
+    return msgspec.to_builtins(deployment)
 
 
 @task(

@@ -16,7 +16,7 @@ from packing.io import save
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
 from tasks.deploy import deploy, read_deployment, teardown
-from tests.test_deploy import Load, _alive, gateway, make_plan
+from tests.test_deploy import Load, _alive, _cmdline_has, gateway, make_plan
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +100,42 @@ def test_redeploy_flow_retraces_and_replaces_only_the_changed_model(
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"myriad-redeploy", "myriad-plan", "myriad-trace-progress"} <= keys
+
+
+def test_deploy_flow_starts_each_server_in_its_own_task_run_and_rolls_back_on_failure(
+    prefect_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.stages import deploy as deploy_flow
+    from serving.runtimes import DeployError
+
+    monkeypatch.setenv("MYRIAD_HOME", str(tmp_path / "home"))
+    store = f"file://{tmp_path}/store"
+    for model_id in MODELS[:2]:
+        spec = ModelSpec(id=model_id, source="synthetic:bert-tiny", max_length=32, traffic_rps=1)
+        trace_to_store(spec, "cpu", open_store(store), MINIMAL)
+    good = save(make_plan({"i000-d0": ["ra"], "i001-d0": ["rb"]}, "plan-two"), tmp_path / "g.json")
+    state = deploy_flow(plan=str(good), store=store, name="two", return_state=True)
+    try:
+        assert state.is_completed(), state.message
+        record = read_deployment("two")
+        assert sorted(record.servers) == ["i000-d0", "i001-d0"]
+        with get_client(sync_client=True) as client:
+            flow_run_filter = FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+            names = {t.name for t in client.read_task_runs(flow_run_filter=flow_run_filter)}
+        assert {"deploy-server-i000-d0", "deploy-server-i001-d0"} <= names, names
+    finally:
+        teardown("two")
+
+    # rc was never traced: its server cannot load, the other one is stopped, nothing recorded.
+    bad = save(make_plan({"i000-d0": ["ra"], "i001-d0": ["rc"]}, "plan-bad"), tmp_path / "b.json")
+    with pytest.raises(DeployError, match="i001-d0: .*failed to load models: rc"):
+        deploy_flow(plan=str(bad), store=store, name="bad")
+    with pytest.raises(DeployError, match="no deployment named 'bad'"):
+        read_deployment("bad")
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(tmp_path / "home"))]
+    assert leftovers == []

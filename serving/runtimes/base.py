@@ -293,16 +293,50 @@ class HostRuntime(Runtime):
         return urls, handles
 
     def deploy(self, plan: Plan, plan_path: Path, options: DeployOptions) -> Deployment:
+        plan_file = self.begin(plan, options)
+        urls, handles = self._start_all(plan.servers, plan_file, options)
+        return self.finish(plan, plan_file, urls, handles, options)
+
+    # A deploy in steps, for an orchestrator that runs each server's start as its own unit (the
+    # flows' deploy-server-<id> task runs): begin, start_ready per server, then finish, or
+    # stop_server on the ones that started when another failed.
+
+    def begin(self, plan: Plan, options: DeployOptions) -> Path:
+        """Stop a previous deployment of this name; returns the plan file servers read."""
         if deployment_path(options.name).exists():
             self.teardown(read_deployment(options.name))
-        plan_file = self.plan_file(plan, options.name)
-        urls, handles = self._start_all(plan.servers, plan_file, options)
+        return self.plan_file(plan, options.name)
+
+    def start_ready(
+        self, server: PlannedServer, plan_file: Path, options: DeployOptions
+    ) -> tuple[str, str]:
+        """Start one server and wait until all its models are loaded; returns (URL, handle).
+        A server that does not get ready is stopped before the error is raised."""
+        url, handle = self.start_server(server, plan_file, options)
+        try:
+            wait_ready(
+                {server.id: url}, options.ready_timeout_s, lambda _: self.exit_reason(handle)
+            )
+        except BaseException:
+            self.stop_server(handle)
+            raise
+        return url, handle
+
+    def finish(
+        self,
+        plan: Plan,
+        plan_file: Path,
+        urls: dict[str, str],
+        handles: dict[str, str],
+        options: DeployOptions,
+    ) -> Deployment:
+        """Record the started servers of ``plan`` as deployment ``options.name``."""
         deployment = Deployment(
             name=options.name,
             plan_id=plan.plan_id,
             runtime=self.name,
-            servers=urls,
-            handles=handles,
+            servers={s.id: urls[s.id] for s in plan.servers},
+            handles={s.id: handles[s.id] for s in plan.servers},
             fingerprints=fingerprints(plan, options),
             plan_path=str(plan_file),
             store_uri=options.store_uri,
