@@ -170,10 +170,10 @@ def engine_only(args: argparse.Namespace) -> list[dict]:
 
 
 def over_http(args: argparse.Namespace) -> dict:
+    from loadtest import generator as loadgen
     from packing.contracts import ModelSpec
     from serving.build.tracing import TraceSettings, trace_to_store
     from serving.store import open_store
-    from tasks import loadgen
     from tests.servers import model_server
 
     with tempfile.TemporaryDirectory(prefix="myriad-engine-") as tmp:

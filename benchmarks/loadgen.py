@@ -23,7 +23,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks import loadgen  # noqa: E402
+from loadtest import generator as loadgen  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 

@@ -27,11 +27,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtest import generator as loadgen  # noqa: E402
 from packing.contracts import ModelSpec  # noqa: E402
 from serving.build.tracing import TraceSettings, trace_to_store  # noqa: E402
 from serving.runtimes.local import free_port  # noqa: E402
 from serving.store import open_store  # noqa: E402
-from tasks import loadgen  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -30,7 +30,7 @@ StoreOption = Annotated[
 def _embedded_prefect_defaults() -> None:
     """Without PREFECT_API_URL, flows run on a temporary local Prefect server whose SQLite
     database lives under the project's data directory, not in the user's home."""
-    from tasks.paths import data_dir
+    from serving.store import data_dir
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s default is too short on a busy 2-core machine.
@@ -85,13 +85,13 @@ def run(
 
 
 def print_summary(summary: dict) -> None:
-    from tasks.report import _fmt
+    from loadtest.report import format_value
 
     table = Table(title="Myriad pipeline summary", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(key, format_value(value))
     console.print(table)
 
 
@@ -497,11 +497,11 @@ def loadtest(
     """Load-test a running deployment of a plan."""
     from rich.progress import Progress
 
+    from loadtest.report import summarize, write_report
+    from loadtest.runner import LoadSettings, run_load_test
     from packing.contracts import Plan
     from packing.io import load
     from serving.runtimes import read_deployment
-    from tasks.loadtest import LoadSettings, run_load_test
-    from tasks.report import summarize, write_report
 
     levels = [2**k for k in range(11)]
     settings = LoadSettings(

@@ -9,10 +9,11 @@ from prefect import flow
 
 from flows.params import LoadMode, check_positive
 from flows.results import result_options
+from loadtest.runner import LoadSettings
 from packing.contracts import Plan
 from tasks.deploy import deployment_record
 from tasks.documents import read_document
-from tasks.loadtest import LoadSettings, load_test
+from tasks.loadtest import load_test
 from tasks.report import publish_report
 
 

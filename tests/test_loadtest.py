@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest import generator as loadgen
+from loadtest.report import write_report
+from loadtest.runner import LoadSettings, run_load_test
 from packing.contracts import Plan, PlannedInstance, PlannedServer
 from serving.routing.client import Deployment
-from tasks import loadgen
-from tasks.loadtest import LoadSettings, run_load_test
-from tasks.report import write_report
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import multiprocessing
-import os
 import random
 import time
 from collections import Counter
@@ -429,7 +428,3 @@ def _split(level: float, parts: int, whole: bool) -> list[float]:
         base, extra = divmod(int(level), parts)
         return [base + (1 if k < extra else 0) for k in range(parts)]
     return [level / parts] * parts
-
-
-def default_processes() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) // 2))

@@ -1,0 +1,1 @@
+"""The load tester: generator, runner and sweep, report and plots. No Prefect here."""
