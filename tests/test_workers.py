@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest import generator as loadgen
 from packing.contracts import ModelSpec
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.store import open_store
-from tasks import loadgen
 from tests.servers import model_server
 
 pytestmark = pytest.mark.slow
