@@ -10,8 +10,6 @@ from packing.contracts import Catalog, Fleet
 from tasks.documents import read_document
 
 Runtime = Literal["local", "docker", "kubernetes"]
-Precision = Literal["fp32", "fp16", "bf16"]
-EnginePrecision = Literal["fp32", "bf16", "fp16", "int8"]
 LoadMode = Literal["sequential", "random", "closed", "sweep", "rate"]
 
 

@@ -7,7 +7,7 @@ error rather than a silently ignored setting. Load and save them with :mod:`pack
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -19,6 +19,12 @@ ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN)]
 Processor = Literal["cpu", "gpu", "inf"]
 ModelTask = Literal["embedding", "sequence-classification"]
 PriceKind = Literal["on_demand", "spot"]
+# What a model's artifact is traced at (default: fp32 on cpu, fp16 on gpu, bf16 on inf).
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# What the cross-model engine serves at; int8 is int8 linear weights with bf16 activations.
+EnginePrecision = Literal["fp32", "bf16", "fp16", "int8"]
+ENGINE_PRECISIONS: tuple[str, ...] = get_args(EnginePrecision)
 SourceUri = Annotated[str, Meta(pattern=r"^(hf:.+|synthetic:[a-z0-9][a-z0-9._-]*)$")]
 
 PositiveFloat = Annotated[float, Meta(gt=0)]

@@ -150,17 +150,10 @@ class S3Store(ArtifactStore):
     writes are atomic by the protocol; the endpoint comes from ``AWS_ENDPOINT_URL``."""
 
     def __init__(self, bucket: str, prefix: str) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-        )
+        self.client = s3_client()
 
     def _key(self, key: str) -> str:
         _check_key(self.uri, key)
@@ -264,6 +257,22 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     created_at: str
     files: dict[str, FileEntry]
     metadata: dict[str, Any] = {}
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client at ``$AWS_ENDPOINT_URL`` (or AWS), retrying throttles and resets."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:

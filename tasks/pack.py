@@ -8,7 +8,16 @@ import time
 import msgspec
 from prefect import task
 
-from packing.contracts import Catalog, Fleet, Limits, Plan, Problem, ProblemModel, Profile
+from packing.contracts import (
+    ENGINE_PRECISIONS,
+    Catalog,
+    Fleet,
+    Limits,
+    Plan,
+    Problem,
+    ProblemModel,
+    Profile,
+)
 from packing.io import decode, to_json
 from packing.repack import repack
 from packing.solver import solve
@@ -39,7 +48,9 @@ def build_problem(
         profile = result["profile"]
         engine_bytes = (profile.get("engine_bytes") or {}).get(engine) if engine else None
         if engine and engine_bytes is None and profile.get("engine_bytes") is not None:
-            raise ValueError(f"engine precision {engine!r}: choose fp32, bf16, fp16 or int8")
+            raise ValueError(
+                f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS)}"
+            )
         if engine_bytes is not None:
             memory, seconds, batch = (
                 int(engine_bytes),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packing.contracts import ModelSpec
+from serving.store import s3_client, sha256_file, sha256_text
 
 # Bump when synthetic weights or tokenizers would come out differently for the same model id.
 SYNTHETIC_GENERATOR_VERSION = 2
@@ -64,7 +65,7 @@ def resolve(spec: ModelSpec, base_dir: Path | None = None) -> ResolvedSource:
                 f"model {spec.id}: unknown synthetic architecture {architecture!r}; "
                 f"known: {', '.join(sorted(SYNTHETIC_ARCHITECTURES))}"
             )
-        digest = _sha256_text(
+        digest = sha256_text(
             f"synthetic:{architecture}:{spec.id}:{spec.task}:{spec.num_labels}:"
             f"v{SYNTHETIC_GENERATOR_VERSION}"
         )
@@ -104,7 +105,7 @@ def hash_directory(directory: Path) -> str:
         relative = path.relative_to(directory).as_posix()
         if relative.startswith(".") or relative == "README.md":
             continue
-        digest.update(relative.encode() + b"\0" + _sha256_file(path).encode() + b"\n")
+        digest.update(relative.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -115,12 +116,12 @@ def _hash_s3_directory(spec: ModelSpec, uri: str) -> str:
         entries.append(f"{key[len(prefix) :]}\0{etag}\0{size}")
     if not any(e.split("\0")[0].lstrip("/") == "config.json" for e in entries):
         raise SourceError(f"model {spec.id}: {uri} holds no config.json")
-    return _sha256_text("\n".join(sorted(entries)))
+    return sha256_text("\n".join(sorted(entries)))
 
 
 def download_s3_directory(uri: str, destination: Path) -> Path:
     bucket, prefix = _split_s3(uri)
-    client = _s3_client()
+    client = s3_client()
     for key, _, _ in _list_s3(bucket, prefix):
         target = destination / key[len(prefix) :].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,14 +134,8 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, (prefix.rstrip("/") + "/") if prefix else ""
 
 
-def _s3_client():
-    import boto3
-
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
 def _list_s3(bucket: str, prefix: str) -> list[tuple[str, str, int]]:
-    paginator = _s3_client().get_paginator("list_objects_v2")
+    paginator = s3_client().get_paginator("list_objects_v2")
     found = []
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
@@ -148,16 +143,7 @@ def _list_s3(bucket: str, prefix: str) -> list[tuple[str, str, int]]:
     return found
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def synthetic_seed(model_id: str) -> int:

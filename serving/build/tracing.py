@@ -19,16 +19,20 @@ from typing import Literal
 import msgspec
 import torch
 
-from packing.contracts import ModelSpec, Processor
+from packing.contracts import ModelSpec, Precision, Processor
 from serving.build import sources
 from serving.process import resident_bytes
 from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
-from serving.store import ArtifactStore, artifact_prefix, put_artifact, read_manifest
+from serving.store import (
+    ArtifactStore,
+    artifact_prefix,
+    put_artifact,
+    read_manifest,
+    sha256_text,
+)
 
 # Bump when the traced artifact would differ for the same source and settings.
 TRACE_FORMAT_VERSION = 1
-
-Precision = Literal["fp32", "fp16", "bf16"]
 
 PARITY_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -72,7 +76,7 @@ class TraceResult:
 def trace_key(
     spec: ModelSpec, processor: Processor, settings: TraceSettings, content_hash: str
 ) -> str:
-    return sources._sha256_text(
+    return sha256_text(
         sources.canonical_json(
             {
                 "format": TRACE_FORMAT_VERSION,

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from packing.contracts import ENGINE_PRECISIONS
+
 LINEARS = ("query", "key", "value", "attention_out", "intermediate", "output")
 
 
@@ -202,14 +204,16 @@ class WeightBank:
         return total + sum(s[0].numel() * s.element_size() for s in self.scales.values())
 
 
-ENGINE_PRECISIONS = {"fp32": (4, False), "bf16": (2, False), "fp16": (2, False), "int8": (2, True)}
+# Per engine precision: bytes per element, and whether linear weights are int8.
+BANK_LAYOUTS = {"fp32": (4, False), "bf16": (2, False), "fp16": (2, False), "int8": (2, True)}
+assert tuple(BANK_LAYOUTS) == ENGINE_PRECISIONS
 
 
 def planned_bytes(shape: BertShape) -> dict[str, int]:
     """Bytes one model takes in a weight bank at each engine precision ("int8": int8 linear
     weights with bf16 scales, embeddings and norms), for the packer's profiles."""
     sizes = {}
-    for precision, (width, int8) in ENGINE_PRECISIONS.items():
+    for precision, (width, int8) in BANK_LAYOUTS.items():
         total = 0
         for name, dims in _example_shapes(shape).items():
             count = math.prod(dims)

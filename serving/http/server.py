@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from packing.contracts import Plan
+from packing.contracts import ENGINE_PRECISIONS, Plan
 from packing.io import load
 
 SERVER_PORT_DEFAULT = 8080
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         help="cross-model: batch requests to different BERT models of one shape together",
     )
     parser.add_argument("--slots", type=int, help="cross-model: models resident at once")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument(
+        "--precision", choices=[p for p in ENGINE_PRECISIONS if p != "int8"], default="fp32"
+    )
     parser.add_argument("--int8", action="store_true", help="cross-model: int8 linear weights")
     parser.add_argument("--max-batch", type=int, default=32, help="texts per model call")
     parser.add_argument(

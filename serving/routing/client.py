@@ -62,6 +62,13 @@ class Router:
         except KeyError:
             raise RoutingError(f"model {model_id!r} is not in plan {self.plan.plan_id}") from None
 
+    def replicas(self, model_id: str) -> list[str]:
+        """The servers of ``model_id`` in the order to try them, each once: random, so that
+        clients spread over replicas and a dead one costs each caller one attempt."""
+        urls = list(self.urls_for(model_id))
+        random.shuffle(urls)
+        return urls
+
     def prediction_url(self, model_id: str, server_url: str) -> str:
         return f"{server_url}/predictions/{model_id}"
 
@@ -73,6 +80,18 @@ class Router:
 RETRYABLE_STATUS = {502, 503, 504}
 
 
+def failover_reason(
+    url: str, status: int | None = None, error: Exception | None = None
+) -> str | None:
+    """Why an attempt at replica ``url`` moves on to the next one (a transport error, or a
+    502/503/504: down, overloaded or draining), or None when its answer is the answer."""
+    if error is not None:
+        return f"{url}: {type(error).__name__}"
+    if status in RETRYABLE_STATUS:
+        return f"{url}: {status}"
+    return None
+
+
 class Client:
     """A synchronous client: ``predict(model_id, text)``, trying each replica at most once."""
 
@@ -81,11 +100,9 @@ class Client:
         self.http = httpx.Client(timeout=timeout_s)
 
     def predict(self, model_id: str, text: str | Sequence[str], raw: bool = False) -> Any:
-        urls = list(self.router.urls_for(model_id))
-        random.shuffle(urls)
         body = {"text": text if isinstance(text, str) else list(text)}
-        last_error: Exception | None = None
-        for url in urls:
+        failures = []
+        for url in self.router.replicas(model_id):
             try:
                 response = self.http.post(
                     self.router.prediction_url(model_id, url),
@@ -93,14 +110,14 @@ class Client:
                     params={"raw": "1"} if raw else None,
                 )
             except httpx.TransportError as exc:
-                last_error = exc
+                failures.append(failover_reason(url, error=exc))
                 continue
-            if response.status_code in RETRYABLE_STATUS:
-                last_error = RoutingError(f"{url} answered {response.status_code}")
+            if reason := failover_reason(url, response.status_code):
+                failures.append(reason)
                 continue
             response.raise_for_status()
             return response.json()
-        raise RoutingError(f"no replica of {model_id} answered: {last_error}")
+        raise RoutingError(f"no replica of {model_id} answered: " + "; ".join(failures))
 
     def close(self) -> None:
         self.http.close()

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Annotated
 
@@ -35,7 +34,7 @@ from litestar.response import Response
 
 from packing.contracts import Plan
 from packing.io import ContractError, load
-from serving.routing.client import RETRYABLE_STATUS, Deployment, Router, RoutingError
+from serving.routing.client import Deployment, Router, RoutingError, failover_reason
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
 # The binary tensor extension puts the JSON header's length in a header of its own.
@@ -47,7 +46,7 @@ async def _forward(
 ) -> Response:
     router: Router = state.router
     try:
-        urls = list(router.urls_for(model_id))
+        urls = router.replicas(model_id)
     except RoutingError:
         if retry_on_new_routes and state.watcher is not None and state.watcher.refresh():
             return await _forward(request, state, model_id, path, retry_on_new_routes=False)
@@ -56,7 +55,6 @@ async def _forward(
             title="Model not found",
             detail=f"model {model_id!r} is not in the plan",
         ) from None
-    random.shuffle(urls)
     body = await request.body()
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
     failures = []
@@ -66,10 +64,10 @@ async def _forward(
                 f"{url}{path}", content=body, headers=headers, params=request.query_params
             )
         except httpx.TransportError as exc:
-            failures.append(f"{url}: {type(exc).__name__}")
+            failures.append(failover_reason(url, error=exc))
             continue
-        if answer.status_code in RETRYABLE_STATUS:
-            failures.append(f"{url}: {answer.status_code}")
+        if reason := failover_reason(url, answer.status_code):
+            failures.append(reason)
             continue
         length = answer.headers.get("inference-header-content-length")
         return Response(

@@ -12,13 +12,12 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from packing.contracts import Plan, PlannedServer
+from packing.contracts import ENGINE_PRECISIONS, Plan, PlannedServer
 from packing.io import load, write_atomic
 from serving.routing.client import Deployment
 from serving.store import ArtifactStore, data_dir, open_store
 
 SERVER_PORT = 8080
-ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 class DeployError(RuntimeError):
