@@ -162,11 +162,13 @@ def pack(
     ] = None,
 ) -> None:
     """Pack models onto the cheapest instances and write a plan, its table and figure."""
-    import json
 
-    from packing.contracts import Catalog, Fleet, Problem
+    from packing.contracts import Catalog, Fleet, Plan, Problem
     from packing.io import load, save
-    from serving.store import artifact_prefix, open_store
+    from packing.problems import build_problem
+    from packing.repack import pack as pack_problem
+    from serving.build.tracing import stored_profiles
+    from tasks.trace import trace_jobs
 
     if problem is not None:
         spec = load(problem, Problem)
@@ -175,37 +177,20 @@ def pack(
 
             spec = msgspec.structs.replace(spec, price="spot")
     elif fleet is not None:
-        from tasks.pack import build_problem
-
         fleet_spec = load(fleet, Fleet)
-        artifact_store = open_store(store)
-        results = []
-        for spec_model in fleet_spec.all_models():
-            for processor in fleet_spec.processors_for(spec_model):
-                key = f"{artifact_prefix(spec_model.id, processor)}/profile.json"
-                if not artifact_store.exists(key):
-                    _fail(
-                        f"model {spec_model.id} has no {processor} profile in "
-                        f"{artifact_store.uri}; run `myriad trace` first"
-                    )
-                results.append(
-                    {
-                        "model_id": spec_model.id,
-                        "processor": processor,
-                        "profile": json.loads(artifact_store.get_bytes(key)),
-                    }
-                )
+        # The profiles the pack flow reads, by the same function (read-profiles task).
+        jobs = [f"{model.id}/{processor}" for model, processor in trace_jobs(fleet_spec)]
         spec = build_problem(
-            fleet_spec, results, load(catalog, Catalog), price="spot" if spot else "on_demand"
+            fleet_spec,
+            stored_profiles(jobs, store),
+            load(catalog, Catalog),
+            price="spot" if spot else "on_demand",
         )
     else:
         _fail("give --problem PROBLEM, or --fleet FLEET to pack traced profiles")
     from packing.plot import plot_plan
     from packing.report import plan_table
-    from packing.solver import solve
-    from packing.validate import check
 
-    repacked = None
     status = console.status("solving")
 
     def show(step) -> None:
@@ -219,21 +204,14 @@ def pack(
         )
 
     with status:
-        if current is not None:
-            from packing.contracts import Plan
-            from packing.repack import repack
-
-            repacked = repack(
-                spec,
-                load(current, Plan),
-                tolerance=tolerance,
-                time_limit_s=time_limit,
-                workers=workers,
-            )
-            plan = repacked.plan
-        else:
-            plan = solve(spec, time_limit_s=time_limit, workers=workers, progress=show)
-    check(spec, plan)
+        plan, repacked = pack_problem(
+            spec,
+            current=load(current, Plan) if current is not None else None,
+            tolerance=tolerance if current is not None else None,
+            time_limit_s=time_limit,
+            workers=workers,
+            progress=show,
+        )
     save(plan, out)
     figure = plot_plan(spec, plan, png or out.with_suffix(".png"))
     table = Table(title=f"plan {plan.plan_id} ({plan.solver_status})")

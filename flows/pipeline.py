@@ -11,10 +11,11 @@ from flows.results import result_options
 from flows.stages import plan_artifacts, trace_task_runner
 from packing.contracts import Limits
 from packing.io import to_json
+from packing.problems import build_problem
 from tasks.build import build_image
 from tasks.deploy import deploy_servers, teardown_servers
 from tasks.documents import base_dir
-from tasks.pack import build_problem, latest_plan_uri, pack_plan
+from tasks.pack import latest_plan_uri, pack_plan
 from tasks.trace import submit_traces
 
 

@@ -18,9 +18,10 @@ from flows.results import result_options
 from flows.stages import plan_artifacts, trace_task_runner
 from packing.contracts import Limits
 from packing.io import to_json
+from packing.problems import build_problem
 from tasks.deploy import deployment_record, redeploy_servers
 from tasks.documents import base_dir, open_plan
-from tasks.pack import build_problem, pack_plan
+from tasks.pack import pack_plan
 from tasks.trace import find_changed, read_profiles, submit_traces, trace_jobs
 
 

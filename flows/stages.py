@@ -23,9 +23,10 @@ from flows.params import (
 from flows.results import result_options
 from packing.contracts import Limits
 from packing.io import to_json
+from packing.problems import build_problem
 from tasks.deploy import deploy_servers
 from tasks.documents import base_dir, open_plan
-from tasks.pack import build_problem, pack_plan
+from tasks.pack import pack_plan
 from tasks.trace import MAX_TASK_RUNS, read_profiles, submit_traces, trace_jobs
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -27,7 +27,8 @@ from packing.contracts import (
 )
 from packing.io import to_json
 from packing.solver import solve
-from packing.validate import violations
+from packing.solver.progress import SolveProgress
+from packing.validate import check, violations
 
 
 class Move(msgspec.Struct, kw_only=True):
@@ -297,3 +298,40 @@ def _moves(current: Plan, plan: Plan) -> list[Move]:
                 )
             )
     return moves
+
+
+def pack(
+    problem: Problem,
+    *,
+    current: Plan | None = None,
+    tolerance: float | None = None,
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    deterministic: bool = False,
+    progress: Callable[[SolveProgress], None] | None = None,
+) -> tuple[Plan, Repack | None]:
+    """What the pack task and ``myriad pack`` both run: a fresh solve, or with ``current`` and
+    ``tolerance`` an incremental repack of it; the plan is validated against the problem
+    before it is returned (with the repack's moves, when it repacked). ``progress`` sees each
+    improvement of a fresh solve."""
+    if current is not None and tolerance is not None:
+        result = repack(
+            problem,
+            current,
+            tolerance=tolerance,
+            time_limit_s=time_limit_s,
+            workers=workers,
+            deterministic=deterministic,
+        )
+        plan: Plan = result.plan
+    else:
+        result = None
+        plan = solve(
+            problem,
+            time_limit_s=time_limit_s,
+            workers=workers,
+            deterministic=deterministic,
+            progress=progress,
+        )
+    check(problem, plan)
+    return plan, result

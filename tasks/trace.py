@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -14,7 +13,7 @@ from prefect import task, unmapped
 
 from packing.contracts import Fleet, ModelSpec
 from serving.build import sources
-from serving.build.tracing import TraceSettings, trace_key, trace_to_store
+from serving.build.tracing import TraceSettings, stored_profiles, trace_key, trace_to_store
 from serving.store import artifact_prefix, open_store, read_manifest
 from tasks.policy import PERSISTED, network_retries
 
@@ -168,27 +167,5 @@ def find_changed(
 
 @task(name="read-profiles", **PERSISTED, **network_retries())
 def read_profiles(jobs: list[str], store_uri: str | None) -> list[dict]:
-    """The stored profile of each ``id/processor`` job, in the shape of a trace result."""
-    store = open_store(store_uri)
-    results = []
-    for job in jobs:
-        model_id, processor = job.rsplit("/", 1)
-        prefix = artifact_prefix(model_id, processor)
-        manifest = read_manifest(store, prefix)
-        if manifest is None:
-            raise ValueError(
-                f"model {model_id} has no {processor} trace in {store.uri}; trace it first "
-                "(the myriad-trace flow)"
-            )
-        results.append(
-            {
-                "model_id": model_id,
-                "processor": processor,
-                "prefix": prefix,
-                "trace_key": manifest.metadata.get("trace_key"),
-                "cached": True,
-                "seconds": 0.0,
-                "profile": json.loads(store.get_bytes(f"{prefix}/profile.json")),
-            }
-        )
-    return results
+    """:func:`serving.build.tracing.stored_profiles` as a task."""
+    return stored_profiles(jobs, store_uri)

@@ -15,6 +15,7 @@ import yaml
 
 from packing.contracts import Catalog, Fleet, Plan
 from packing.io import load, save
+from packing.problems import build_problem
 from packing.solver import solve
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.routing.client import Client, Router
@@ -24,7 +25,6 @@ from serving.runtimes.kubernetes import pod_manifests
 from serving.runtimes.local import free_port
 from serving.store import open_store
 from tasks.deploy import deploy, deployment_path, teardown
-from tasks.pack import build_problem
 from tasks.trace import trace_jobs
 from tests.containers import podman
 

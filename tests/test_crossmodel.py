@@ -268,8 +268,8 @@ def test_real_minilm_through_the_engine_matches_it_alone() -> None:
 def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
     from packing.contracts import Catalog, Fleet
     from packing.io import load
+    from packing.problems import build_problem
     from serving.engine.weightbank import planned_bytes
-    from tasks.pack import build_problem
 
     fleet = Fleet(
         name="f",

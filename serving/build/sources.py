@@ -143,9 +143,6 @@ def _list_s3(bucket: str, prefix: str) -> list[tuple[str, str, int]]:
     return found
 
 
-
-
-
 def synthetic_seed(model_id: str) -> int:
     return int(hashlib.sha256(model_id.encode()).hexdigest()[:15], 16)
 

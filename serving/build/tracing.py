@@ -24,6 +24,7 @@ from serving.build import sources
 from serving.process import resident_bytes
 from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
 from serving.store import (
+    open_store,
     ArtifactStore,
     artifact_prefix,
     put_artifact,
@@ -337,3 +338,31 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "cpu"
+
+
+def stored_profiles(jobs: list[str], store_uri: str | None) -> list[dict]:
+    """The stored profile of each ``id/processor`` job, in the shape of a trace result; a
+    job never traced into ``store_uri`` is a ValueError naming it."""
+    store = open_store(store_uri)
+    results = []
+    for job in jobs:
+        model_id, processor = job.rsplit("/", 1)
+        prefix = artifact_prefix(model_id, processor)
+        manifest = read_manifest(store, prefix)
+        if manifest is None:
+            raise ValueError(
+                f"model {model_id} has no {processor} trace in {store.uri}; trace it first "
+                "(the myriad-trace flow)"
+            )
+        results.append(
+            {
+                "model_id": model_id,
+                "processor": processor,
+                "prefix": prefix,
+                "trace_key": manifest.metadata.get("trace_key"),
+                "cached": True,
+                "seconds": 0.0,
+                "profile": json.loads(store.get_bytes(f"{prefix}/profile.json")),
+            }
+        )
+    return results

@@ -1,0 +1,73 @@
+"""The packing problem of a traced fleet: one model per fleet model, a profile per processor it
+was traced for (the ``profile.json`` of each artifact, in the shape of a trace result)."""
+
+from __future__ import annotations
+
+from packing.contracts import (
+    ENGINE_PRECISIONS,
+    Catalog,
+    Fleet,
+    Limits,
+    Problem,
+    ProblemModel,
+    Profile,
+)
+
+
+def build_problem(
+    fleet: Fleet,
+    trace_results: list[dict],
+    catalog: Catalog,
+    limits: Limits | None = None,
+    price: str = "on_demand",
+    engine: str | None = None,
+) -> Problem:
+    """One packing model per fleet model, with a profile per processor it was traced for.
+
+    Traffic spread over many models rarely forms batches within one model, so by default the
+    packer is given the batch-1 cost per request: the conservative figure. With ``engine`` (a
+    cross-model engine precision: fp32, bf16, fp16, int8) batches form across the models of a
+    server, so a model costs its bytes in the engine's weight bank and its best batched seconds
+    per request; models the engine cannot run (not BERT) keep the TorchScript figures.
+    """
+    profiles: dict[str, list[Profile]] = {}
+    for result in trace_results:
+        profile = result["profile"]
+        engine_bytes = (profile.get("engine_bytes") or {}).get(engine) if engine else None
+        if engine and engine_bytes is None and profile.get("engine_bytes") is not None:
+            raise ValueError(f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS)}")
+        if engine_bytes is not None:
+            memory, seconds, batch = (
+                int(engine_bytes),
+                float(profile["seconds_per_request"]),
+                int(profile["batch_size"]),
+            )
+        else:
+            memory, seconds, batch = (
+                int(profile["memory_bytes"]),
+                float(profile["seconds_per_request_batch1"]),
+                1,
+            )
+        profiles.setdefault(result["model_id"], []).append(
+            Profile(
+                processor=result["processor"],
+                memory_bytes=memory,
+                seconds_per_request=seconds,
+                batch_size=batch,
+            )
+        )
+    models = []
+    for spec in fleet.all_models():
+        if spec.id not in profiles:
+            raise ValueError(f"model {spec.id} has no traced profile; trace it before packing")
+        models.append(
+            ProblemModel(
+                id=spec.id,
+                traffic_rps=spec.traffic_rps,
+                replicas=spec.replicas,
+                profiles=profiles[spec.id],
+            )
+        )
+    return Problem(
+        name=fleet.name, price=price, limits=limits or Limits(), catalog=catalog, models=models
+    )
