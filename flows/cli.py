@@ -1,4 +1,7 @@
-"""The ``myriad`` command line."""
+"""The ``myriad`` command line: one command per pipeline step plus the operational ones
+(serve, gateway, status, teardown, publish), each a thin layer of options and output over the
+functions the tasks wrap. Longer than most modules because every command's options and help
+live here, in one typer app; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -336,7 +339,7 @@ def deploy(
     if render_only:
         from serving.runtimes import DeployOptions
         from serving.runtimes.base import image_for
-        from serving.runtimes.kubernetes import write_manifests
+        from serving.runtimes.manifests import write_manifests
 
         if runtime != "kubernetes":
             _fail("--render-only renders Kubernetes manifests: use it with --runtime kubernetes")

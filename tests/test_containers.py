@@ -21,8 +21,8 @@ from serving.build.tracing import TraceSettings, trace_to_store
 from serving.routing.client import Client, Router
 from serving.runtimes import DeployOptions, get_runtime
 from serving.runtimes.docker import LABEL
-from serving.runtimes.kubernetes import pod_manifests
 from serving.runtimes.local import free_port
+from serving.runtimes.manifests import pod_manifests
 from serving.store import open_store
 from tasks.deploy import deploy, deployment_path, teardown
 from tasks.trace import trace_jobs

@@ -19,15 +19,13 @@ from packing.contracts import Catalog, Plan, PlannedInstance, PlannedServer
 from packing.io import load, to_json
 from serving.runtimes import eks
 from serving.runtimes.base import DeployError, DeployOptions
-from serving.runtimes.kubernetes import (
+from serving.runtimes.kubernetes import KubernetesRuntime, pod_reason, rolled_out
+from serving.runtimes.manifests import (
     FINGERPRINT_ANNOTATION,
-    KubernetesRuntime,
     manifest_files,
     model_label,
     pod_manifests,
-    pod_reason,
     render,
-    rolled_out,
     write_manifests,
 )
 

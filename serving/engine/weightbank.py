@@ -11,6 +11,9 @@ layer-norm parameters, and attention per sequence with padding masks.
 with scales); :class:`CrossModelExecutor` runs the forward; :class:`ModelPool` keeps more
 models than slots in host memory (pinned when CUDA is present) and swaps them in on demand,
 evicting by demand against reload cost and never a model in use.
+
+One module past 500 lines on purpose: the bank's layout (slots, int8 scales, padded heads), the
+executor that reads it and the pool that fills it change together.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """An eksctl cluster config for a plan: one managed node group per instance family the plan
-uses, labelled and tainted as ``serving.runtimes.kubernetes`` expects, plus the add-ons.
+uses, labelled and tainted as ``serving.runtimes.manifests`` renders for, plus the add-ons.
 
 eksctl installs the NVIDIA and Neuron device plugins itself when a node group has GPU or
 Inferentia instance types (its ``--install-nvidia-plugin`` / ``--install-neuron-plugin`` flags
@@ -17,7 +17,7 @@ import yaml
 
 from packing.contracts import Catalog, Plan
 from serving.runtimes.base import DeployOptions
-from serving.runtimes.kubernetes import PROCESSOR_LABEL, SERVICE_ACCOUNT
+from serving.runtimes.manifests import PROCESSOR_LABEL, SERVICE_ACCOUNT
 
 KUBERNETES_VERSION = "1.33"
 SYSTEM_INSTANCE_TYPE = "m6i.large"

@@ -3,7 +3,9 @@ whichever container engine answers (docker, else podman), tagged by project vers
 of everything that goes into the image, pushed to a registry (ECR logins through boto3).
 
 Domain code: no Prefect. ``tasks/build.py`` and the ``myriad build`` command call it; the
-container runtime calls :func:`container_engine` and :func:`engine_command`.
+container runtime calls :func:`container_engine` and :func:`engine_command`. About 500 lines:
+the build context, its content hash and the engine's commands are one unit (the hash must
+cover exactly what the build sends).
 """
 
 from __future__ import annotations
