@@ -6,11 +6,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from packing.contracts import Catalog, Fleet
+from packing.contracts import Catalog, EnginePrecision, Fleet, Precision
 from tasks.documents import read_document
 
 Runtime = Literal["local", "docker", "kubernetes"]
 LoadMode = Literal["sequential", "random", "closed", "sweep", "rate"]
+
+# The flows' parameter types, with the precisions defined once in packing.contracts.
+__all__ = [
+    "EnginePrecision",
+    "LoadMode",
+    "Precision",
+    "Runtime",
+    "check_catalog",
+    "check_fleet",
+    "check_positive",
+    "trace_settings",
+]
 
 
 def check_fleet(uri: str) -> Fleet:

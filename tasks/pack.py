@@ -14,6 +14,7 @@ from packing.contracts import (
 )
 from packing.io import decode, to_json
 from packing.repack import pack
+from packing.solver.progress import SolveProgress
 from serving.store import open_store
 from tasks.documents import open_plan
 from tasks.policy import PERSISTED, network_retries
@@ -65,13 +66,16 @@ def pack_plan(
     problem = decode(problem_json, Problem, "packing problem")
     started = time.perf_counter()
     current = open_plan(current_plan_uri) if current_plan_uri is not None else None
+    progress = SolveProgressArtifact(problem.name, time_limit_s)
     plan, repacked = pack(
         problem,
         current=current,
         tolerance=repack_tolerance,
         time_limit_s=time_limit_s,
         workers=workers,
+        progress=progress,
     )
+    progress.done(plan)
     moves = [msgspec.to_builtins(m) for m in repacked.moves] if repacked else None
     fresh_cost = repacked.fresh_cost_per_hour if repacked else None
     uri = publish_plan_with_retries(plan, store_uri)
@@ -80,6 +84,44 @@ def pack_plan(
     summary["moves"] = moves
     summary["fresh_cost_per_hour"] = fresh_cost
     return summary
+
+
+class SolveProgressArtifact:
+    """A progress artifact (``myriad-pack-progress``) that moves with the solve's clock against
+    its time limit and names the incumbent, the bound and the gap at each improvement."""
+
+    def __init__(self, name: str, time_limit_s: float) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.name = name
+        self.artifact = create_progress_artifact(
+            0.0, key="myriad-pack-progress", description=f"Packing {name}: {time_limit_s:.0f} s"
+        )
+
+    def __call__(self, step: SolveProgress) -> None:
+        percent = min(99.0, round(100 * step.elapsed_s / max(step.time_limit_s, 1e-9), 1))
+        self._update(percent, step.cost, step.bound, step.gap, f"after {step.elapsed_s:.1f} of "
+                     f"{step.time_limit_s:.0f} s ({step.stage})")  # fmt: skip
+
+    def done(self, plan: Plan) -> None:
+        self._update(
+            100.0, plan.cost_per_hour, plan.lower_bound_cost_per_hour, plan.gap,
+            f"in {plan.solve_seconds:.1f} s ({plan.solver_status})",
+        )  # fmt: skip
+
+    def _update(
+        self, percent: float, cost: float | None, bound: float | None, gap: float | None, when: str
+    ) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        money = "-" if cost is None else f"${cost:.4f}/h"
+        floor = "-" if bound is None else f"${bound:.4f}/h"
+        ratio = "-" if gap is None else f"{gap:.2%}"
+        update_progress_artifact(
+            self.artifact,
+            percent,
+            description=f"Packing {self.name}: plan {money}, bound {floor}, gap {ratio} {when}",
+        )
 
 
 def publish_plan_with_retries(plan: Plan, store_uri: str | None) -> str:

@@ -98,8 +98,15 @@ def test_redeploy_flow_retraces_and_replaces_only_the_changed_model(
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts()}
+        artifacts = client.read_artifacts()
+    keys = {a.key for a in artifacts}
     assert {"myriad-redeploy", "myriad-plan", "myriad-trace-progress"} <= keys
+    # The solve's progress artifact ends at 100% naming the plan's cost, bound and gap.
+    packing = [a for a in artifacts if a.key == "myriad-pack-progress"]
+    assert packing and all(a.data == 100.0 for a in packing), [
+        (a.data, a.description) for a in packing
+    ]
+    assert all("gap" in (a.description or "") for a in packing)
 
 
 def test_deploy_flow_starts_each_server_in_its_own_task_run_and_rolls_back_on_failure(
