@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.loadtest import loadtest
+from flows.load_test import loadtest
 from flows.params import EnginePrecision, LoadMode, Precision, Runtime, check_catalog, check_fleet
 from flows.results import result_options
 from flows.stages import plan_artifacts, trace_task_runner

@@ -12,7 +12,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.loadtest import loadtest
+from flows.load_test import loadtest
 from flows.params import EnginePrecision, Precision, check_catalog, check_fleet, trace_settings
 from flows.results import result_options
 from flows.stages import plan_artifacts, trace_task_runner

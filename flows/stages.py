@@ -1,6 +1,6 @@
 """The pipeline's stages as flows of their own, to run one at a time from the UI or
 ``prefect deployment run``: ``myriad-trace``, ``myriad-pack``, ``myriad-deploy`` (and
-``myriad-loadtest`` in flows/loadtest.py, ``myriad-redeploy`` in flows/redeploy.py). Each
+``myriad-loadtest`` in flows/load_test.py, ``myriad-redeploy`` in flows/redeploy.py). Each
 takes and returns URIs (fleet, catalog, plan, store) and small figures, never a plan's JSON."""
 
 from __future__ import annotations

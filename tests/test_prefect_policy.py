@@ -70,3 +70,13 @@ def test_trace_task_runs_are_named_for_their_models() -> None:
     assert len(chunks) == 64 and sum(map(len, chunks)) == 3000
     assert job_label(chunks[0]) == "bert-0000..bert-0046-cpu"
     assert job_label(jobs[42:43]) == "bert-0042-cpu"
+
+
+def test_no_flow_module_shadows_a_package() -> None:
+    """A Prefect worker loads ``flows/<x>.py`` as a script, with ``flows/`` first on sys.path:
+    a flow module named like one of the project's packages would hide that package there."""
+    root = Path(__file__).resolve().parent.parent
+    packages = {p.parent.name for p in root.glob("*/__init__.py")}
+    modules = {p.stem for p in (root / "flows").glob("*.py")}
+    assert packages >= {"packing", "serving", "loadtest", "tasks", "flows"}
+    assert not modules & packages, modules & packages

@@ -1,6 +1,9 @@
 """The ``myriad-loadtest`` flow: load-test a running deployment and publish the report. The
 pipeline and the redeploy flow call it after deploying; it also runs on its own against any
-deployment, given the plan's URI and the deployment's name."""
+deployment, given the plan's URI and the deployment's name.
+
+Not ``flows/loadtest.py``: a worker runs an entrypoint with its folder first on ``sys.path``,
+where a ``loadtest`` module would shadow the ``loadtest`` package."""
 
 from __future__ import annotations
 
