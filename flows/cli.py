@@ -165,11 +165,11 @@ def pack(
     ] = None,
 ) -> None:
     """Pack models onto the cheapest instances and write a plan, its table and figure."""
-
     from packing.contracts import Catalog, Fleet, Plan, Problem
     from packing.io import load, save
     from packing.problems import build_problem
     from packing.repack import pack as pack_problem
+    from packing.solver.progress import figures
     from serving.build.tracing import stored_profiles
     from tasks.trace import trace_jobs
 
@@ -197,13 +197,9 @@ def pack(
     status = console.status("solving")
 
     def show(step) -> None:
-        def money(value: float | None) -> str:
-            return "-" if value is None else f"${value:.4f}/h"
-
-        gap = "-" if step.gap is None else f"{step.gap:.2%}"
         status.update(
-            f"solving: {step.elapsed_s:.0f} of {step.time_limit_s:.0f} s, plan {money(step.cost)},"
-            f" bound {money(step.bound)}, gap {gap} ({step.stage})"
+            f"solving: {step.elapsed_s:.0f} of {step.time_limit_s:.0f} s, "
+            f"{figures(step.cost, step.bound, step.gap)} ({step.stage})"
         )
 
     with status:

@@ -23,6 +23,7 @@ from serving.runtimes import (
     read_deployment,
 )
 from serving.runtimes.base import HostRuntime, deployments_dir
+from tasks.documents import open_plan
 from tasks.policy import PERSISTED, network_retries
 
 __all__ = ["RUNTIMES", "DeployError", "deploy", "deployment_path", "read_deployment"]
@@ -78,8 +79,6 @@ def teardown_servers(name: str) -> list[str]:
 
 def _local_plan(plan_uri: str, name: str) -> Path:
     """A local copy of the plan at ``plan_uri`` (file or s3://) for the runtime to read."""
-    from tasks.documents import open_plan
-
     plan = open_plan(plan_uri)
     return save(plan, deployments_dir() / f"{name}.{plan.plan_id}.plan.json")
 
@@ -132,7 +131,8 @@ def deploy_servers(
     host = get_runtime(runtime)
     if not isinstance(host, HostRuntime):
         return deploy_plan(plan_uri, store_uri, runtime, name, engine, images)
-    plan = load(_local_plan(plan_uri, name), Plan)
+    # The runtime writes the copy its servers read (``begin``); no other local copy is needed.
+    plan = open_plan(plan_uri)
     options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
     plan_file = host.begin(plan, options)
     settings = msgspec.to_builtins(options)

@@ -8,13 +8,10 @@ import time
 import msgspec
 from prefect import task
 
-from packing.contracts import (
-    Plan,
-    Problem,
-)
+from packing.contracts import Plan, Problem
 from packing.io import decode, to_json
 from packing.repack import pack
-from packing.solver.progress import SolveProgress
+from packing.solver.progress import SolveProgress, figures
 from serving.store import open_store
 from tasks.documents import open_plan
 from tasks.policy import PERSISTED, network_retries
@@ -65,7 +62,8 @@ def pack_plan(
     replica that changes server) when it repacked."""
     problem = decode(problem_json, Problem, "packing problem")
     started = time.perf_counter()
-    current = open_plan(current_plan_uri) if current_plan_uri is not None else None
+    repacking = current_plan_uri is not None and repack_tolerance is not None
+    current = open_plan(current_plan_uri) if repacking else None
     progress = SolveProgressArtifact(problem.name, time_limit_s)
     plan, repacked = pack(
         problem,
@@ -114,13 +112,10 @@ class SolveProgressArtifact:
     ) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        money = "-" if cost is None else f"${cost:.4f}/h"
-        floor = "-" if bound is None else f"${bound:.4f}/h"
-        ratio = "-" if gap is None else f"{gap:.2%}"
         update_progress_artifact(
             self.artifact,
             percent,
-            description=f"Packing {self.name}: plan {money}, bound {floor}, gap {ratio} {when}",
+            description=f"Packing {self.name}: {figures(cost, bound, gap)} {when}",
         )
 
 

@@ -23,6 +23,15 @@ class SolveProgress(NamedTuple):
     stage: str
 
 
+def figures(cost: float | None, bound: float | None, gap: float | None) -> str:
+    """``plan $1.2340/h, bound $1.2000/h, gap 2.76%``, with ``-`` for what is not known yet:
+    one wording for the CLI's live line and the flow's progress artifact."""
+    money = "-" if cost is None else f"${cost:.4f}/h"
+    floor = "-" if bound is None else f"${bound:.4f}/h"
+    ratio = "-" if gap is None else f"{gap:.2%}"
+    return f"plan {money}, bound {floor}, gap {ratio}"
+
+
 class TrajectoryPoint(NamedTuple):
     elapsed_s: float
     cost: float | None
