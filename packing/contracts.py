@@ -130,6 +130,9 @@ class InstanceType(_Contract, kw_only=True):
     cores_per_device: PositiveInt = 1
     device_memory_gib: PositiveFloat
     host_memory_gib: PositiveFloat
+    # Host memory one server process takes before it loads a model (interpreter, framework,
+    # device runtime); every server on the instance takes it out of host_memory_gib.
+    server_host_base_gib: NonNegativeFloat = 0.0
     vcpus: PositiveInt
     on_demand_per_hour: PositiveFloat
     spot_per_hour: PositiveFloat | None = None
@@ -145,6 +148,14 @@ class InstanceType(_Contract, kw_only=True):
     @property
     def device_memory_bytes(self) -> int:
         return int(self.device_memory_gib * 2**30)
+
+    @property
+    def host_memory_bytes(self) -> int:
+        return int(self.host_memory_gib * 2**30)
+
+    @property
+    def server_host_base_bytes(self) -> int:
+        return int(self.server_host_base_gib * 2**30)
 
     @property
     def compute_capacity(self) -> float:
@@ -191,9 +202,18 @@ class Profile(_Contract, kw_only=True):
     memory_bytes: NonNegativeInt
     seconds_per_request: PositiveFloat
     batch_size: PositiveInt = 1
+    # Resident host memory the model takes in a server. None: on a CPU it is memory_bytes
+    # (the device's memory is the host's); on an accelerator, not measured, so none.
+    host_memory_bytes: NonNegativeInt | None = None
     # Profiles measured on a particular instance type apply only there; None means any
     # instance type of the processor.
     instance_types: list[str] | None = None
+
+    @property
+    def host_bytes(self) -> int:
+        if self.host_memory_bytes is not None:
+            return self.host_memory_bytes
+        return self.memory_bytes if self.processor == "cpu" else 0
 
 
 class ProblemModel(_Contract, kw_only=True):
@@ -275,6 +295,8 @@ class PlannedServer(_Contract, kw_only=True):
     memory_bytes: NonNegativeInt
     memory_capacity_bytes: NonNegativeInt
     compute_utilization: NonNegativeFloat
+    # Host memory the server takes: its base and its models' (0 in plans made before).
+    host_memory_bytes: NonNegativeInt = 0
 
 
 class SolvePoint(_Contract, kw_only=True):

@@ -130,13 +130,21 @@ def _incremental(
     by_id = {s.id: s for s in servers}
     placed: dict[str, list[str]] = {m: [] for m in models}  # model -> instance ids
 
-    def demand(model: ProblemModel, instance_type_name: str) -> tuple[float, float] | None:
+    def demand(model: ProblemModel, instance_type_name: str) -> tuple[float, float, float] | None:
         profile = model.profile_for(catalog[instance_type_name])
         if profile is None:
             return None
-        return float(profile.memory_bytes), model.replica_load(profile)
+        return float(profile.memory_bytes), model.replica_load(profile), float(profile.host_bytes)
 
-    used: dict[str, list[float]] = {s.id: [0.0, 0.0] for s in servers}
+    # Memory, compute and host memory (from the server's base) of each server.
+    used: dict[str, list[float]] = {
+        s.id: [0.0, 0.0, float(catalog[instances[s.instance].type].server_host_base_bytes)]
+        for s in servers
+    }
+    # Host memory is the instance's, shared by its servers.
+    host_used: dict[str, float] = {i: 0.0 for i in instances}
+    for s in servers:
+        host_used[s.instance] += used[s.id][2]
 
     def fits(server: _Server, model: ProblemModel) -> bool:
         instance = instances[server.instance]
@@ -148,15 +156,20 @@ def _incremental(
         instance_type = catalog[instance.type]
         memory_cap = limits.max_memory_fraction * instance_type.device_memory_bytes
         compute_cap = limits.max_compute_utilization * instance_type.compute_capacity
-        return used[server.id][0] + need[0] <= memory_cap * (1 + 1e-9) and used[server.id][
-            1
-        ] + need[1] <= compute_cap * (1 + 1e-9)
+        host_cap = limits.max_memory_fraction * instance_type.host_memory_bytes
+        return (
+            used[server.id][0] + need[0] <= memory_cap * (1 + 1e-9)
+            and used[server.id][1] + need[1] <= compute_cap * (1 + 1e-9)
+            and host_used[server.instance] + need[2] <= host_cap * (1 + 1e-9)
+        )
 
     def put(server: _Server, model: ProblemModel) -> None:
         need = demand(model, instances[server.instance].type)
         assert need is not None
         used[server.id][0] += need[0]
         used[server.id][1] += need[1]
+        used[server.id][2] += need[2]
+        host_used[server.instance] += need[2]
         server.model_ids.append(model.id)
         placed[model.id].append(server.instance)
 
@@ -233,6 +246,7 @@ def _incremental(
             compute_utilization=round(
                 used[s.id][1] / catalog[instances[s.instance].type].compute_capacity, 6
             ),
+            host_memory_bytes=round(used[s.id][2]),
         )
         for s in kept_servers
     ]

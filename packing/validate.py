@@ -1,8 +1,9 @@
 """Check a plan against its problem from first principles, independently of the solver.
 
 Everything is recomputed from the problem: which profile applies on each instance type, each
-device's memory and compute, replica counts, anti-affinity, quotas and the cost from the
-catalog. Tests run every plan through it; ``myriad pack`` does too before writing a plan.
+device's memory and compute, each instance's host memory, replica counts, anti-affinity,
+quotas and the cost from the catalog. Tests run every plan through it; ``myriad pack`` does
+too before writing a plan.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
     placements: Counter[str] = Counter()
     per_instance: dict[str, Counter[str]] = {}
     devices_seen: set[tuple[str, int]] = set()
+    host_used: Counter[str] = Counter()
     for server in plan.servers:
         instance_type = types.get(server.instance)
         if instance_type is None:
@@ -61,6 +63,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
             found.append(f"server {server.id}: a second server on the same device")
         devices_seen.add((server.instance, server.device))
         memory = compute = 0.0
+        host = float(instance_type.server_host_base_bytes)
         for model_id in server.model_ids:
             model = models.get(model_id)
             if model is None:
@@ -75,6 +78,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
             placements[model_id] += 1
             per_instance.setdefault(server.instance, Counter())[model_id] += 1
             memory += profile.memory_bytes
+            host += profile.host_bytes
             # Spelled out rather than ProblemModel.replica_load: the validator checks the solver.
             compute += model.traffic_rps * profile.seconds_per_request / model.replicas
         memory_cap = limits.max_memory_fraction * instance_type.device_memory_bytes
@@ -96,7 +100,26 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
                 f"server {server.id}: reports utilisation {server.compute_utilization}, "
                 f"is {utilization:.6f}"
             )
+        # Plans made before host memory was planned report none.
+        if server.host_memory_bytes and abs(server.host_memory_bytes - host) > max(
+            1.0, host * _TOLERANCE
+        ):
+            found.append(
+                f"server {server.id}: reports {server.host_memory_bytes} bytes of host memory, "
+                f"is {host:.0f}"
+            )
+        host_used[server.instance] += host
 
+    for instance_id, host in host_used.items():
+        instance_type = types[instance_id]
+        host_cap = limits.max_memory_fraction * instance_type.host_memory_bytes
+        if host > host_cap * (1 + _TOLERANCE):
+            found.append(
+                f"instance {instance_id}: its servers take {host / 2**30:.2f} GiB of host memory "
+                f"(a base of {instance_type.server_host_base_gib} GiB each and their models'), "
+                f"more than the {host_cap / 2**30:.2f} GiB {instance_type.name} allows at "
+                f"max_memory_fraction {limits.max_memory_fraction}"
+            )
     for model in problem.models:
         if placements[model.id] != model.replicas:
             found.append(

@@ -479,9 +479,10 @@ def _scattered_start(problem: Problem):
     dearest = max(kinds, key=lambda t: t.price)
     start = []
     for ci, group in enumerate(classes):
-        memory, compute = group.options[dearest.index]
         for _ in range(group.total_replicas):
-            start.append(Instance(dearest, [Device(memory, compute, {ci: 1})]))
+            device = Device()
+            device.add(ci, 1, group.options[dearest.index])
+            start.append(Instance(dearest, [device]))
     return kinds, classes, start
 
 

@@ -68,6 +68,9 @@ def assemble_plan(
                     compute_utilization=round(
                         device.compute / instance.type.spec.compute_capacity, 6
                     ),
+                    host_memory_bytes=round(
+                        instance.type.spec.server_host_base_bytes + device.host
+                    ),
                 )
             )
     # Plans are immutable in the store, so the id names the problem and the placement both.

@@ -50,15 +50,13 @@ def greedy_assignment(types: list[Type], classes: list[Class]) -> dict[tuple[int
 
 def _volume_rows(t: Type, classes: list[Class]) -> list[tuple[dict[int, float], int]]:
     """Rows ``sum(coef * x[c, t]) <= rhs * y[t]`` every plan meets on type ``t``: memory and
-    compute volume (in devices), at most one replica larger than half a device per device,
-    and at most one replica of each model per instance where volume does not imply it."""
+    compute volume (in devices, and host memory's where it binds), at most one replica larger
+    than half a device per device, and at most one replica of each model per instance where
+    volume does not imply it."""
     on_type = [(ci, g) for ci, g in enumerate(classes) if t.index in g.options]
     rows: list[tuple[dict[int, float], int]] = []
-    shares = {
-        ci: (g.options[t.index].memory / t.memory_cap, g.options[t.index].compute / t.compute_cap)
-        for ci, g in on_type
-    }
-    for dim in (0, 1):
+    shares = {ci: t.shares(g.options[t.index]) for ci, g in on_type}
+    for dim in range(3 if t.host_binds else 2):
         volume = {ci: share[dim] for ci, share in shares.items() if share[dim]}
         if volume:
             rows.append((volume, t.devices))

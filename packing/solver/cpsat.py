@@ -71,16 +71,22 @@ class Clock:
 WALL = Clock()
 
 
-def exact_demand(option: Demand) -> tuple[int, int]:
-    """A replica's memory in bytes and compute in parts per billion, rounded up, so what
-    CP-SAT accepts under ``exact_capacity`` fits exactly."""
-    return math.ceil(option.memory), math.ceil(option.compute * COMPUTE_SCALE)
+def exact_demand(t: Type, option: Demand) -> tuple[int, int, int]:
+    """A replica's memory in bytes, compute in parts per billion and host memory in bytes
+    (none where it does not bind on ``t``), rounded up, so what CP-SAT accepts under
+    ``exact_capacity`` fits exactly."""
+    return (
+        math.ceil(option.memory),
+        math.ceil(option.compute * COMPUTE_SCALE),
+        math.ceil(option.host) if t.host_binds else 0,
+    )
 
 
-def exact_capacity(t: Type) -> tuple[int, int]:
+def exact_capacity(t: Type) -> tuple[int, int, int]:
     return (
         math.floor(t.memory_limit),
         math.floor(t.compute_limit * COMPUTE_SCALE),
+        math.floor(t.host_limit) if t.host_binds else 0,
     )
 
 
@@ -88,16 +94,17 @@ def slot_model(
     slots: list[tuple[Type, int]],
     classes: list[Class],
     need: dict[int, int],
-    demand: Callable[[Type, Demand], tuple[int, int]],
-    capacity: Callable[[Type], tuple[int, int]],
+    demand: Callable[[Type, Demand], tuple[int, ...]],
+    capacity: Callable[[Type], tuple[int, ...]],
     place_all: bool = True,
 ) -> tuple[cp_model.CpModel, list[cp_model.IntVar], dict[tuple[int, int, int], cp_model.IntVar]]:
     """CP-SAT over candidate instances ``slots`` (type, j-th of that type): ``need[c]``
     replicas of each class (at most that, without ``place_all``) on the devices of used
     slots, at the lowest price (a caller may set another objective). Class counts
     stand in for models: at most a class's model count per instance, which the dealing
-    honours. ``demand`` and ``capacity`` give a replica's and a device's (memory, compute) as
-    integers, rounded as the caller needs. Returns the model, ``used[k]`` and
+    honours. ``demand`` and ``capacity`` give a replica's and a device's (memory, compute and
+    host memory; a resource no replica takes goes unchecked) as integers, rounded as the
+    caller needs. Returns the model, ``used[k]`` and
     ``z[k, device, class]``."""
     model = cp_model.CpModel()
     used = [model.new_bool_var(f"u_{k}") for k in range(len(slots))]
@@ -107,7 +114,7 @@ def slot_model(
             model.add(used[k] <= used[k - 1])  # identical instances fill in order
         caps = capacity(t)
         for d in range(t.devices):
-            terms: tuple[list, list] = ([], [])
+            terms: list[list] = [[] for _ in caps]
             for ci, n in need.items():
                 option = classes[ci].options.get(t.index)
                 if option is None:
@@ -117,7 +124,7 @@ def slot_model(
                 for dim, a in enumerate(demand(t, option)):
                     if a:
                         terms[dim].append(a * var)
-            for dim in (0, 1):
+            for dim in range(len(caps)):
                 if terms[dim]:
                     model.add(sum(terms[dim]) <= caps[dim] * used[k])
         for ci in need:

@@ -47,11 +47,10 @@ def solve_devices(
         slots,
         classes,
         {ci: group.total_replicas for ci, group in enumerate(classes)},
-        lambda t, option: (
-            round_demand(SCALE * option.memory / t.memory_cap),
-            round_demand(SCALE * option.compute / t.compute_cap),
+        lambda t, option: tuple(
+            round_demand(SCALE * v / c) for v, c in zip(t.checked(option), t.caps, strict=True)
         ),
-        lambda t: (SCALE, SCALE),
+        lambda t: (SCALE, SCALE, SCALE),
     )
     for t in types:
         if t.quota is not None:
@@ -102,9 +101,7 @@ def repack_instances(
         room = n + 1 if t.quota is None else min(n + 1, t.quota - outside.get(ti, 0))
         slots.extend((t, j) for j in range(room))
 
-    model, used, z = slot_model(
-        slots, classes, need, lambda t, option: exact_demand(option), exact_capacity
-    )
+    model, used, z = slot_model(slots, classes, need, exact_demand, exact_capacity)
     hint_slots(model, slots, used, z, chosen)
 
     solver, status = clock.cp_solve(model, max(time_limit_s, 0.01))
@@ -132,9 +129,7 @@ def fill_exactly(
     that leaves ``start_left`` out) so that the replicas left out are worth the least; the
     packing and what it leaves out."""
     slots = [(t, j) for j in range(count)]
-    model, used, z = slot_model(
-        slots, classes, items, lambda t, option: exact_demand(option), exact_capacity, False
-    )
+    model, used, z = slot_model(slots, classes, items, exact_demand, exact_capacity, False)
     for var in used:
         model.add(var == 1)
     hint_slots(model, slots, used, z, start)
@@ -174,7 +169,7 @@ def fill_by_knapsacks(
     given at most ``knapsack_s``; the packing and what it leaves out."""
     left = dict(items)
     packed = []
-    memory_cap, compute_cap = exact_capacity(t)
+    capacities = exact_capacity(t)
     for k in range(count):
         instance = Instance.empty_of(t)
         for d, device in enumerate(instance.devices):
@@ -185,22 +180,23 @@ def fill_by_knapsacks(
             }
             if not wanted:
                 break
+            checked = {ci: t.checked(classes[ci].options[t.index]) for ci in wanted}
             weights = [
-                sum(n * classes[ci].options[t.index][dim] for ci, n in wanted.items()) / cap
-                for dim, cap in enumerate((t.memory_cap, t.compute_cap))
+                sum(n * checked[ci][dim] for ci, n in wanted.items()) / cap
+                for dim, cap in enumerate(t.caps)
             ]
             model = cp_model.CpModel()
             take = {ci: model.new_int_var(0, n, "") for ci, n in wanted.items()}
-            for dim, cap in enumerate((memory_cap, compute_cap)):
-                demands = {ci: exact_demand(classes[ci].options[t.index])[dim] for ci in take}
+            for dim, cap in enumerate(capacities[: len(t.caps)]):
+                demands = {ci: exact_demand(t, classes[ci].options[t.index])[dim] for ci in take}
                 model.add(sum(demands[ci] * v for ci, v in take.items()) <= cap)
             model.maximize(
                 sum(
                     round(
                         SCALE
-                        * (
-                            weights[0] * classes[ci].options[t.index].memory / t.memory_cap
-                            + weights[1] * classes[ci].options[t.index].compute / t.compute_cap
+                        * sum(
+                            w * value / cap
+                            for w, value, cap in zip(weights, checked[ci], t.caps, strict=True)
                         )
                     )
                     * v

@@ -36,9 +36,7 @@ def fill_start(
     cheapest = min(t.price for t in types)
     value = {
         ci: min(
-            by_type[ti].price
-            * max(option.memory / by_type[ti].memory_cap, option.compute / by_type[ti].compute_cap)
-            / by_type[ti].devices
+            by_type[ti].price * max(by_type[ti].shares(option)) / by_type[ti].devices
             for ti, option in group.options.items()
         )
         + min(by_type[ti].price for ti in group.options)

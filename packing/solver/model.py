@@ -1,6 +1,13 @@
 """The problem as the solver sees it: instance types with their device capacities, classes of
 interchangeable models with a demand per type, and instances of devices that hold replicas.
 
+Host memory is an instance's, shared by its servers; the solver gives each device an equal
+share of it (less one server's base), so that every check stays per device. That is exact on
+one-device instances and, on larger ones, a restriction (plans stay valid; the validator
+checks the instance as a whole). Where no class can fill a type's host memory before its
+device memory or compute (every CPU type, whose device memory is the host's), host memory is
+not checked at all, so plans change only where RAM binds.
+
 Every fit check, every addition of replicas and the price scale live here, so the stages agree
 on what fits and what a plan costs.
 """
@@ -29,11 +36,12 @@ class InfeasibleError(ValueError):
 
 
 class Demand(NamedTuple):
-    """What one replica takes of one device: memory in bytes and compute in device-seconds
-    per second."""
+    """What one replica takes of one device: memory in bytes, compute in device-seconds per
+    second, and host memory in bytes."""
 
     memory: float
     compute: float
+    host: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,10 @@ class Type:
     memory_cap: float
     compute_cap: float
     quota: int | None
+    # Host memory per device: the instance's share less a server's base (may be negative
+    # when a server's base alone overfills it); checked only where ``host_binds``.
+    host_cap: float = math.inf
+    host_binds: bool = False
 
     @property
     def name(self) -> str:
@@ -59,10 +71,43 @@ class Type:
     def compute_limit(self) -> float:
         return self.compute_cap * (1 + EPS)
 
+    @property
+    def host_limit(self) -> float:
+        return self.host_cap + abs(self.host_cap) * EPS if self.host_binds else math.inf
+
     def holds(self, demand: Demand) -> bool:
         """Whether one device of this type holds ``demand`` (a replica's, or a device's
         contents)."""
-        return demand.memory <= self.memory_limit and demand.compute <= self.compute_limit
+        return (
+            demand.memory <= self.memory_limit
+            and demand.compute <= self.compute_limit
+            and demand.host <= self.host_limit
+        )
+
+    @property
+    def caps(self) -> tuple[float, ...]:
+        """A device's capacity in each resource checked on this type: memory and compute, and
+        host memory where it binds."""
+        if self.host_binds:
+            return self.memory_cap, self.compute_cap, self.host_cap
+        return self.memory_cap, self.compute_cap
+
+    def checked(self, demand: Demand) -> tuple[float, ...]:
+        """``demand`` in the resources checked on this type, in the order of ``caps``."""
+        return tuple(demand)[: len(self.caps)]
+
+    def shares(self, demand: Demand) -> tuple[float, ...]:
+        """``demand`` as shares of one device, in the order of ``caps``."""
+        return tuple(v / c for v, c in zip(self.checked(demand), self.caps, strict=True))
+
+    def free(self, device: Device) -> Demand:
+        """What one of this type's devices still has room for, holding ``device``'s contents
+        (unlimited host memory where it does not bind)."""
+        return Demand(
+            self.memory_cap - device.memory,
+            self.compute_cap - device.compute,
+            self.host_cap - device.host if self.host_binds else math.inf,
+        )
 
     @property
     def scaled_price(self) -> int:
@@ -94,17 +139,26 @@ class Device:
     compute: float = 0.0
     # class index -> replicas of it on this device
     load: dict[int, int] = field(default_factory=dict)
+    host: float = 0.0
 
     @property
     def used(self) -> Demand:
-        return Demand(self.memory, self.compute)
+        return Demand(self.memory, self.compute, self.host)
 
     def add(self, ci: int, n: int, demand: Demand) -> None:
         """Put ``n`` replicas of class ``ci``, each taking ``demand``, on this device (no
         check: see ``Instance.place``)."""
         self.memory += n * demand.memory
         self.compute += n * demand.compute
+        self.host += n * demand.host
         self.load[ci] = self.load.get(ci, 0) + n
+
+    def copy(self) -> Device:
+        return Device(self.memory, self.compute, dict(self.load), self.host)
+
+    def restore(self, saved: Device) -> None:
+        self.memory, self.compute, self.host = saved.memory, saved.compute, saved.host
+        self.load = dict(saved.load)
 
 
 @dataclass
@@ -127,10 +181,7 @@ class Instance:
     def use(self) -> float:
         """Mean over devices of the fuller of memory and compute."""
         t = self.type
-        return (
-            sum(max(d.memory / t.memory_cap, d.compute / t.compute_cap) for d in self.devices)
-            / t.devices
-        )
+        return sum(max(t.shares(d.used)) for d in self.devices) / t.devices
 
     def place(self, ci: int, group: Class, count: int, devices: list[Device] | None = None) -> int:
         """Put up to ``count`` replicas of class ``ci`` on this instance's devices (or only
@@ -145,11 +196,7 @@ class Instance:
             want = min(count - placed, group.count - self.count_of(ci))
             if want <= 0:
                 break
-            fit = min(
-                want,
-                whole_fits(t.memory_cap - device.memory, demand.memory, want),
-                whole_fits(t.compute_cap - device.compute, demand.compute, want),
-            )
+            fit = fits_in(t.free(device), demand, want)
             if fit > 0:
                 device.add(ci, fit, demand)
                 placed += fit
@@ -180,6 +227,16 @@ def name_models(model_ids: list[str], shown: int = 5) -> str:
 
 def whole_fits(free: float, each: float, wanted: int) -> int:
     """Whole replicas of ``each`` in ``free`` room (``wanted`` when they take none)."""
-    if each <= 0:
+    if each <= 0 or free == math.inf:
         return wanted
     return max(0, math.floor(free / each + EPS))
+
+
+def fits_in(free: Demand, demand: Demand, wanted: int) -> int:
+    """Whole replicas of ``demand``, up to ``wanted``, in ``free`` room in every resource."""
+    return min(
+        wanted,
+        whole_fits(free.memory, demand.memory, wanted),
+        whole_fits(free.compute, demand.compute, wanted),
+        whole_fits(free.host, demand.host, wanted),
+    )

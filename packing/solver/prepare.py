@@ -4,10 +4,17 @@ counting bounds the later stages share."""
 
 from __future__ import annotations
 
-import math
-
-from packing.contracts import Problem
-from packing.solver.model import EPS, Class, Demand, InfeasibleError, Type, name_models
+from packing.contracts import InstanceType, Problem
+from packing.solver.model import (
+    EPS,
+    Class,
+    Demand,
+    Device,
+    InfeasibleError,
+    Type,
+    fits_in,
+    name_models,
+)
 
 
 def types_of(problem: Problem) -> list[Type]:
@@ -20,15 +27,30 @@ def types_of(problem: Problem) -> list[Type]:
         price = spec.spot_per_hour if problem.price == "spot" else spec.on_demand_per_hour
         if price is None:
             continue
+        memory_cap = limits.max_memory_fraction * spec.device_memory_bytes
+        compute_cap = limits.max_compute_utilization * spec.compute_capacity
+        host_cap = (
+            limits.max_memory_fraction * spec.host_memory_bytes / spec.devices
+            - spec.server_host_base_bytes
+        )
+        if host_cap <= 0:
+            raise InfeasibleError(
+                f"instance type {spec.name}: a server's base of {spec.server_host_base_gib} GiB "
+                f"leaves no host memory for models ({spec.host_memory_gib} GiB × "
+                f"max_memory_fraction {limits.max_memory_fraction} over {spec.devices} "
+                f"device{'s' if spec.devices > 1 else ''}); lower server_host_base_gib"
+            )
         types.append(
             Type(
                 index=len(types),
                 spec=spec,
                 price=price,
                 devices=spec.devices,
-                memory_cap=limits.max_memory_fraction * spec.device_memory_bytes,
-                compute_cap=limits.max_compute_utilization * spec.compute_capacity,
+                memory_cap=memory_cap,
+                compute_cap=compute_cap,
                 quota=quota,
+                host_cap=host_cap,
+                host_binds=_host_binds(problem, spec, memory_cap, compute_cap, host_cap),
             )
         )
     if not types:
@@ -40,6 +62,25 @@ def types_of(problem: Problem) -> list[Type]:
     return types
 
 
+def _host_binds(
+    problem: Problem, spec: InstanceType, memory_cap: float, compute_cap: float, host_cap: float
+) -> bool:
+    """Whether host memory can bind on this type: not where every model's share of it is at
+    most its share of device memory (as on CPUs, where they are one memory), or every model's
+    at most its share of compute; then the other check implies it."""
+    below_memory = below_compute = True
+    for model in problem.models:
+        profile = model.profile_for(spec)
+        if profile is None:
+            continue
+        host = profile.host_bytes / host_cap
+        below_memory = below_memory and host <= profile.memory_bytes / memory_cap * (1 + EPS)
+        below_compute = below_compute and host <= model.replica_load(profile) / compute_cap
+        if not (below_memory or below_compute):
+            return True
+    return False
+
+
 def classes_of(problem: Problem, types: list[Type]) -> list[Class]:
     grouped: dict[tuple, Class] = {}
     for model in problem.models:
@@ -48,7 +89,9 @@ def classes_of(problem: Problem, types: list[Type]) -> list[Class]:
             profile = model.profile_for(t.spec)
             if profile is None:
                 continue
-            options[t.index] = Demand(float(profile.memory_bytes), model.replica_load(profile))
+            options[t.index] = Demand(
+                float(profile.memory_bytes), model.replica_load(profile), float(profile.host_bytes)
+            )
         key = (model.replicas, tuple(sorted(options.items())))
         group = grouped.get(key)
         if group is None:
@@ -75,8 +118,10 @@ def check_feasible(problem: Problem, types: list[Type], classes: list[Class]) ->
         if not fitting:
             memory = min(o.memory for o in group.options.values())
             compute = min(o.compute for o in group.options.values())
+            host = min(o.host for o in group.options.values())
             largest = max(by_type[i].memory_cap for i in group.options)
             strongest = max(by_type[i].compute_cap for i in group.options)
+            roomiest = max(by_type[i].host_cap for i in group.options)
             if not any(by_type[i].holds(Demand(memory, 0.0)) for i in group.options):
                 problems.append(
                     f"{names}: needs {memory / 2**30:.2f} GiB per replica, more than any "
@@ -90,9 +135,16 @@ def check_feasible(problem: Problem, types: list[Type], classes: list[Class]) ->
                     f"({strongest:.3f} at max_compute_utilization "
                     f"{limits.max_compute_utilization}); raise replicas"
                 )
+            elif not any(by_type[i].holds(Demand(0.0, 0.0, host)) for i in group.options):
+                problems.append(
+                    f"{names}: needs {host / 2**30:.2f} GiB of host memory per replica, more "
+                    f"than any server has beside its base ({max(roomiest, 0) / 2**30:.2f} GiB "
+                    f"per device at max_memory_fraction {limits.max_memory_fraction})"
+                )
             else:
                 problems.append(
-                    f"{names}: no single device holds both its memory and its compute demand"
+                    f"{names}: no single device holds its memory, compute and host memory "
+                    f"demand together"
                 )
             continue
         group.options = fitting
@@ -115,6 +167,9 @@ def drop_dominated(types: list[Type], classes: list[Class]) -> list[Type]:
             return False
         if a.memory_cap < b.memory_cap or a.compute_cap < b.compute_cap:
             return False
+        # Raw host capacities compare soundly whether or not host memory binds on either.
+        if a.host_binds and a.host_cap < b.host_cap:
+            return False
         for group in classes:
             option_b = group.options.get(b.index)
             if option_b is None:
@@ -124,6 +179,7 @@ def drop_dominated(types: list[Type], classes: list[Class]) -> list[Type]:
                 option_a is None
                 or option_a.memory > option_b.memory
                 or option_a.compute > option_b.compute
+                or (a.host_binds and option_a.host > option_b.host)
             ):
                 return False
         return True
@@ -145,11 +201,7 @@ def drop_dominated(types: list[Type], classes: list[Class]) -> list[Type]:
 
 def per_instance(group: Class, t: Type) -> int:
     """How many replicas of one class alone fit on one instance of ``t``."""
-    memory, compute = group.options[t.index]
-    per_device = min(
-        math.floor(t.memory_cap / memory + EPS) if memory > 0 else group.total_replicas,
-        math.floor(t.compute_cap / compute + EPS) if compute > 0 else group.total_replicas,
-    )
+    per_device = fits_in(t.free(Device()), group.options[t.index], group.total_replicas)
     return max(0, min(per_device * t.devices, group.count))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from packing.solver.cpsat import WALL, Clock
-from packing.solver.model import EPS, Class, Demand, Device, Instance, Type, whole_fits
+from packing.solver.model import EPS, Class, Device, Instance, Type, fits_in
 from packing.solver.prepare import per_instance
 
 
@@ -86,14 +86,14 @@ def pack_type(
     model assumed); what does not fit goes to extra instances filled by best match."""
 
     def share(ci: int) -> float:
-        memory, compute = classes[ci].options[t.index]
-        return max(memory / t.memory_cap, compute / t.compute_cap)
+        return max(t.shares(classes[ci].options[t.index]))
 
-    memory_volume = sum(n * classes[ci].options[t.index].memory for ci, n in items.items())
-    compute_volume = sum(n * classes[ci].options[t.index].compute for ci, n in items.items())
+    volumes = [
+        sum(n * t.checked(classes[ci].options[t.index])[dim] for ci, n in items.items())
+        for dim in range(len(t.caps))
+    ]
     needed = max(
-        math.ceil(memory_volume / (t.memory_cap * t.devices) - 1e-6),
-        math.ceil(compute_volume / (t.compute_cap * t.devices) - 1e-6),
+        *(math.ceil(v / (cap * t.devices) - 1e-6) for v, cap in zip(volumes, t.caps, strict=True)),
         max(math.ceil(n / classes[ci].count) for ci, n in items.items()),
         1,
     )
@@ -109,18 +109,20 @@ def pack_type(
     remaining: dict[int, int] = {}
     for ci in sorted(items, key=share, reverse=True):
         group = classes[ci]
-        memory, compute = group.options[t.index]
+        demand = t.checked(group.options[t.index])
         left = items[ci]
         # Largest first, each replica onto the device it leaves least loaded: the
-        # longest-processing-time rule in two dimensions.
+        # longest-processing-time rule in every resource.
         while left:
             best, best_key = None, None
             for instance, device in bins:
-                after_memory = (device.memory + memory) / t.memory_cap
-                after_compute = (device.compute + compute) / t.compute_cap
-                if after_memory > 1 + EPS or after_compute > 1 + EPS:
+                after = [
+                    (used + more) / cap
+                    for used, more, cap in zip(t.checked(device.used), demand, t.caps, strict=True)
+                ]
+                if max(after) > 1 + EPS:
                     continue
-                key = (max(after_memory, after_compute), after_memory + after_compute)
+                key = (max(after), sum(after))
                 if best_key is None or key < best_key:
                     if instance.count_of(ci) < group.count:
                         best, best_key = (instance, device), key
@@ -147,22 +149,22 @@ def _fill_device(
     t = instance.type
     on_instance = {ci: instance.count_of(ci) for ci in remaining}
     while True:
-        free_memory = t.memory_cap - device.memory
-        free_compute = t.compute_cap - device.compute
+        free = t.free(device)
+        free_shares = t.shares(free)
         best, best_score, best_fit = -1, -1.0, 0
         for ci, n in remaining.items():
             room = min(n, classes[ci].count - on_instance[ci])
             if room <= 0:
                 continue
-            memory, compute = classes[ci].options[t.index]
-            fit = min(
-                room, whole_fits(free_memory, memory, room), whole_fits(free_compute, compute, room)
-            )
+            demand = classes[ci].options[t.index]
+            fit = fits_in(free, demand, room)
             if fit <= 0:
                 continue
-            score = (memory / t.memory_cap) * (free_memory / t.memory_cap) + (
-                compute / t.compute_cap
-            ) * (free_compute / t.compute_cap)
+            # Replicas that take most of what the device still has most of fill it best.
+            score = sum(
+                share * room_share
+                for share, room_share in zip(t.shares(demand), free_shares, strict=True)
+            )
             if score > best_score:
                 best, best_score, best_fit = ci, score, fit
         if best < 0:
@@ -185,7 +187,7 @@ def evacuate(
         if clock.now() > deadline:
             break
         others = [i for i in kept if i is not victim]
-        snapshot = [[(d.memory, d.compute, dict(d.load)) for d in i.devices] for i in others]
+        snapshot = [[d.copy() for d in i.devices] for i in others]
         moved_all = True
         for device in victim.devices:
             for ci, n in device.load.items():
@@ -203,8 +205,8 @@ def evacuate(
             kept = others
         else:
             for other, saved in zip(others, snapshot, strict=True):
-                for device, (memory, compute, load) in zip(other.devices, saved, strict=True):
-                    device.memory, device.compute, device.load = memory, compute, load
+                for device, kept_device in zip(other.devices, saved, strict=True):
+                    device.restore(kept_device)
     return kept
 
 
@@ -236,14 +238,13 @@ def downsize(instances: list[Instance], types: list[Type], classes: list[Class])
 def _moved_devices(used: list[Device], t: Type, classes: list[Class]) -> list[Device] | None:
     moved = []
     for device in used:
-        memory = compute = 0.0
+        contents = Device()
         for ci, n in device.load.items():
             option = classes[ci].options.get(t.index)
             if option is None:
                 return None
-            memory += n * option.memory
-            compute += n * option.compute
-        if not t.holds(Demand(memory, compute)):
+            contents.add(ci, n, option)
+        if not t.holds(contents.used):
             return None
-        moved.append(Device(memory, compute, dict(device.load)))
+        moved.append(contents)
     return moved
