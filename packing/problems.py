@@ -37,16 +37,21 @@ def build_problem(
         if engine and engine_bytes is None and profile.get("engine_bytes") is not None:
             raise ValueError(f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS)}")
         if engine_bytes is not None:
-            memory, seconds, batch = (
+            # The engine's weight bank is the model's memory: host memory on a CPU, the
+            # device's on an accelerator.
+            memory, seconds, batch, host = (
                 int(engine_bytes),
                 float(profile["seconds_per_request"]),
                 int(profile["batch_size"]),
+                None,
             )
         else:
-            memory, seconds, batch = (
+            # Profiles traced before host memory was measured have none.
+            memory, seconds, batch, host = (
                 int(profile["memory_bytes"]),
                 float(profile["seconds_per_request_batch1"]),
                 1,
+                profile.get("host_memory_bytes"),
             )
         profiles.setdefault(result["model_id"], []).append(
             Profile(
@@ -54,6 +59,7 @@ def build_problem(
                 memory_bytes=memory,
                 seconds_per_request=seconds,
                 batch_size=batch,
+                host_memory_bytes=None if host is None else int(host),
             )
         )
     models = []

@@ -290,6 +290,9 @@ def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
     traces = [{"model_id": "a", "processor": "cpu", "profile": profile}]
     plain = build_problem(fleet, traces, catalog).models[0].profiles[0]
     assert (plain.memory_bytes, plain.seconds_per_request) == (10**9, 0.004)
+    assert plain.host_memory_bytes is None and plain.host_bytes == 10**9  # an older profile
+    measured = [{**traces[0], "profile": {**profile, "host_memory_bytes": 5 * 10**8}}]
+    assert build_problem(fleet, measured, catalog).models[0].profiles[0].host_bytes == 5 * 10**8
     packed = build_problem(fleet, traces, catalog, engine="int8").models[0].profiles[0]
     assert packed.memory_bytes == engine["int8"] < engine["bf16"] < engine["fp32"]
     assert (packed.seconds_per_request, packed.batch_size) == (0.001, 8)

@@ -61,6 +61,8 @@ def test_trace_writes_a_verified_artifact_with_profile(tmp_path: Path) -> None:
     profile = json.loads(store.get_bytes("models/tiny-a/cpu/profile.json"))
     assert set(profile["seconds_per_batch"]) == {"1", "2"}
     assert profile["memory_bytes"] >= profile["weights_bytes"] > 0
+    # On a CPU the model's memory is the host's: the packer counts it against the RAM.
+    assert profile["host_memory_bytes"] == profile["memory_bytes"]
     assert profile["seconds_per_request_batch1"] > 0
     assert profile["parity_max_abs_error"] <= FAST.parity_atol_fp32
 

@@ -259,7 +259,8 @@ def profile_artifact(
     device: torch.device,
     settings: TraceSettings,
 ) -> dict:
-    """Resident memory and seconds per request at each batch size, measured on this machine.
+    """Resident memory (device and host) and seconds per request at each batch size, measured
+    on this machine.
 
     On CPU it measures one intra-op thread, as servers run (serving.http.server), so that the
     packer's CPU capacity (one request per physical core) matches what is profiled.
@@ -285,13 +286,17 @@ def profile_artifact(
                         torch.cuda.synchronize()
                     samples.append(time.perf_counter() - start)
                 timings[str(batch)] = statistics.median(samples)
+        host_growth = resident_bytes() - rss_before
         if device.type == "cuda":
             measured = torch.cuda.max_memory_allocated() - base
         else:
-            measured = resident_bytes() - rss_before
+            measured = host_growth
         # Freed pages from earlier work can be reused, so RSS growth can undercount; the weights
         # themselves are a floor.
         memory_bytes = max(measured, weights_bytes)
+        # What the model keeps of the host's RAM in a server: on a CPU its memory itself; on
+        # an accelerator what loading it left resident beside the device's copy.
+        host_memory_bytes = memory_bytes if device.type == "cpu" else max(host_growth, 0)
         best_batch = min(timings, key=lambda b: timings[b] / int(b))
         return {
             "engine_bytes": _engine_bytes(eager, spec),
@@ -302,6 +307,7 @@ def profile_artifact(
             "weights_bytes": weights_bytes,
             "measured_bytes": measured,
             "memory_bytes": memory_bytes,
+            "host_memory_bytes": host_memory_bytes,
             "seconds_per_batch": timings,
             "batch_size": int(best_batch),
             "seconds_per_request": timings[best_batch] / int(best_batch),
