@@ -82,6 +82,7 @@ class Type:
             demand.memory <= self.memory_limit
             and demand.compute <= self.compute_limit
             and demand.host <= self.host_limit
+            and not (self.host_binds and self.host_cap <= 0)
         )
 
     @property

@@ -33,13 +33,6 @@ def types_of(problem: Problem) -> list[Type]:
             limits.max_memory_fraction * spec.host_memory_bytes / spec.devices
             - spec.server_host_base_bytes
         )
-        if host_cap <= 0:
-            raise InfeasibleError(
-                f"instance type {spec.name}: a server's base of {spec.server_host_base_gib} GiB "
-                f"leaves no host memory for models ({spec.host_memory_gib} GiB × "
-                f"max_memory_fraction {limits.max_memory_fraction} over {spec.devices} "
-                f"device{'s' if spec.devices > 1 else ''}); lower server_host_base_gib"
-            )
         types.append(
             Type(
                 index=len(types),
@@ -68,6 +61,8 @@ def _host_binds(
     """Whether host memory can bind on this type: not where every model's share of it is at
     most its share of device memory (as on CPUs, where they are one memory), or every model's
     at most its share of compute; then the other check implies it."""
+    if host_cap <= 0:
+        return True  # a server's base fills the RAM: nothing fits (check_feasible says so)
     below_memory = below_compute = True
     for model in problem.models:
         profile = model.profile_for(spec)
@@ -122,7 +117,15 @@ def check_feasible(problem: Problem, types: list[Type], classes: list[Class]) ->
             largest = max(by_type[i].memory_cap for i in group.options)
             strongest = max(by_type[i].compute_cap for i in group.options)
             roomiest = max(by_type[i].host_cap for i in group.options)
-            if not any(by_type[i].holds(Demand(memory, 0.0)) for i in group.options):
+            if roomiest <= 0:
+                bases = sorted({by_type[i].spec.server_host_base_gib for i in group.options})
+                problems.append(
+                    f"{names}: every instance type it runs on "
+                    f"({', '.join(sorted(by_type[i].name for i in group.options))}) is too "
+                    f"small for a server's base of {', '.join(map(str, bases))} GiB of host "
+                    f"memory at max_memory_fraction {limits.max_memory_fraction}"
+                )
+            elif not any(by_type[i].holds(Demand(memory, 0.0)) for i in group.options):
                 problems.append(
                     f"{names}: needs {memory / 2**30:.2f} GiB per replica, more than any "
                     f"device allows ({largest / 2**30:.2f} GiB at max_memory_fraction "
