@@ -177,3 +177,23 @@ def test_a_traced_model_answers_the_same_on_trimmed_padding(tmp_path: Path) -> N
     assert int(mask.sum()) == int(full_mask.sum())  # only padding was cut
     with torch.inference_mode():
         torch.testing.assert_close(model.module(ids, mask), model.module(full_ids, full_mask))
+
+
+def test_the_served_module_answers_as_the_traced_artifact(tmp_path: Path) -> None:
+    """The TorchScript backend serves the artifact frozen and optimised for inference; that
+    must change no answer beyond float rounding, on one text and on a padded batch."""
+    from serving.engine.torchscript import TorchScriptModel
+
+    store = open_store(f"file://{tmp_path}/store")
+    trace_to_store(tiny(max_length=64), "cpu", store, FAST)
+    model = TorchScriptModel("tiny-a", "cpu", "models/tiny-a/cpu")
+    model.load(store, None)
+    traced = torch.jit.load(str(tmp_path / "store/models/tiny-a/cpu/model.ts"))
+    assert model.module is not None
+    # Frozen: the weights are constants of the graph, yet counted as the model's memory.
+    assert not list(model.module.parameters()) and model.memory_bytes > 0
+    for texts in (["one text"], ["short", "a somewhat longer text than the first one"]):
+        ids, mask = encode(model.tokenizer, texts, trim_to=8)
+        with torch.inference_mode():
+            torch.testing.assert_close(model.module(ids, mask), traced(ids, mask))
+        torch.testing.assert_close(model.forward(texts), traced(ids, mask))

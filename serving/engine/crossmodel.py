@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from serving.build.modeling import tensor_bytes
+from serving.build.modeling import encodings_of, tensor_bytes
 from serving.engine.contract import (
     LOAD_ERRORS,
     ModelRepository,
@@ -211,7 +211,7 @@ class CrossModelEngine:
         for model_id, rows in by_model.items():
             tokenizer = self.members[model_id].tokenizer
             texts = [chunk[r].text for r in rows]
-            for row, encoding in zip(rows, tokenizer.encode_batch(texts), strict=True):
+            for row, encoding in zip(rows, encodings_of(tokenizer, texts), strict=True):
                 # The tokenizer may pad to max_length itself; keep the real tokens only.
                 encoded[row] = encoding.ids[: sum(encoding.attention_mask)]
         longest = max(len(ids) for ids in encoded)
