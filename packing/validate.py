@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from packing.contracts import Plan, Problem
+from packing.contracts import Plan, Problem, repeated
 
 _TOLERANCE = 1e-6
 
@@ -26,7 +26,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
     models = {m.id: m for m in problem.models}
     types = {}
     ids = [i.id for i in plan.instances]
-    doubled_ids = sorted({i for i in ids if ids.count(i) > 1})
+    doubled_ids = repeated(ids)
     if doubled_ids:
         found.append(f"instance ids listed twice: {doubled_ids[:5]}")
     for instance in plan.instances:

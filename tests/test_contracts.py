@@ -208,3 +208,15 @@ def test_save_round_trips_and_is_atomic(tmp_path: Path, suffix: str) -> None:
         save(broken, target)
     assert load(target, Plan) == plan
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file.yaml", f"plan{suffix}"])
+
+
+def test_names_listed_twice_are_refused_by_name(tmp_path: Path) -> None:
+    doubled_model = PROBLEM + (
+        "  - id: a\n    traffic_rps: 1\n"
+        "    profiles: [{processor: cpu, memory_bytes: 1000, seconds_per_request: 0.01}]\n"
+    )
+    with pytest.raises(ContractError, match=r"models listed twice: \['a'\]"):
+        load(write(tmp_path, doubled_model), Problem)
+    doubled_type = CATALOG + CATALOG[CATALOG.index("  - {name") :]
+    with pytest.raises(ContractError, match=r"instance types listed twice: \['c5.large'\]"):
+        load(write(tmp_path, doubled_type), Catalog)
