@@ -14,6 +14,11 @@ import yaml
 
 T = TypeVar("T", bound=msgspec.Struct)
 
+# libyaml's parser and emitter where PyYAML has them: the pure-Python ones take minutes and
+# gigabytes over a 100,000-model problem.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 
 class ContractError(ValueError):
     """A contract file is unreadable or invalid; the message names the file and the field."""
@@ -22,7 +27,7 @@ class ContractError(ValueError):
 def decode(data: bytes | str, kind: type[T], label: str) -> T:
     """Decode YAML or JSON text (JSON is YAML) into ``kind``; ``label`` names the source."""
     try:
-        raw = yaml.safe_load(data)
+        raw = _parse(data)
     except yaml.YAMLError as exc:
         raise ContractError(f"{label}: not valid YAML/JSON: {_one_line(exc)}") from None
     if not isinstance(raw, dict):
@@ -33,6 +38,16 @@ def decode(data: bytes | str, kind: type[T], label: str) -> T:
         return msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
         raise ContractError(f"{label}: {_describe(exc, kind)}") from None
+
+
+def _parse(data: bytes | str) -> object:
+    """JSON documents (plans, records) by msgspec's JSON parser, everything else as YAML."""
+    if data.lstrip()[:1] in (b"{", "{"):
+        try:
+            return msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            pass  # YAML's flow style, or broken: the YAML parser decides and names the place
+    return yaml.load(data, Loader=_YAML_LOADER)
 
 
 def load(path: str | os.PathLike[str], kind: type[T]) -> T:
@@ -60,7 +75,9 @@ def save(value: msgspec.Struct, path: str | os.PathLike[str]) -> Path:
     if path.suffix == ".json":
         data = to_json(value)
     else:
-        data = yaml.safe_dump(to_builtins(value), sort_keys=False).encode()
+        data = yaml.dump(
+            to_builtins(value), Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=False
+        ).encode()
     write_atomic(path, data)
     return path
 
