@@ -114,9 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         nargs="+",
-        default=["baseline", "torchscript", "torchscript-2t", "engine", "engine-2fe"],
-        help="torchscript-2t: two batches at once (--threads 2); engine-2fe: the engine behind "
-        "two front-end processes (--workers 2)",
+        default=[
+            "baseline",
+            "torchscript",
+            "torchscript-opt",
+            "torchscript-opt-2t",
+            "engine",
+            "engine-2fe",
+        ],
+        help="torchscript-opt: modules frozen and optimised (--optimise); -2t: two batches at "
+        "once (--threads 2); engine-2fe: the engine behind two front-end processes (--workers 2)",
     )
     args = parser.parse_args(argv)
 
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": [sys.executable, str(ROOT / "benchmarks/baseline_server.py"),
                      "--store", args.store, "--models", ",".join(ids)],
         "torchscript": myriad,
-        "torchscript-2t": [*myriad, "--threads", "2"],
+        "torchscript-opt": [*myriad, "--optimise"],
+        "torchscript-opt-2t": [*myriad, "--optimise", "--threads", "2"],
         "engine": [*myriad, "--engine", "cross-model", "--max-wait-ms", "1"],
         "engine-2fe": [*myriad, "--engine", "cross-model", "--max-wait-ms", "1", "--workers", "2"],
     }  # fmt: skip

@@ -179,15 +179,20 @@ def test_a_traced_model_answers_the_same_on_trimmed_padding(tmp_path: Path) -> N
         torch.testing.assert_close(model.module(ids, mask), model.module(full_ids, full_mask))
 
 
-def test_the_served_module_answers_as_the_traced_artifact(tmp_path: Path) -> None:
-    """The TorchScript backend serves the artifact frozen and optimised for inference; that
-    must change no answer beyond float rounding, on one text and on a padded batch."""
-    from serving.engine.torchscript import TorchScriptModel
+def test_the_optimised_module_answers_as_the_traced_artifact(tmp_path: Path) -> None:
+    """``--optimise`` serves the artifact frozen and optimised for inference; that must change
+    no answer beyond float rounding, on one text and on a padded batch."""
+    from serving.engine.torchscript import TorchScriptModel, TorchScriptRepository
 
     store = open_store(f"file://{tmp_path}/store")
     trace_to_store(tiny(max_length=64), "cpu", store, FAST)
-    model = TorchScriptModel("tiny-a", "cpu", "models/tiny-a/cpu")
-    model.load(store, None)
+    plain = TorchScriptRepository(store, ["tiny-a"])
+    plain.load_all()
+    assert list(plain.get("tiny-a").module.parameters())  # by default served as traced
+    optimised = TorchScriptRepository(store, ["tiny-a"], optimise=True)
+    optimised.load_all()
+    model = optimised.get("tiny-a")
+    assert isinstance(model, TorchScriptModel)
     traced = torch.jit.load(str(tmp_path / "store/models/tiny-a/cpu/model.ts"))
     assert model.module is not None
     # Frozen: the weights are constants of the graph, yet counted as the model's memory.

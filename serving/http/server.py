@@ -28,6 +28,7 @@ def serve(
     engine: dict | None = None,
     batch: dict | None = None,
     front_ends: int = 1,
+    optimise: bool = False,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
     cross-model engine (:class:`serving.engine.crossmodel.CrossModelSettings` fields) for
@@ -48,7 +49,9 @@ def serve(
         # threads spin for work and take cores from them (measured: 2 threads of each, 514
         # requests/s; 2 compute threads of one intra-op thread each, 715).
         torch.set_num_threads(1)
-        repository = TorchScriptRepository(open_store(store_uri), model_ids, processor, cache_dir)
+        repository = TorchScriptRepository(
+            open_store(store_uri), model_ids, processor, cache_dir, optimise=optimise
+        )
         workers = threads
         batching = dict(batch or {})
     else:
@@ -160,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=["torchscript", "cross-model"],
         help="cross-model: batch requests to different BERT models of one shape together",
     )
+    parser.add_argument(
+        "--optimise",
+        action="store_true",
+        help="torchscript on cpu: serve each module frozen and optimised for inference (about "
+        "30%% less CPU per forward, a pre-packed copy of the linear weights resident per model)",
+    )
     parser.add_argument("--slots", type=int, help="cross-model: models resident at once")
     parser.add_argument(
         "--precision", choices=[p for p in ENGINE_PRECISIONS if p != "int8"], default="fp32"
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         engine=engine,
         batch=batch,
         front_ends=args.workers,
+        optimise=args.optimise,
     )
 
 
