@@ -34,6 +34,8 @@ def serve(
     cross-model engine (:class:`serving.engine.crossmodel.CrossModelSettings` fields) for
     models of one BERT shape.
     ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.http.workers`).
+    ``optimise``: TorchScript modules frozen and optimised on CPU
+    (:func:`serving.engine.torchscript.optimised`, a trade of resident memory for CPU).
     """
     import torch
     import uvicorn
