@@ -43,6 +43,15 @@ class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # environment (MYRIAD_ADMIN_TOKEN, MYRIAD_LOG_LEVEL).
     server_args: list[str] = []
     env: dict[str, str] = {}
+    # Kubernetes: how the servers read an s3:// store (infra/k8s/README.md, "Store access").
+    # An IAM role for the servers' ServiceAccount (EKS IRSA: eks.amazonaws.com/role-arn).
+    role_arn: str | None = None
+    # A Secret whose keys become the servers' environment (envFrom): AWS_ACCESS_KEY_ID,
+    # AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL for an S3-compatible store.
+    store_secret: str | None = None
+    # Values to render into that Secret (default name myriad-store-credentials); without them
+    # the Secret named by store_secret must exist in the namespace.
+    store_credentials: dict[str, str] = {}
 
 
 class ServerStatus(msgspec.Struct, kw_only=True):
