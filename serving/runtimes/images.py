@@ -25,6 +25,9 @@ from pathlib import Path
 import msgspec
 
 PROCESSORS = ("cpu", "gpu", "inf")
+# The image the Kubernetes work pool's flow runs use (Dockerfiles/orchestrator.Dockerfile):
+# `myriad build --processor orchestrator`, tagged <registry or myriad>/orchestrator:<tag>.
+ORCHESTRATOR = "orchestrator"
 # The checkout the images are built from: Dockerfiles/, .dockerignore, pyproject.toml, ...
 ROOT = Path(__file__).resolve().parents[2]
 IGNORE_FILE = ".dockerignore"
@@ -232,7 +235,7 @@ def project_version() -> str:
 def local_torch_args(processor: str, wheels_dir: Path | str | None) -> dict[str, str]:
     """Build arguments that take torch from a CPU wheel in ``wheels_dir`` (cpu images only):
     ``TORCH_VERSION=<its version>``, ``TORCH_INDEX_URL=<PyPI>``; empty when there is none."""
-    if processor != "cpu" or wheels_dir is None or not Path(wheels_dir).is_dir():
+    if processor not in ("cpu", ORCHESTRATOR) or not wheels_dir or not Path(wheels_dir).is_dir():
         return {}
     versions = sorted(
         m["version"]
@@ -308,7 +311,8 @@ def _plan(
         if not bundle.is_file():
             raise BuildError(f"CA bundle {bundle} does not exist")
     digest = content_hash(processor, hashed, root)
-    repository = f"{(registry or 'myriad').rstrip('/')}/server-{processor}"
+    name = ORCHESTRATOR if processor == ORCHESTRATOR else f"server-{processor}"
+    repository = f"{(registry or 'myriad').rstrip('/')}/{name}"
     return _Plan(
         args=args,
         wheels_dir=wheels,
