@@ -5,20 +5,58 @@ live here, in one typer app; the work is elsewhere."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows import logs
+from flows.params import Runtime
+from packing.contracts import ENGINE_PRECISIONS, PRECISIONS
+from packing.errors import MyriadError
+from serving import settings
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": False}
+
+
+class UsageError(MyriadError):
+    """A command was given options that do not go together."""
+
+
+def _choice(values: tuple[str, ...]):
+    """An option callback that refuses anything but ``values``, naming them."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in values:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(values)}")
+        return value
+
+    return check
+
+
+RUNTIMES = get_args(Runtime)
+RuntimeOption = Annotated[str, typer.Option(callback=_choice(RUNTIMES), help=" | ".join(RUNTIMES))]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        callback=_choice(PRECISIONS), help="fp32 | fp16 | bf16 (default: fp32 cpu, fp16 gpu)"
+    ),
+]
+EngineOption = Annotated[
+    str | None,
+    typer.Option(
+        callback=_choice(ENGINE_PRECISIONS),
+        help="serve on the cross-model engine: " + " | ".join(ENGINE_PRECISIONS),
+    ),
+]
 
 StoreOption = Annotated[
     str | None,
@@ -30,21 +68,18 @@ StoreOption = Annotated[
 ]
 
 
-def _embedded_prefect_defaults() -> None:
-    """Without PREFECT_API_URL, flows run on a temporary local Prefect server whose SQLite
-    database lives under the project's data directory, not in the user's home."""
-    from serving.store import data_dir
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server's 20 s default is too short on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str(data_dir() / "prefect"))
+def _fail(message: str) -> NoReturn:
+    raise UsageError(message)
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of an error (or MYRIAD_DEBUG=1)")
+    ] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
 
 
 @app.command()
@@ -52,23 +87,23 @@ def run(
     fleet: Annotated[Path, typer.Option(help="fleet file")] = Path("examples/demo.yaml"),
     catalog: Annotated[Path, typer.Option(help="instance catalog")] = Path("catalogs/aws.yaml"),
     store: StoreOption = None,
-    runtime: Annotated[str, typer.Option(help="local | docker | kubernetes")] = "local",
+    runtime: RuntimeOption = "local",
     duration: Annotated[float, typer.Option(help="seconds of random load")] = 10.0,
     concurrency: Annotated[int, typer.Option(help="closed-loop clients")] = 8,
     time_limit: Annotated[float, typer.Option(help="packer time limit, seconds")] = 10.0,
     spot: Annotated[bool, typer.Option(help="pack with spot prices")] = False,
-    precision: Annotated[
-        str | None, typer.Option(help="fp32 | fp16 | bf16 (default: fp32 cpu, fp16 gpu)")
-    ] = None,
+    precision: PrecisionOption = None,
     keep_running: Annotated[bool, typer.Option(help="leave the servers up afterwards")] = False,
-    engine: Annotated[
-        str | None,
-        typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8"),
-    ] = None,
+    engine: EngineOption = None,
     zipf: Annotated[float, typer.Option(help="Zipf exponent of model choice; 0 = uniform")] = 0.0,
 ) -> None:
     """Run the whole pipeline: build, trace, pack, deploy, load test, report."""
+    from flows.params import check_catalog, check_fleet
     from flows.pipeline import pipeline
+
+    # Refused here in one line, before a Prefect server starts for a run that cannot succeed.
+    check_fleet(str(fleet))
+    check_catalog(str(catalog))
 
     summary = pipeline(
         fleet=str(fleet),
@@ -103,9 +138,7 @@ def trace(
     fleet: Annotated[Path, typer.Option(help="fleet file")] = Path("examples/demo.yaml"),
     store: StoreOption = None,
     force: Annotated[bool, typer.Option(help="trace even what the store already holds")] = False,
-    precision: Annotated[
-        str | None, typer.Option(help="fp32 | fp16 | bf16 (default: fp32 cpu, fp16 gpu)")
-    ] = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Trace every model of a fleet for each of its processors (skips unchanged models)."""
     import msgspec
@@ -249,6 +282,7 @@ def serve(
     from serving.http.server import main as serve_main
 
     argv = [
+        "--report-loading",
         "--processor",
         processor,
         "--host",
@@ -302,12 +336,10 @@ def build(
 @app.command()
 def deploy(
     plan: Annotated[Path, typer.Option(help="plan.json")],
-    runtime: Annotated[str, typer.Option(help="local | docker | kubernetes")] = "local",
+    runtime: RuntimeOption = "local",
     store: StoreOption = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "local",
-    engine: Annotated[
-        str | None, typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8")
-    ] = None,
+    engine: EngineOption = None,
     image: Annotated[
         list[str] | None,
         typer.Option(help="PROCESSOR=IMAGE for docker and kubernetes (default: the built tag)"),
@@ -380,9 +412,7 @@ def redeploy(
     plan: Annotated[Path, typer.Option(help="the new plan.json")],
     store: StoreOption = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "local",
-    engine: Annotated[
-        str | None, typer.Option(help="serve on the cross-model engine: fp32 | bf16 | fp16 | int8")
-    ] = None,
+    engine: EngineOption = None,
     image: Annotated[list[str] | None, typer.Option(help="PROCESSOR=IMAGE")] = None,
     registry: Annotated[str | None, typer.Option(help="registry of the images")] = None,
 ) -> None:
@@ -422,9 +452,14 @@ def teardown(
     store: StoreOption = None,
 ) -> None:
     """Stop the servers of a deployment (and remove what its runtime made)."""
+    from serving.runtimes.base import NoDeployment
     from tasks.deploy import teardown as teardown_deployment
 
-    stopped = teardown_deployment(name, store)
+    try:
+        stopped = teardown_deployment(name, store)
+    except NoDeployment:
+        console.print(f"nothing to stop: no deployment named {name!r} is running")
+        return
     console.print(f"stopped {len(stopped)} servers of {name}")
 
 
@@ -519,7 +554,7 @@ def publish(
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if not settings.current().prefect.api_url:
         _fail("set PREFECT_API_URL to the Prefect server that runs the retrain deployment")
     for model_id in model:
         event = emit_event(
@@ -538,20 +573,28 @@ def publish(
     EventsWorker.drain_all(timeout=30)
 
 
-def main() -> None:
-    _embedded_prefect_defaults()
-    from packing.io import ContractError
+def report_error(exc: BaseException) -> None:
+    """One or two lines on stderr: what is wrong (and what to do, when the error says)."""
+    from rich.markup import escape
 
+    # escape(): a message quoting a pattern like [a-z0-9] must print as written.
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    err_console.print(f"[bold red]error:[/] {escape(lines[0])}")
+    for line in lines[1:]:
+        err_console.print(escape(line))
+
+
+def main() -> None:
     try:
+        current = settings.current()
+        settings.ensure_data_dir(current)
+        settings.use_embedded_prefect(current)
+        logs.quiet_user_errors(lambda: _state["debug"] or current.debug)
         app()
-    except ContractError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        # Typed domain errors (trace, deploy, store, infeasible plans) end here with one line.
-        if os.environ.get("MYRIAD_DEBUG"):
+    except MyriadError as exc:
+        if _state["debug"] or settings.current().debug:
             raise
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        report_error(exc)
         sys.exit(2)
 
 

@@ -5,18 +5,20 @@ else Prefect's local storage (``$PREFECT_LOCAL_STORAGE_PATH``, by default under
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from serving import settings
+from serving.settings import SettingsError
 
 RESULTS_VARIABLE = "MYRIAD_RESULTS"
 
 
 def results_slug() -> str | None:
-    slug = (os.environ.get(RESULTS_VARIABLE) or "").strip()
+    slug = (settings.current().results.block or "").strip()
     if not slug or slug == "local":
         return None
     if slug.count("/") != 1 or not all(slug.split("/")):
-        raise ValueError(
+        raise SettingsError(
             f"{RESULTS_VARIABLE}={slug!r}: name a saved block by slug, "
             "e.g. s3-bucket/myriad-results"
         )

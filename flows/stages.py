@@ -5,8 +5,6 @@ takes and returns URIs (fleet, catalog, plan, store) and small figures, never a 
 
 from __future__ import annotations
 
-import os
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -24,6 +22,7 @@ from flows.results import result_options
 from packing.contracts import Limits
 from packing.io import to_json
 from packing.problems import build_problem
+from serving import settings
 from tasks.deploy import deploy_servers
 from tasks.documents import base_dir, open_plan
 from tasks.pack import pack_plan
@@ -34,12 +33,12 @@ def trace_task_runner():
     """Two threads on the embedded default (SQLite and a 2-core machine saturate beyond that);
     with ``$MYRIAD_DASK_ADDRESS`` (and prefect-dask installed) the chunks run on that Dask
     cluster instead, each worker tracing one chunk at a time."""
-    address = os.environ.get("MYRIAD_DASK_ADDRESS")
-    if address:
+    trace = settings.current().trace
+    if trace.dask_address:
         from prefect_dask import DaskTaskRunner  # optional: pip install prefect-dask
 
-        return DaskTaskRunner(address=address)
-    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("MYRIAD_TRACE_WORKERS") or 2))
+        return DaskTaskRunner(address=trace.dask_address)
+    return ThreadPoolTaskRunner(max_workers=trace.workers)
 
 
 @flow(name="myriad-trace", task_runner=trace_task_runner(), log_prints=True, **result_options())

@@ -12,6 +12,8 @@ from typing import BinaryIO, TypeVar
 import msgspec
 import yaml
 
+from packing.errors import MyriadError
+
 T = TypeVar("T", bound=msgspec.Struct)
 
 # libyaml's parser and emitter where PyYAML has them: the pure-Python ones take minutes and
@@ -20,7 +22,7 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-class ContractError(ValueError):
+class ContractError(MyriadError, ValueError):
     """A contract file is unreadable or invalid; the message names the file and the field."""
 
 

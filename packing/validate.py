@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections import Counter
 
 from packing.contracts import Plan, Problem, repeated
+from packing.errors import MyriadError
 
 _TOLERANCE = 1e-6
 
 
-class PlanError(ValueError):
+class PlanError(MyriadError, ValueError):
     """A plan breaks its problem's constraints; the message lists every violation."""
 
 

@@ -16,13 +16,15 @@ from typing import Any
 
 import msgspec
 
+from packing.errors import MyriadError
 from packing.io import write_atomic
+from serving import settings
 
 MANIFEST_NAME = "manifest.json"
 _TEMP_MARK = ".tmp-"
 
 
-class StoreError(RuntimeError):
+class StoreError(MyriadError, RuntimeError):
     """A store operation failed; the message names the store and the key."""
 
 
@@ -35,7 +37,7 @@ class IntegrityError(StoreError):
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("MYRIAD_HOME") or Path.cwd() / ".myriad").resolve()
+    return settings.current().data_dir
 
 
 def _check_key(uri: str, key: str) -> str:
@@ -222,7 +224,7 @@ def _under(key: str, prefix: str) -> bool:
 def open_store(uri: str | None = None) -> ArtifactStore:
     """``file:///abs/path``, ``s3://bucket[/prefix]`` or a bare directory path; ``None`` means
     ``$MYRIAD_STORE``, else ``<data dir>/store``."""
-    uri = uri or os.environ.get("MYRIAD_STORE") or str(data_dir() / "store")
+    uri = uri or settings.current().store_uri
     if uri.startswith("s3://"):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not bucket:
@@ -266,7 +268,7 @@ def s3_client() -> Any:
 
     return boto3.client(
         "s3",
-        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        endpoint_url=settings.current().store.s3_endpoint_url,
         config=Config(retries={"max_attempts": 5, "mode": "standard"}),
     )
 

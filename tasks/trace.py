@@ -12,6 +12,7 @@ import msgspec
 from prefect import task, unmapped
 
 from packing.contracts import Fleet, ModelSpec
+from serving import settings
 from serving.build import sources
 from serving.build.tracing import TraceSettings, stored_profiles, trace_key, trace_to_store
 from serving.store import artifact_prefix, open_store, read_manifest
@@ -22,17 +23,20 @@ from tasks.policy import PERSISTED, network_retries
 MAX_TASK_RUNS = 64
 
 # At most this many traces (compiles) at once in one process, whatever the task runner's
-# worker count: a trace uses a core and a model's memory. $MYRIAD_TRACE_CONCURRENCY overrides.
-_COMPILES = threading.BoundedSemaphore(
-    int(os.environ.get("MYRIAD_TRACE_CONCURRENCY") or max(1, (os.cpu_count() or 2) // 2))
-)
+# worker count: a trace uses a core and a model's memory (settings: trace.concurrency).
+_COMPILES: list[threading.BoundedSemaphore] = []
+_COMPILES_LOCK = threading.Lock()
 
 
 def compile_slot() -> threading.BoundedSemaphore:
-    """This process's compile limit. Tasks reach it through this function: a Dask worker
-    unpickles a task's function by value, and a semaphore cannot travel, but a reference to
-    this importable function can (each worker process then has its own limit)."""
-    return _COMPILES
+    """This process's compile limit, made on first use. Tasks reach it through this function: a
+    Dask worker unpickles a task's function by value, and a semaphore cannot travel, but a
+    reference to this importable function can (each worker process then has its own limit)."""
+    with _COMPILES_LOCK:
+        if not _COMPILES:
+            limit = settings.current().trace.concurrency or max(1, (os.cpu_count() or 2) // 2)
+            _COMPILES.append(threading.BoundedSemaphore(limit))
+        return _COMPILES[0]
 
 
 def trace_jobs(fleet: Fleet) -> list[tuple[ModelSpec, str]]:

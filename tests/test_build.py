@@ -19,6 +19,7 @@ import pytest
 from packing.contracts import ModelSpec
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.runtimes import images
+from serving.settings import SettingsError, from_env
 from serving.store import open_store
 from tasks.build import BuildError, build_image, dockerfile_for, environment_digest
 from tests import containers
@@ -161,13 +162,14 @@ def test_options_from_the_environment() -> None:
         "MYRIAD_BUILD_NETWORK": "host",
         "MYRIAD_BUILD_ARGS": "A=1 B=x=y",
     }
-    assert images.options_from_env(env) == {
+    build = from_env(env, cwd=Path("/nonexistent")).build
+    assert images.build_options(build) == {
         "base_image": "localhost/base:1",
         "network": "host",
         "build_args": {"A": "1", "B": "x=y"},
     }
-    with pytest.raises(BuildError, match="KEY=VALUE"):
-        images.options_from_env({"MYRIAD_BUILD_ARGS": "oops"})
+    with pytest.raises(SettingsError, match="KEY=VALUE"):
+        from_env({"MYRIAD_BUILD_ARGS": "oops"})
 
 
 def test_ecr_hosts_are_recognised() -> None:

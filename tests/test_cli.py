@@ -65,7 +65,6 @@ def test_trace_twice_traces_once(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (("deploy", "--plan", "missing-plan.json"), "missing-plan.json: no such file"),
-        (("teardown", "--name", "ghost"), "no deployment named 'ghost'"),
         (("pack",), "give --problem PROBLEM"),
         (("trace", "--fleet", "examples/demo.yaml", "--store", "ftp://x"), "ftp://x"),
     ],
@@ -77,6 +76,58 @@ def test_errors_exit_2_without_traceback(
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_a_misspelt_runtime_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    result = myriad("run", "--runtime", "dockr", home=tmp_path)
+    assert result.returncode == 2
+    assert "'dockr' is not one of local, docker, kubernetes" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{id: tiny-cli, source: 'synthetic:bert-tiny', trafic_rps: 3}",
+            "unknown field `trafic_rps`",
+        ),
+        ("{id: Tiny-CLI, source: 'synthetic:bert-tiny'}", "'^[a-z0-9][a-z0-9._-]{0,62}$'"),
+    ],
+)
+def test_run_refuses_a_bad_fleet_in_one_line(tmp_path: Path, entry: str, message: str) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"name: bad\nprocessors: [cpu]\nmodels:\n  - {entry}\n")
+    result = myriad("run", "--fleet", str(fleet), home=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    # The rich console keeps the pattern's brackets, and the whole message on one line.
+    assert f"error: {fleet}: field models[0]" in result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_teardown_of_nothing_says_so_twice(tmp_path: Path) -> None:
+    for _ in range(2):
+        result = myriad("teardown", "--name", "ghost", home=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "no deployment named 'ghost' is running" in result.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = myriad("--debug", "deploy", "--plan", "missing-plan.json", home=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "missing-plan.json" in result.stderr
+
+
+def test_serve_names_a_model_that_cannot_load_and_exits(tmp_path: Path) -> None:
+    from serving.runtimes.local import free_port
+
+    result = myriad("serve", "--models", "no-such-model", "--port", str(free_port()), home=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no-such-model: failed: ObjectNotFound" in result.stdout
+    assert "none of the 1 models could be loaded" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_pack_a_problem_file_then_repack_it(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from packing.contracts import InstanceType
+from packing.errors import MyriadError
 
 # Demands and capacities become integers on this scale for CP-SAT (parts per million of a
 # device); demands round down and capacities up, so the aggregated model stays a relaxation.
@@ -31,7 +32,7 @@ COMPUTE_SCALE = 10**9
 EPS = 1e-9
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(MyriadError, ValueError):
     """No plan meets the limits; the message names the models and the constraint."""
 
 

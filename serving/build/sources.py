@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from packing.errors import MyriadError
 from packing.contracts import ModelSpec
 from serving.store import s3_client, sha256_file, sha256_text
 
@@ -21,7 +22,7 @@ from serving.store import s3_client, sha256_file, sha256_text
 SYNTHETIC_GENERATOR_VERSION = 2
 
 
-class SourceError(ValueError):
+class SourceError(MyriadError, ValueError):
     """A model source cannot be found or read; the message names the model and the source."""
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 import msgspec
 import torch
 
+from packing.errors import MyriadError
 from packing.contracts import ModelSpec, Precision, Processor
 from serving.build import sources
 from serving.process import resident_bytes
@@ -44,7 +45,7 @@ PARITY_TEXTS = [
 ]
 
 
-class TraceError(RuntimeError):
+class TraceError(MyriadError, RuntimeError):
     """Tracing, the parity check or profiling failed; the message names the model."""
 
 

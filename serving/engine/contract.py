@@ -222,6 +222,11 @@ class ModelRepository(abc.ABC):
         self._loaded.set()
 
     @property
+    def loaded(self) -> bool:
+        """Every model has been tried (each is ready or failed)."""
+        return self._loaded.is_set()
+
+    @property
     def ready(self) -> bool:
         return self._loaded.is_set() and all(m.ready for m in self.models.values())
 

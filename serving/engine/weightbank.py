@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from packing.contracts import ENGINE_PRECISIONS
+from packing.errors import MyriadError
 
 LINEARS = ("query", "key", "value", "attention_out", "intermediate", "output")
 
@@ -51,7 +52,7 @@ class BertShape:
         return self.hidden // self.heads
 
 
-class CrossModelError(ValueError):
+class CrossModelError(MyriadError, ValueError):
     """A model does not fit the engine's shape (another shape or head) or the pool is misused."""
 
 

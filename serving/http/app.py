@@ -7,7 +7,6 @@ encode; errors are typed in :mod:`serving.errors` and mapped to HTTP here, in on
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -25,6 +24,7 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 
+from serving import settings
 from serving.dataplane.metrics import ServerMetrics
 from serving.dataplane.plane import DataPlane, logger
 from serving.dataplane.v2 import HEADER_LENGTH
@@ -303,7 +303,7 @@ def create_app(
         workers=workers,
         admin_token=admin_token
         if admin_token is not None
-        else os.environ.get("MYRIAD_ADMIN_TOKEN"),
+        else settings.current().server.admin_token,
     )
 
     def start_loading(app: Litestar) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from packing.contracts import ENGINE_PRECISIONS, Plan
+from packing.errors import MyriadError
 from packing.io import load
+from serving import settings
 
 SERVER_PORT_DEFAULT = 8080
 
@@ -29,6 +34,7 @@ def serve(
     batch: dict | None = None,
     front_ends: int = 1,
     optimise: bool = False,
+    report_loading: bool = False,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
     cross-model engine (:class:`serving.engine.crossmodel.CrossModelSettings` fields) for
@@ -36,6 +42,10 @@ def serve(
     ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.http.workers`).
     ``optimise``: TorchScript modules frozen and optimised on CPU
     (:func:`serving.engine.torchscript.optimised`, a trade of resident memory for CPU).
+    ``report_loading``: print the address and each model's state as it loads (a failure with
+    its reason), and stop with :class:`NothingLoaded` when no model could be loaded; for a
+    person at a terminal (``myriad serve``), where a server that answers 503 forever helps no
+    one. Deployed servers keep running and report through ``GET /models``.
     """
     import torch
     import uvicorn
@@ -63,25 +73,75 @@ def serve(
         torch.set_num_threads(threads)
 
         # slots 0: as many as the models of each shape (all resident).
-        settings = CrossModelSettings(**{"slots": 0, **engine})
+        engine_settings = CrossModelSettings(**{"slots": 0, **engine})
         repository = CrossModelRepository(
-            open_store(store_uri), model_ids, processor, cache_dir, settings
+            open_store(store_uri), model_ids, processor, cache_dir, engine_settings
         )
         # Requests wait on the event loop for the engine's futures, not on worker threads.
         workers = threads
-    log_level = os.environ.get("MYRIAD_LOG_LEVEL", "warning")
+    log_level = settings.current().server.log_level
     if front_ends <= 1:
         app = serving_app(create_app(repository, workers=workers, batching=batching))
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level=log_level,
-            timeout_graceful_shutdown=30,
-            lifespan="on",
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level=log_level,
+                timeout_graceful_shutdown=30,
+                lifespan="on",
+            )
         )
+        reporter = None
+        if report_loading:
+            print(f"serving {len(model_ids)} models on http://{host}:{port}", flush=True)
+            reporter = LoadReporter(repository, stop=lambda: setattr(server, "should_exit", True))
+            reporter.start()
+        server.run()
+        if reporter is not None and reporter.nothing_loaded:
+            raise NothingLoaded(
+                f"none of the {len(model_ids)} models could be loaded; "
+                "see the reasons above (`myriad trace` puts models in the store)"
+            )
         return
     serve_behind_front_ends(repository, workers, batching, host, port, front_ends, log_level)
+
+
+class NothingLoaded(MyriadError):
+    """Every model of a server failed to load."""
+
+
+class LoadReporter(threading.Thread):
+    """Prints each model's state as it changes until the repository has tried them all, then
+    calls ``stop`` if none is ready."""
+
+    def __init__(self, repository: Any, stop: Callable[[], None], poll_s: float = 0.1) -> None:
+        super().__init__(name="load-reporter", daemon=True)
+        self.repository = repository
+        self.stop = stop
+        self.poll_s = poll_s
+        self.nothing_loaded = False
+
+    def run(self) -> None:
+        seen: dict[str, str] = {}
+        while True:
+            finished = self.repository.loaded
+            for entry in self.repository.describe():
+                state = entry["state"]
+                if seen.get(entry["id"]) == state or state == "pending":
+                    continue
+                seen[entry["id"]] = state
+                detail = {
+                    "ready": f" in {entry['load_seconds']:.1f} s",
+                    "failed": f": {entry['reason']}",
+                }.get(state, "")
+                print(f"  {entry['id']}: {state}{detail}", flush=True)
+            if finished:
+                break
+            time.sleep(self.poll_s)
+        if not any(m.ready for m in self.repository.models.values()):
+            self.nothing_loaded = True
+            self.stop()
 
 
 def serve_behind_front_ends(
@@ -171,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
         help="torchscript on cpu: serve each module frozen and optimised for inference (about "
         "30%% less CPU per forward, a pre-packed copy of the linear weights resident per model)",
     )
+    parser.add_argument(
+        "--report-loading",
+        action="store_true",
+        help="print each model's state as it loads; exit 2 when none could be loaded",
+    )
     parser.add_argument("--slots", type=int, help="cross-model: models resident at once")
     parser.add_argument(
         "--precision", choices=[p for p in ENGINE_PRECISIONS if p != "int8"], default="fp32"
@@ -223,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         batch=batch,
         front_ends=args.workers,
         optimise=args.optimise,
+        report_loading=args.report_loading,
     )
 
 

@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 
 import msgspec
 
+from serving import settings
 from serving.http.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
 
 logger = logging.getLogger("myriad.workers")
@@ -265,7 +267,7 @@ def run_front_end(fd: int, engine_url: str, engine_address: str) -> None:
     sock = socket.socket(fileno=fd)
     config = uvicorn.Config(
         app,
-        log_level=os.environ.get("MYRIAD_LOG_LEVEL", "warning"),
+        log_level=settings.current().server.log_level,
         timeout_graceful_shutdown=30,
         lifespan="on",
     )
@@ -360,7 +362,7 @@ def _die_with_parent() -> None:
 
 
 def engine_address(directory: Path | None = None) -> str:
-    base = directory or Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp"))
+    base = directory or Path(tempfile.gettempdir())
     return f"ipc://{base}/myriad-engine-{os.getpid()}.sock"
 
 

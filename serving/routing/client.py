@@ -10,6 +10,7 @@ import httpx
 import msgspec
 
 from packing.contracts import Plan
+from packing.errors import MyriadError
 
 
 class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -36,7 +37,7 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     plan_uri: str | None = None
 
 
-class RoutingError(RuntimeError):
+class RoutingError(MyriadError, RuntimeError):
     pass
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +33,7 @@ from litestar.response import Response
 
 from packing.contracts import Plan
 from packing.io import ContractError, load
+from serving import settings
 from serving.routing.client import Deployment, Router, RoutingError, failover_reason
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
@@ -216,7 +216,7 @@ def serve_gateway(record: Path, host: str, port: int, plan_path: Path | None = N
         create_gateway(load(plan_path, Plan), deployment, record=record),
         host=host,
         port=port,
-        log_level=os.environ.get("MYRIAD_LOG_LEVEL", "warning"),
+        log_level=settings.current().server.log_level,
     )
 
 

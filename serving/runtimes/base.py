@@ -13,6 +13,7 @@ import httpx
 import msgspec
 
 from packing.contracts import ENGINE_PRECISIONS, Plan, PlannedServer
+from packing.errors import MyriadError
 from packing.io import load, write_atomic
 from serving.routing.client import Deployment
 from serving.store import ArtifactStore, data_dir, open_store
@@ -20,8 +21,12 @@ from serving.store import ArtifactStore, data_dir, open_store
 SERVER_PORT = 8080
 
 
-class DeployError(RuntimeError):
+class DeployError(MyriadError, RuntimeError):
     """A deployment step failed; the message names the server and what went wrong."""
+
+
+class NoDeployment(DeployError):
+    """No record of a deployment by that name: nothing is running under it."""
 
 
 class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -126,7 +131,7 @@ def read_deployment(name: str, store_uri: str | None = None) -> Deployment:
         where = f"{path} does not exist" + (
             f" and {store_uri} has no {deployment_key(name)}" if store_uri else ""
         )
-        raise DeployError(f"no deployment named {name!r} ({where})")
+        raise NoDeployment(f"no deployment named {name!r} ({where})")
     return load(path, Deployment)
 
 

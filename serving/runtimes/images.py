@@ -17,12 +17,16 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 
 import msgspec
+
+from packing.errors import MyriadError
+from serving import settings
 
 PROCESSORS = ("cpu", "gpu", "inf")
 # The image the Kubernetes work pool's flow runs use (Dockerfiles/orchestrator.Dockerfile):
@@ -41,7 +45,7 @@ _ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\
 _PRUNE = {".git", ".venv", ".myriad", "node_modules"}
 
 
-class BuildError(RuntimeError):
+class BuildError(MyriadError, RuntimeError):
     """An image could not be built, inspected or pushed; the message says which and why."""
 
 
@@ -85,7 +89,7 @@ def _answers(engine: str) -> bool:
 def container_engine() -> str | None:
     """``docker`` or ``podman``, whichever answers (``<engine> info``), docker first; None when
     neither does. ``MYRIAD_CONTAINER_ENGINE`` picks one."""
-    wanted = os.environ.get("MYRIAD_CONTAINER_ENGINE")
+    wanted = settings.current().build.container_engine
     for engine in (wanted,) if wanted else ("docker", "podman"):
         if _answers(engine):
             return engine
@@ -98,7 +102,7 @@ def engine_command(engine: str) -> list[str]:
     (empty: podman's default)."""
     if engine != "podman":
         return [engine]
-    runtime = os.environ.get("MYRIAD_PODMAN_RUNTIME")
+    runtime = settings.current().build.podman_runtime
     if runtime is None:
         runtime = "runc" if shutil.which("runc") or Path("/usr/sbin/runc").exists() else ""
     return ["podman", "--runtime", runtime] if runtime else ["podman"]
@@ -247,26 +251,18 @@ def local_torch_args(processor: str, wheels_dir: Path | str | None) -> dict[str,
     return {"TORCH_VERSION": versions[-1], "TORCH_INDEX_URL": DEFAULT_INDEX_URL}
 
 
-def options_from_env(environ: Mapping[str, str] | None = None) -> dict:
-    """Build options from the environment, for machines that build differently from the
-    defaults (no registry, a local wheel directory, a TLS-intercepting proxy):
-    ``MYRIAD_BASE_IMAGE``, ``MYRIAD_WHEELS_DIR``, ``MYRIAD_CA_BUNDLE``, ``MYRIAD_BUILD_NETWORK``
-    and ``MYRIAD_BUILD_ARGS`` (``KEY=VALUE`` words)."""
-    env = os.environ if environ is None else environ
-    options: dict = {}
-    for key, name in (
-        ("base_image", "MYRIAD_BASE_IMAGE"),
-        ("wheels_dir", "MYRIAD_WHEELS_DIR"),
-        ("ca_bundle", "MYRIAD_CA_BUNDLE"),
-        ("network", "MYRIAD_BUILD_NETWORK"),
-    ):
-        if env.get(name):
-            options[key] = env[name]
-    words = env.get("MYRIAD_BUILD_ARGS", "").split()
-    if words:
-        if not all("=" in w for w in words):
-            raise BuildError(f"MYRIAD_BUILD_ARGS={env['MYRIAD_BUILD_ARGS']!r}: KEY=VALUE words")
-        options["build_args"] = dict(w.split("=", 1) for w in words)
+def build_options(build: settings.BuildSettings | None = None) -> dict:
+    """Build options from the settings (``build``; default: this process's), for machines
+    that build differently from the defaults (no registry, a local wheel directory, a
+    TLS-intercepting proxy): base image, wheel directory, CA bundle, network, build arguments."""
+    build = build or settings.current().build
+    options: dict = {
+        key: value
+        for key in ("base_image", "wheels_dir", "ca_bundle", "network")
+        if (value := getattr(build, key))
+    }
+    if build.build_args:
+        options["build_args"] = dict(build.build_args)
     return options
 
 
@@ -291,7 +287,7 @@ def _plan(
     network: str | None,
     root: Path,
 ) -> _Plan:
-    env = options_from_env()
+    env = build_options()
     base_image = base_image or env.get("base_image")
     wheels = wheels_dir or env.get("wheels_dir")
     bundle = ca_bundle or env.get("ca_bundle")
@@ -379,7 +375,7 @@ def build_image(
     """Build the server image of ``processor``, tagged by :func:`image_tag`; skipped when that
     tag exists locally with the same content hash. ``wheels_dir`` becomes the ``wheels`` build
     context (with it, torch may come from a local wheel), ``ca_bundle`` the ``ca`` secret (pip
-    behind a TLS-intercepting proxy). Arguments left None come from :func:`options_from_env`.
+    behind a TLS-intercepting proxy). Arguments left None come from :func:`build_options`.
     No push: see :func:`push_image`."""
     engine = require_engine(engine)
     root = root or ROOT
@@ -414,7 +410,7 @@ def build_image(
         argv += ["--build-context", f"wheels={plan.wheels_dir}"]
     if plan.ca_bundle is not None:
         argv += ["--secret", f"id=ca,src={plan.ca_bundle}"]
-    env = {**os.environ, "DOCKER_BUILDKIT": "1"} if engine == "docker" else None
+    env = settings.child_environment({"DOCKER_BUILDKIT": "1"}) if engine == "docker" else None
     _run([*argv, str(root)], f"{engine} build of {tag}", env=env)
     info = _inspect(engine, tag)
     if info is None:
@@ -468,7 +464,7 @@ def push_image(result: BuildResult, registry: str, engine: str | None = None) ->
     argv = [*engine_command(engine), "push", target]
     digest_file = None
     if engine == "podman":
-        digest_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"myriad-push-{os.getpid()}.digest"
+        digest_file = Path(tempfile.gettempdir()) / f"myriad-push-{os.getpid()}.digest"
         argv[-1:-1] = ["--digestfile", str(digest_file)]
     pushed = _run(argv, f"{engine} push {target}")
     digest = None

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from packing.contracts import PlannedServer
+from serving import settings
 from serving.runtimes.base import DeployOptions, HostRuntime, deployments_dir, server_arguments
 
 
@@ -106,7 +107,7 @@ class LocalRuntime(HostRuntime):
             [*supervisor, "--", *command],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **options.env},
+            env=settings.child_environment(options.env),
             start_new_session=True,
         )
         log.close()
