@@ -116,21 +116,16 @@ def to_markdown(summary: dict, load: dict | None = None) -> str:
     lines += ["## Figures", "", "| figure | value |", "|---|---|"]
     lines += [f"| {key} | {format_value(value)} |" for key, value in summary.items()]
     if load and load.get("sweep"):
-        lines += ["", "## Throughput-latency sweep", ""]
-        lines += _table(
-            [
-                {
-                    "concurrency": p["concurrency"],
-                    "requests/s": p["requests_per_s"],
-                    "P50 ms": p.get("p50_ms"),
-                    "P90 ms": p.get("p90_ms"),
-                    "P99 ms": p.get("p99_ms"),
-                    "error rate": p["error_rate"],
-                    "within target": p["within_target"],
-                }
-                for p in load["sweep"]
-            ]
-        )
+        target_ms, max_error_rate = _settings(load)
+        lines += [
+            "",
+            "## Throughput-latency sweep",
+            "",
+            f"Every level run, in order; the sweep stops at the first past the targets (P90 "
+            f"{target_ms:g} ms, error rate {max_error_rate:.0%}).",
+            "",
+        ]
+        lines += _table(sweep_rows(load))
     if load and load.get("slowest_models"):
         lines += ["", "## Slowest models (P90)", ""]
         lines += _table([{"model": m, **v} for m, v in load["slowest_models"].items()])
@@ -141,14 +136,260 @@ def to_markdown(summary: dict, load: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(load: dict) -> dict[str, bytes]:
-    """PNGs: the throughput-latency curve (with a sweep), the latency CDF, requests per
-    server."""
+# The percentiles the CDF marks and labels its axis with.
+CDF_PERCENTILES = (50, 90, 99, 99.9)
+
+
+def _settings(load: dict) -> tuple[float, float]:
+    """The sweep's latency target (P90, ms) and error-rate bound the load test ran with."""
+    settings = load.get("settings") or {}
+    return settings.get("latency_target_ms", 100.0), settings.get("max_error_rate", 0.01)
+
+
+def point_flags(point: dict, load: dict) -> dict[str, str]:
+    """Why a sweep level's figures are not to be quoted, keyed by kind: ``past_target`` (its
+    error rate or P90 broke the bound the sweep ran with) and ``saturated`` (the load
+    generator, not the servers, was the bottleneck); empty for a sound level."""
+    target_ms, max_error_rate = _settings(load)
+    past = []
+    if point.get("error_rate", 0.0) > max_error_rate:
+        past.append(f"errors {point['error_rate']:.1%} > {max_error_rate:.0%}")
+    p90 = point.get("p90_ms")
+    if p90 is None:
+        past.append("no request answered")
+    elif p90 > target_ms:
+        past.append(f"P90 {p90:.1f} ms > target {target_ms:g} ms")
+    flags = {"past_target": "; ".join(past)} if past else {}
+    generator = point.get("generator") or {}
+    if generator.get("saturated"):
+        reasons = ", ".join(generator.get("reasons") or []) or "see report.json"
+        flags["saturated"] = f"generator saturated ({reasons})"
+    return flags
+
+
+def sweep_rows(load: dict) -> list[dict]:
+    """The whole throughput-latency curve, one row per concurrency level the sweep ran, for a
+    table: concurrency, requests/s, P50/P90/P99 ms, error rate and a status: "ok" or "past
+    target: <why>", "quoted in the summary" for the level the summary's figures come from (the
+    highest throughput within the targets), and "generator saturated (<why>)" where the load
+    generator, not the servers, was the bottleneck. Empty without a sweep."""
+    best = load.get("sweep_best") or {}
+    rows = []
+    for point in load.get("sweep") or []:
+        flags = point_flags(point, load)
+        parts = [f"past target: {flags['past_target']}" if "past_target" in flags else "ok"]
+        if point.get("concurrency") == best.get("concurrency"):
+            parts.append("quoted in the summary")
+        if "saturated" in flags:
+            parts.append(flags["saturated"])
+        status = "; ".join(parts)
+        rows.append(
+            {
+                "concurrency": point["concurrency"],
+                "requests/s": point.get("requests_per_s"),
+                "P50 ms": point.get("p50_ms"),
+                "P90 ms": point.get("p90_ms"),
+                "P99 ms": point.get("p99_ms"),
+                "error rate": point.get("error_rate"),
+                "status": status,
+            }
+        )
+    return rows
+
+
+def _main_summary(load: dict) -> dict:
+    """The summary of the run the CDF and per-server figures were taken from."""
+    main = load.get("main")
+    if main == "sweep":
+        return load.get("sweep_best") or {}
+    return load.get(main) or {} if main else {}
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, imported late (it is slow to import)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def throughput_latency_figure(load: dict):  # noqa: ANN201 - a matplotlib Figure
+    """The sweep: P50, P90 and P99 against requests/s, one point per concurrency level
+    (annotated), the P90 target as a horizontal line, and the levels not to be quoted marked:
+    past the target (error rate or P90) and generator-saturated."""
+    plt = _pyplot()
+    points = load["sweep"]
+    target_ms, max_error_rate = _settings(load)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    xs = [p["requests_per_s"] for p in points]
+    for key, style in (("p50_ms", "o-"), ("p90_ms", "s-"), ("p99_ms", "^-")):
+        shown = [(x, p[key]) for x, p in zip(xs, points, strict=True) if p.get(key) is not None]
+        if shown:
+            axis.plot(*zip(*shown, strict=True), style, markersize=4, label=key[:-3].upper())
+    axis.axhline(target_ms, color="red", linestyle="--", linewidth=1)
+    axis.plot([], [], "r--", linewidth=1, label=f"P90 target {target_ms:g} ms")
+    flagged = {"past_target": [], "saturated": []}
+    for x, p in zip(xs, points, strict=True):
+        y = p.get("p90_ms") or 0.0
+        axis.annotate(
+            f"c={p['concurrency']}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
+        for kind in point_flags(p, load):
+            flagged[kind].append((x, y))
+    if flagged["past_target"]:
+        axis.scatter(
+            *zip(*flagged["past_target"], strict=True),
+            marker="X",
+            s=90,
+            color="red",
+            zorder=3,
+            label=f"past target (P90 > {target_ms:g} ms or errors > {max_error_rate:.0%})",
+        )
+    if flagged["saturated"]:
+        axis.scatter(
+            *zip(*flagged["saturated"], strict=True),
+            marker="o",
+            s=160,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.5,
+            zorder=3,
+            label="load generator saturated",
+        )
+    axis.set_ylim(bottom=0)
+    axis.set_xlabel("throughput, requests/s")
+    axis.set_ylabel("latency, ms")
+    axis.set_title("throughput-latency sweep (c = concurrent clients; marks on P90)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _percentile_ms(load: dict, percentile: float) -> float | None:
+    """The latency at ``percentile`` of the main run: its summary's figure where it has one,
+    else read off the CDF (the first point at or past it)."""
+    summary = _main_summary(load)
+    key = f"p{percentile:g}_ms".replace(".", "_")
+    if summary.get(key) is not None:
+        return summary[key]
+    for ms, fraction in load.get("cdf_ms") or []:
+        if fraction >= percentile / 100 - 1e-9:
+            return ms
+    return None
+
+
+def latency_cdf_figure(load: dict):  # noqa: ANN201 - a matplotlib Figure
+    """The latency distribution of the main run with its tail stretched out: the y axis is the
+    fraction of requests slower than x on a log scale, labelled by percentile (50% ... 99.9%),
+    so P99 sits as far from P90 as P90 from P50; P50, P90 and P99 marked with their values."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    # Fractions slower than each latency; the last point (the maximum, none slower) cannot
+    # sit on a log scale and is marked on its own at the top.
+    points = [(ms, 1.0 - fraction) for ms, fraction in load["cdf_ms"] if fraction < 1.0]
+    top = min([1 - CDF_PERCENTILES[-1] / 100, *(y for _, y in points)]) / 2
+    if points:
+        axis.plot(*zip(*points, strict=True), color="tab:blue", label="latency distribution")
+    slowest = max(ms for ms, _ in load["cdf_ms"])
+    axis.plot([slowest], [top], "^", color="black", label=f"slowest {slowest:.1f} ms")
+    colours = {50: "tab:green", 90: "tab:orange", 99: "tab:red"}
+    for percentile, colour in colours.items():
+        ms = _percentile_ms(load, percentile)
+        if ms is None:
+            continue
+        slower = 1 - percentile / 100
+        axis.axvline(ms, color=colour, linestyle=":", linewidth=1)
+        axis.plot([ms], [slower], "o", color=colour, label=f"P{percentile} {ms:.1f} ms")
+        axis.annotate(
+            f"P{percentile} {ms:.1f} ms",
+            (ms, slower),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+            color=colour,
+        )
+    axis.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.xaxis.set_major_formatter(plain)
+    # Labelled minor ticks at 2, 3 and 5 per decade: a narrow range gets numbers too.
+    axis.xaxis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 5)))
+    axis.xaxis.set_minor_formatter(plain)
+    axis.tick_params(axis="x", which="minor", labelsize=7)
+    axis.set_yscale("log")
+    ticks = [1 - p / 100 for p in CDF_PERCENTILES]
+    axis.set_yticks(ticks)
+    axis.set_yticklabels([f"{p:g}%" for p in CDF_PERCENTILES])
+    axis.yaxis.set_minor_formatter(NullFormatter())
+    axis.set_ylim(top / 1.5, 1.0)
+    axis.invert_yaxis()
+    axis.set_xlabel("latency, ms (log scale)")
+    axis.set_ylabel("percentile (log scale of the fraction slower)")
+    axis.set_title(f"latency distribution ({load.get('main')}): the tail reads upwards")
+    axis.grid(True, which="major", alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left")
+    return figure
+
+
+# Past this many servers the per-server figure labels every n-th only.
+MAX_SERVER_LABELS = 150
+
+
+def per_server_figure(load: dict, plan: Plan | None = None):  # noqa: ANN201 - a matplotlib Figure
+    """Requests each server answered in the main run, one horizontal bar per plan server id
+    (in plan order, with its model count; a server that answered none shows as an empty bar),
+    the mean as a line."""
+    plt = _pyplot()
+    counts: dict[str, int] = dict(load["per_server_requests"])
+    models: dict[str, int] = {}
+    if plan is not None:
+        order = [s.id for s in plan.servers]
+        models = {s.id: len(s.model_ids) for s in plan.servers}
+        # Joined names (servers behind one address) and unknown addresses go last.
+        names = [n for n in order if n in counts] + [n for n in counts if n not in models]
+        names += [n for n in order if n not in counts]
+        counts = {n: counts.get(n, 0) for n in names}
+    else:
+        names = sorted(counts)
+    height = min(max(3.0, 0.2 * len(names) + 1.2), 60.0)
+    figure, axis = plt.subplots(figsize=(7, height))
+    ys = range(len(names))
+    values = [counts[n] for n in names]
+    bars = axis.barh(ys, values, color="tab:blue")
+    if len(names) <= MAX_SERVER_LABELS:
+        axis.bar_label(bars, labels=[f"{v:,}" for v in values], padding=2, fontsize=7)
+        axis.set_xlim(0, max(values, default=0) * 1.12 or 1)
+    step = max(1, -(-len(names) // MAX_SERVER_LABELS))
+    labels = [
+        f"{n} ({models[n]} model{'' if models[n] == 1 else 's'})" if n in models else n
+        for n in names
+    ]
+    axis.set_yticks(list(ys)[::step])
+    axis.set_yticklabels(labels[::step], fontsize=7)
+    axis.set_ylim(len(names) - 0.5, -0.5)  # the plan's first server at the top
+    mean = sum(values) / len(values) if values else 0.0
+    axis.axvline(mean, color="black", linestyle="--", linewidth=1)
+    axis.set_xlabel("requests answered")
+    axis.set_ylabel("plan server id")
+    plural = "" if len(names) == 1 else "s"
+    axis.set_title(
+        f"load per server ({load.get('main')}): {len(names)} server{plural}, "
+        f"mean {mean:,.0f} (dashed)",
+        fontsize=10,
+    )
+    return figure
+
+
+def plots(load: dict, plan: Plan | None = None) -> dict[str, bytes]:
+    """PNGs: the throughput-latency curve (with a sweep), the latency CDF, requests per
+    server (named by the plan's server ids)."""
+    plt = _pyplot()
     figures: dict[str, bytes] = {}
 
     def save(name: str, figure: object) -> None:
@@ -159,42 +400,11 @@ def plots(load: dict) -> dict[str, bytes]:
         figures[name] = buffer.getvalue()
 
     if load.get("sweep"):
-        figure, axis = plt.subplots(figsize=(6, 4))
-        points = load["sweep"]
-        for key, style in (("p50_ms", "o-"), ("p90_ms", "s-"), ("p99_ms", "^-")):
-            axis.plot(
-                [p["requests_per_s"] for p in points],
-                [p.get(key) or 0 for p in points],
-                style,
-                label=key.removesuffix("_ms").upper(),
-            )
-        for p in points:
-            axis.annotate(str(p["concurrency"]), (p["requests_per_s"], p.get("p90_ms") or 0))
-        axis.set_xlabel("requests/s")
-        axis.set_ylabel("latency, ms")
-        axis.set_title("throughput-latency (labels: concurrent clients)")
-        axis.legend()
-        save("throughput_latency.png", figure)
+        save("throughput_latency.png", throughput_latency_figure(load))
     if load.get("cdf_ms"):
-        figure, axis = plt.subplots(figsize=(6, 4))
-        xs, ys = zip(*load["cdf_ms"], strict=True)
-        axis.plot(xs, ys)
-        axis.set_xscale("log")
-        axis.set_xlabel("latency, ms")
-        axis.set_ylabel("fraction of requests")
-        axis.set_title(f"latency CDF ({load.get('main')})")
-        axis.grid(True, which="both", alpha=0.3)
-        save("latency_cdf.png", figure)
+        save("latency_cdf.png", latency_cdf_figure(load))
     if load.get("per_server_requests"):
-        figure, axis = plt.subplots(figsize=(max(6, 0.3 * len(load["per_server_requests"])), 4))
-        names = sorted(load["per_server_requests"])
-        axis.bar(range(len(names)), [load["per_server_requests"][n] for n in names])
-        axis.set_xticks(range(len(names)))
-        axis.set_xticklabels([n.rsplit(":", 1)[-1] for n in names], rotation=90, fontsize=7)
-        axis.set_xlabel("server (port)")
-        axis.set_ylabel("requests answered")
-        axis.set_title(f"load per server ({load.get('main')})")
-        save("per_server.png", figure)
+        save("per_server.png", per_server_figure(load, plan))
     return figures
 
 
@@ -203,7 +413,7 @@ def report_files(plan: Plan, load: dict) -> tuple[dict, dict[str, bytes]]:
     files = {
         "report.json": json.dumps({"summary": summary, "load": load}, indent=2).encode(),
         "report.md": to_markdown(summary, load).encode(),
-        **plots(load),
+        **plots(load, plan),
     }
     return summary, files
 

@@ -4,7 +4,7 @@ figures the report needs (no Prefect here: :mod:`tasks.loadtest` is the task ove
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import msgspec
 
@@ -58,6 +58,24 @@ def targets_for(plan: Plan, deployment: Deployment) -> loadgen.Targets:
             for m in router.model_ids
         }
     )
+
+
+def by_server_id(plan: Plan, deployment: Deployment, per_url: Mapping[str, int]) -> dict:
+    """Requests answered per plan server id, every server of the plan included (a server that
+    answered none shows as 0), from the generator's counts per base URL. Servers that share an
+    address (behind one gateway) cannot be told apart: they are named together, joined by
+    " + ". A URL no server of the plan has keeps its URL."""
+    ids_by_url: dict[str, list[str]] = {}
+    for server in plan.servers:
+        url = deployment.servers.get(server.id)
+        if url is not None:
+            ids_by_url.setdefault(url.rstrip("/"), []).append(server.id)
+    counts = {" + ".join(ids): 0 for ids in ids_by_url.values()}
+    for url, count in per_url.items():
+        ids = ids_by_url.get(url.rstrip("/"))
+        name = " + ".join(ids) if ids else url
+        counts[name] = counts.get(name, 0) + count
+    return counts
 
 
 def run_load_test(
@@ -124,7 +142,7 @@ def run_load_test(
         chosen = recorders[main]
         figures["main"] = main
         figures["cdf_ms"] = chosen.cdf_ms()
-        figures["per_server_requests"] = dict(chosen.per_server)
+        figures["per_server_requests"] = by_server_id(plan, deployment, chosen.per_server)
         slowest = sorted(chosen.per_model_ms().items(), key=lambda kv: -kv[1]["p90_ms"])
         figures["slowest_models"] = dict(slowest[:10])
     return figures
