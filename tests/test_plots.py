@@ -1,10 +1,12 @@
-"""The report's plots say what they show: servers by plan id, the latency percentiles marked,
-the sweep's target and unquotable levels marked; and the sweep as a table with every level."""
+"""The report's and the packer's plots say what they show: servers by plan id, the latency
+percentiles marked, the sweep's target and unquotable levels marked, the packing's resources
+named; and the sweep as a table with every level."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import matplotlib
 
@@ -24,7 +26,10 @@ from loadtest.report import (
 )
 from loadtest.runner import LoadSettings, by_server_id
 from packing.contracts import Plan, PlannedInstance, PlannedServer
+from packing.plot import PER_ROW, plan_figure, plot_plan
+from packing.solver import solve
 from serving.routing.client import Deployment
+from tests.test_packing import instance_type, model, problem_of
 
 SERVERS = ["i000-g4dn-xlarge-d0", "i001-inf1-6xlarge-d0", "i001-inf1-6xlarge-d1"]
 
@@ -258,3 +263,54 @@ def test_report_plots_are_pngs(deployment: Deployment) -> None:
     files = plots(load_dict(plan, deployment, sweep=SWEEP), plan)
     assert set(files) == {"throughput_latency.png", "latency_cdf.png", "per_server.png"}
     assert all(data[:8] == b"\x89PNG\r\n\x1a\n" for data in files.values())
+
+
+def packed(models: int, devices: int = 2, processor: str = "gpu"):
+    problem = problem_of(
+        [
+            model(f"m{i:03d}", 0.5 + (i % 5) * 0.4, compute=0.02 * (i % 7), processor=processor)
+            for i in range(models)
+        ],
+        [instance_type("g.x", 1.0, devices, 4, processor=processor)],
+    )
+    return problem, solve(problem, time_limit_s=5)
+
+
+def legend_of(figure) -> list[str]:  # noqa: ANN001
+    return [t.get_text() for legend in figure.legends for t in legend.get_texts()]
+
+
+def test_plan_plot_names_resources_servers_and_model_counts(tmp_path: Path) -> None:
+    problem, plan = packed(12)
+    figure = plan_figure(problem, plan)
+    axis = figure.axes[0]
+    legend = legend_of(figure)
+    assert legend[:2] == ["device memory", "compute"]
+    assert "memory cap 100%" in legend and "compute cap 100%" in legend
+    assert "host memory of the instance" not in legend  # a GPU plan has none
+    ids = [s.id for s in plan.servers]
+    assert [t.get_text() for t in axis.get_xticklabels()] == ids
+    counts = [t.get_text() for t in axis.texts if t.get_text().isdigit()]
+    assert counts == [str(len(s.model_ids)) for s in plan.servers]
+    # Colour is the resource, not the model: two colours of bar, however many models.
+    colours = {bar.get_facecolor() for bars in axis.containers for bar in bars}
+    assert len(colours) == 2
+    assert axis.get_ylabel().startswith("share used")
+    out = plot_plan(problem, plan, tmp_path / "plan.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_plot_shows_host_memory_where_the_plan_has_it() -> None:
+    problem, plan = packed(12, devices=1, processor="cpu")
+    assert any(s.host_memory_bytes for s in plan.servers)
+    assert "host memory of the instance" in legend_of(plan_figure(problem, plan))
+
+
+def test_plan_plot_wraps_many_servers_onto_rows() -> None:
+    problem, plan = packed(200, devices=4)
+    assert len(plan.servers) > PER_ROW
+    figure = plan_figure(problem, plan)
+    rows = -(-len(plan.servers) // PER_ROW)
+    assert len(figure.axes) == rows
+    labelled = [t.get_text() for axis in figure.axes for t in axis.get_xticklabels()]
+    assert labelled == [s.id for s in plan.servers]
