@@ -6,6 +6,7 @@ The committed examples under infra/k8s are regenerated here; MYRIAD_REGENERATE=1
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -22,10 +23,19 @@ from serving.runtimes.base import DeployError, DeployOptions
 from serving.runtimes.kubernetes import KubernetesRuntime, pod_reason, rolled_out
 from serving.runtimes.manifests import (
     FINGERPRINT_ANNOTATION,
+    KINDS,
+    ORCHESTRATOR_NAMESPACE,
+    ORCHESTRATOR_POD_LABELS,
+    ORCHESTRATOR_RULES,
+    ORCHESTRATOR_SERVICE_ACCOUNT,
     manifest_files,
     model_label,
+    namespace_for,
+    orchestrator_files,
+    orchestrator_objects,
     pod_manifests,
     render,
+    server_service_account,
     write_manifests,
 )
 
@@ -38,6 +48,12 @@ IMAGES = {
     for p in ("cpu", "gpu", "inf")
 }
 REGENERATE = os.environ.get("MYRIAD_REGENERATE") == "1"
+ROLE = "arn:aws:iam::123456789012:role/myriad-myriad-server"
+# The committed example: deployment `myriad` (namespace myriad, the work pool's), an S3 store
+# read through the IRSA role eks-cluster.yaml makes.
+EXAMPLE_OPTIONS = DeployOptions(
+    name="myriad", store_uri="s3://myriad-example/store", images=IMAGES, role_arn=ROLE
+)
 
 
 def example_plan(plan_id: str = "example", bert_on_gpu: int = 4) -> Plan:
@@ -94,9 +110,9 @@ def example_plan(plan_id: str = "example", bert_on_gpu: int = 4) -> Plan:
 
 
 @pytest.fixture
-def options(tmp_path: Path) -> DeployOptions:
-    # An empty file store: fingerprints then hash processor, engine and model ids only.
-    return DeployOptions(name="example", store_uri=f"file://{tmp_path}/store", images=IMAGES)
+def options() -> DeployOptions:
+    # Rendering reads no store: fingerprints hash processor, engine and model ids.
+    return DeployOptions(name="example", store_uri="s3://myriad-test/store", images=IMAGES)
 
 
 def _by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -116,14 +132,26 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def test_every_manifest_validates_against_the_kubernetes_schemas(options: DeployOptions) -> None:
-    objects = render(
-        example_plan(), CATALOG, options, IMAGES, hpa=True, role_arn="arn:aws:iam::1:role/r"
+    options = DeployOptions(
+        **{
+            **{f: getattr(options, f) for f in options.__struct_fields__},
+            "role_arn": ROLE,
+            "store_credentials": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"},
+        }
     )
+    objects = render(example_plan(), CATALOG, options, IMAGES, hpa=True)
+    objects += orchestrator_objects(options, role_arn=ROLE)
     kinds = {o["kind"] for o in objects}
     assert kinds == {
         "Namespace",
         "ServiceAccount",
+        "Secret",
         "ConfigMap",
+        "NetworkPolicy",
+        "Role",
+        "RoleBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
@@ -196,10 +224,13 @@ def test_servers_pinned_sized_and_locked_down(options: DeployOptions) -> None:
     assert Plan.__name__ and json.loads(configmap["data"]["plan.json"]) == json.loads(to_json(plan))
     account = _by_kind(objects, "ServiceAccount")[0]
     assert "annotations" not in account["metadata"]
-    with_role = render(plan, CATALOG, options, IMAGES, role_arn="arn:aws:iam::1:role/r")
+    assert not _by_kind(objects, "Secret") and "envFrom" not in big
+    with_role = render(plan, CATALOG, _replace(options, role_arn=ROLE), IMAGES)
     assert _by_kind(with_role, "ServiceAccount")[0]["metadata"]["annotations"] == {
-        "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"
+        "eks.amazonaws.com/role-arn": ROLE
     }
+    for d in _by_kind(with_role, "Deployment"):
+        assert d["spec"]["template"]["spec"]["serviceAccountName"] == "myriad-server"
 
 
 def test_every_model_is_routed_to_a_service_whose_pods_serve_it(options: DeployOptions) -> None:
@@ -293,7 +324,9 @@ def test_kept_servers_render_byte_identical_across_plans(options: DeployOptions)
     assert old_files["plan.yaml"] != new_files["plan.yaml"]  # the plan in the ConfigMap
 
 
-def test_pod_manifests_for_podman_kube_play(options: DeployOptions) -> None:
+def test_pod_manifests_for_podman_kube_play(tmp_path: Path) -> None:
+    # A local file store is refused for a cluster, mounted for podman kube play.
+    options = DeployOptions(name="example", store_uri=f"file://{tmp_path}/store", images=IMAGES)
     plan = example_plan()
     text = pod_manifests(
         plan,
@@ -314,6 +347,21 @@ def test_pod_manifests_for_podman_kube_play(options: DeployOptions) -> None:
         kubernetes_validate.validate(document, K8S_VERSION, strict=True)
     with pytest.raises(DeployError, match="no servers"):
         pod_manifests(plan, ["nope"], options=options)
+    # Host networking: each server on its own port of the host, no hostPort.
+    text = pod_manifests(
+        plan,
+        catalog=CATALOG,
+        options=options,
+        host_ports={"i000-c5-large-d0": 18081},
+        host_network=True,
+        server_ids=["i000-c5-large-d0"],
+    )
+    deployment = list(yaml.safe_load_all(text))[1]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["hostNetwork"] is True
+    assert container["args"][container["args"].index("--port") + 1] == "18081"
+    assert container["ports"][0] == {"name": "http", "containerPort": 18081, "protocol": "TCP"}
 
 
 def test_rollout_and_pod_reasons() -> None:
@@ -374,7 +422,7 @@ def test_no_kubeconfig_names_what_was_tried(
 
 def test_eks_cluster_config_one_node_group_per_family() -> None:
     plan = example_plan()
-    config = eks.cluster_config(plan, CATALOG, "myriad", "us-east-1", namespace="myriad-example")
+    config = eks.cluster_config(plan, CATALOG, "myriad", "us-east-1", options=EXAMPLE_OPTIONS)
     assert config["apiVersion"] == "eksctl.io/v1alpha5" and config["iam"]["withOIDC"] is True
     groups = {g["name"]: g for g in config["managedNodeGroups"] if g["name"] != "system"}
     assert sorted(groups) == ["servers-c5", "servers-g4dn", "servers-inf2"]
@@ -388,7 +436,7 @@ def test_eks_cluster_config_one_node_group_per_family() -> None:
     objects = render(
         plan,
         CATALOG,
-        DeployOptions(name="example", store_uri=None),
+        EXAMPLE_OPTIONS,
         IMAGES,
         fingerprints={s.id: "sha256:0" for s in plan.servers},
     )
@@ -410,16 +458,20 @@ def test_eks_cluster_config_one_node_group_per_family() -> None:
 
 def _committed() -> dict[Path, str]:
     plan = example_plan()
-    options = DeployOptions(name="example", images=IMAGES)
-    # Fingerprints of an empty store, fixed so the example does not depend on the machine.
+    options = EXAMPLE_OPTIONS
+    # Fingerprints fixed, so the example does not depend on the machine.
     prints = {s.id: f"sha256:{'0' * 63}{i}" for i, s in enumerate(plan.servers)}
     files = {INFRA / "example-plan.json": to_json(plan).decode()}
-    config = eks.cluster_config(plan, CATALOG, "myriad", "us-east-1", namespace="myriad-example")
+    config = eks.cluster_config(plan, CATALOG, "myriad", "us-east-1", options=options)
     files[INFRA / "eks-cluster.yaml"] = eks.to_yaml(config, plan)
     files[INFRA / "addons.sh"] = eks.addons_script("myriad", "us-east-1")
     objects = render(plan, CATALOG, options, IMAGES, fingerprints=prints)
     for name, text in manifest_files(objects).items():
         files[INFRA / plan.plan_id / name] = text
+    orchestrator_arn = eks.role_arn("123456789012", eks.orchestrator_role_name("myriad"))
+    rbac = orchestrator_objects(options, role_arn=orchestrator_arn)
+    for name, text in orchestrator_files(rbac).items():
+        files[INFRA / "orchestrator" / name] = text
     return files
 
 
@@ -432,24 +484,32 @@ def test_committed_examples_are_in_step() -> None:
     for path, text in files.items():
         assert path.is_file(), f"{path} missing: MYRIAD_REGENERATE=1 pytest {__file__}"
         assert path.read_text() == text, f"{path} is stale: MYRIAD_REGENERATE=1 pytest {__file__}"
-    listed = {
-        p for p in files if p.parent == INFRA / "example" or p.parent.parent == INFRA / "example"
-    }
-    assert set((INFRA / "example").rglob("*.yaml")) == listed
+    for folder in ("example", "orchestrator"):
+        listed = {
+            p for p in files if p.parent == INFRA / folder or p.parent.parent == INFRA / folder
+        }
+        assert set((INFRA / folder).rglob("*.yaml")) == listed
 
 
 @pytest.mark.skipif(
-    not os.environ.get("MYRIAD_TEST_KUBECONFIG"),
-    reason="no Kubernetes cluster here: set MYRIAD_TEST_KUBECONFIG to apply for real",
+    not os.environ.get("MYRIAD_TEST_KUBECONFIG") or not os.environ.get("MYRIAD_TEST_STORE"),
+    reason="no Kubernetes cluster here: set MYRIAD_TEST_KUBECONFIG and MYRIAD_TEST_STORE "
+    "(s3://...) to apply for real",
 )
 def test_apply_wait_redeploy_teardown_on_a_real_cluster(tmp_path: Path) -> None:
     """Needs a cluster whose nodes can pull MYRIAD_TEST_IMAGE (default the cpu image) and reach
-    the store MYRIAD_TEST_STORE with the plan's models traced; the servers are not pinned to
+    the S3 store MYRIAD_TEST_STORE with the plan's models traced (AWS_* variables given to the
+    servers through a rendered Secret); the servers are not pinned to
     instance types (pin_nodes=False), so any untainted node runs them."""
     from packing.io import save
 
     image = os.environ.get("MYRIAD_TEST_IMAGE", "myriad/server-cpu:latest")
-    store = os.environ.get("MYRIAD_TEST_STORE")
+    store = os.environ["MYRIAD_TEST_STORE"]
+    credentials = {
+        k: v
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
+        if (v := os.environ.get(k))
+    }
     plan = example_plan("apply-a")
     plan = Plan(
         **{**{f: getattr(plan, f) for f in plan.__struct_fields__}, "servers": plan.servers[:1]}
@@ -459,7 +519,11 @@ def test_apply_wait_redeploy_teardown_on_a_real_cluster(tmp_path: Path) -> None:
         kubeconfig=os.environ["MYRIAD_TEST_KUBECONFIG"], poll_s=1.0, pin_nodes=False
     )
     options = DeployOptions(
-        name="k8s-test", store_uri=store, images={"cpu": image}, ready_timeout_s=600
+        name="k8s-test",
+        store_uri=store,
+        images={"cpu": image},
+        ready_timeout_s=600,
+        store_credentials=credentials,
     )
     deployment = runtime.deploy(plan, plan_path, options)
     try:
@@ -468,3 +532,263 @@ def test_apply_wait_redeploy_teardown_on_a_real_cluster(tmp_path: Path) -> None:
         assert result.kept == sorted(s.id for s in plan.servers) and not result.started
     finally:
         assert sorted(runtime.teardown(deployment)) == sorted(s.id for s in plan.servers)
+
+
+def _replace(options: DeployOptions, **changes) -> DeployOptions:
+    return DeployOptions(
+        **{**{f: getattr(options, f) for f in options.__struct_fields__}, **changes}
+    )
+
+
+def test_a_cluster_deploy_without_an_s3_store_is_refused(tmp_path: Path) -> None:
+    plan = example_plan()
+    for store in (None, f"file://{tmp_path}/store", str(tmp_path / "store")):
+        options = DeployOptions(name="example", store_uri=store, images=IMAGES)
+        with pytest.raises(DeployError, match=r"--store s3://<bucket>/<prefix>"):
+            render(plan, CATALOG, options, IMAGES)
+        with pytest.raises(DeployError, match=r"--store s3://"):
+            write_manifests(plan, tmp_path / "out", CATALOG, options, IMAGES)
+        # The runtime refuses before it reads a store or reaches a cluster.
+        with pytest.raises(DeployError, match=r"--store s3://"):
+            KubernetesRuntime(catalog=CATALOG, kubeconfig=tmp_path / "none").deploy(
+                plan, tmp_path / "plan.json", options
+            )
+    assert not (tmp_path / "out").exists()
+    s3 = DeployOptions(name="example", store_uri="s3://bucket/prefix")
+    with pytest.raises(DeployError, match="role ARN"):
+        render(plan, CATALOG, _replace(s3, role_arn="my-role"), IMAGES)
+    with pytest.raises(DeployError, match="environment variable names"):
+        render(plan, CATALOG, _replace(s3, store_credentials={"AWS KEY": "x"}), IMAGES)
+
+
+def test_rendering_an_s3_deploy_needs_no_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The user's --render-only with --store s3://... on a machine with no AWS credentials: no
+    store is opened, nothing is written into it (an unreachable endpoint would fail any call)."""
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import serving.store
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("rendering opened a store")
+
+    monkeypatch.setattr(serving.store, "open_store", no_store)
+    monkeypatch.setattr("serving.runtimes.base.open_store", no_store)
+    plan = example_plan()
+    options = _replace(EXAMPLE_OPTIONS, role_arn=None)
+    written = write_manifests(plan, tmp_path / "k8s", CATALOG, options, IMAGES)
+    assert written
+    objects = render(plan, CATALOG, options, IMAGES)
+    for d in _by_kind(objects, "Deployment"):
+        env = {e["name"]: e["value"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["MYRIAD_STORE"] == "s3://myriad-example/store"
+    # Plan fingerprints: the same plan renders the same; an engine change changes them all.
+    again = render(plan, CATALOG, options, IMAGES)
+    assert [d["metadata"]["annotations"] for d in _by_kind(again, "Deployment")] == [
+        d["metadata"]["annotations"] for d in _by_kind(objects, "Deployment")
+    ]
+
+
+def test_store_credentials_become_a_secret_the_servers_read(options: DeployOptions) -> None:
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "secret/with+chars",
+        "AWS_ENDPOINT_URL": "http://seaweedfs.storage:8333",
+        "AWS_REGION": "us-east-1",
+    }
+    plan = example_plan()
+    objects = render(plan, CATALOG, _replace(options, store_credentials=credentials), IMAGES)
+    (secret,) = _by_kind(objects, "Secret")
+    assert secret["metadata"]["name"] == "myriad-store-credentials"
+    assert secret["metadata"]["namespace"] == namespace_for(options)
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == credentials
+    for d in _by_kind(objects, "Deployment"):
+        container = d["spec"]["template"]["spec"]["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "myriad-store-credentials"}}]
+    files = manifest_files(objects)
+    assert "AKIAEXAMPLE" not in files["plan.yaml"]
+    assert yaml.safe_load(files["store-secret.yaml"])["kind"] == "Secret"
+    # A Secret made elsewhere: named, not rendered.
+    named = render(plan, CATALOG, _replace(options, store_secret="s3-access"), IMAGES)
+    assert not _by_kind(named, "Secret")
+    for d in _by_kind(named, "Deployment"):
+        container = d["spec"]["template"]["spec"]["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-access"}}]
+
+
+def test_network_policy_admits_only_ingress_gateway_metrics_and_orchestrator(
+    options: DeployOptions,
+) -> None:
+    objects = render(example_plan(), CATALOG, options, IMAGES)
+    (policy,) = _by_kind(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    for d in _by_kind(objects, "Deployment"):
+        assert _matches(
+            spec["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]
+        )
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    peers = rule["from"]
+    namespaces = [
+        p.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+        for p in peers
+    ]
+    assert namespaces == ["ingress-nginx", None, "monitoring", ORCHESTRATOR_NAMESPACE]
+    assert peers[1] == {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/instance": "example",
+                "app.kubernetes.io/component": "gateway",
+            }
+        }
+    }
+    assert peers[2]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert peers[3]["podSelector"]["matchLabels"] == ORCHESTRATOR_POD_LABELS
+    without = render(example_plan(), CATALOG, options, IMAGES, network_policy=False)
+    assert not _by_kind(without, "NetworkPolicy")
+
+
+def test_namespace_and_service_account_equal_the_eksctl_iam_service_account() -> None:
+    """By construction: the eksctl config binds the servers' role to the namespace and
+    ServiceAccount the manifests render, for any deployment name."""
+    plan = example_plan()
+    for options in (
+        EXAMPLE_OPTIONS,
+        DeployOptions(name="prod", store_uri="s3://b/p"),
+        DeployOptions(name="myriad-eu", store_uri="s3://b/p"),
+        DeployOptions(name="x", namespace="serving", store_uri="s3://b/p"),
+    ):
+        config = eks.cluster_config(plan, CATALOG, "c1", "eu-west-1", options=options)
+        accounts = {
+            a["roleName"]: a["metadata"]
+            for a in config["iam"]["serviceAccounts"]
+            if "roleName" in a
+        }
+        server = accounts[eks.server_role_name("c1", options)]
+        objects = render(plan, CATALOG, options, IMAGES)
+        (account,) = _by_kind(objects, "ServiceAccount")
+        assert server == {
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+        assert server == {
+            "name": server_service_account(options),
+            "namespace": namespace_for(options),
+        }
+        for d in _by_kind(objects, "Deployment"):
+            assert d["metadata"]["namespace"] == server["namespace"]
+            assert d["spec"]["template"]["spec"]["serviceAccountName"] == server["name"]
+        assert accounts[eks.orchestrator_role_name("c1")] == {
+            "name": ORCHESTRATOR_SERVICE_ACCOUNT,
+            "namespace": ORCHESTRATOR_NAMESPACE,
+        }
+    assert namespace_for(DeployOptions(name="prod")) == "myriad-prod"
+    assert namespace_for(DeployOptions(name="myriad")) == "myriad"
+    # The committed config and example agree too.
+    committed = yaml.safe_load((INFRA / "eks-cluster.yaml").read_text())
+    names = {a["metadata"]["name"]: a["metadata"] for a in committed["iam"]["serviceAccounts"]}
+    plan_yaml = list(yaml.safe_load_all((INFRA / "example" / "plan.yaml").read_text()))
+    (account,) = [d for d in plan_yaml if d["kind"] == "ServiceAccount"]
+    assert names["myriad-server"] == {
+        "name": "myriad-server",
+        "namespace": account["metadata"]["namespace"],
+    }
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(
+        "/"
+        + next(
+            a["roleName"]
+            for a in committed["iam"]["serviceAccounts"]
+            if a["metadata"]["name"] == "myriad-server"
+        )
+    )
+
+
+def test_orchestrator_rbac_covers_what_a_deploy_touches_and_no_more() -> None:
+    objects = orchestrator_objects(EXAMPLE_OPTIONS)
+    (role,) = _by_kind(objects, "Role")
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    plural = {
+        "ServiceAccount": "serviceaccounts",
+        "Secret": "secrets",
+        "ConfigMap": "configmaps",
+        "NetworkPolicy": "networkpolicies",
+        "Deployment": "deployments",
+        "Service": "services",
+        "PodDisruptionBudget": "poddisruptionbudgets",
+        "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+        "Ingress": "ingresses",
+    }
+    wanted = {
+        (api_version.split("/")[0] if "/" in api_version else "", plural[kind])
+        for api_version, kind in KINDS
+        if kind != "Namespace"
+    }
+    assert set(granted) == wanted | {("", "pods")}
+    for key in wanted:
+        assert granted[key] == {"get", "list", "create", "patch", "delete"}, key
+    assert granted[("", "pods")] == {"get", "list"}
+    assert role["rules"] == ORCHESTRATOR_RULES
+    assert role["metadata"]["namespace"] == namespace_for(EXAMPLE_OPTIONS)
+    (binding,) = _by_kind(objects, "RoleBinding")
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": "myriad-orchestrator",
+            "namespace": ORCHESTRATOR_NAMESPACE,
+        }
+    ]
+    (cluster_role,) = _by_kind(objects, "ClusterRole")
+    assert cluster_role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["namespaces"],
+            "resourceNames": ["myriad"],
+            "verbs": ["get"],
+        }
+    ]
+    # A teardown deletes by the deployment's instance label: the orchestrator carries none.
+    for obj in objects:
+        assert "app.kubernetes.io/instance" not in obj["metadata"]["labels"]
+    for obj in orchestrator_objects(DeployOptions(name="prod")):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_work_pool_names_the_rendered_orchestrator_and_the_built_image() -> None:
+    prefect = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    variables = prefect["definitions"]["k8s_pool"]["job_variables"]
+    assert variables["namespace"] == ORCHESTRATOR_NAMESPACE
+    assert variables["service_account_name"] == ORCHESTRATOR_SERVICE_ACCOUNT
+    assert "MYRIAD_ORCHESTRATOR_IMAGE" in variables["image"]
+    pool = json.loads((ROOT / "flows" / "work_pools" / "kubernetes.json").read_text())
+    defaults = pool["variables"]["properties"]
+    assert defaults["namespace"]["default"] == ORCHESTRATOR_NAMESPACE
+    assert defaults["service_account_name"]["default"] == ORCHESTRATOR_SERVICE_ACCOUNT
+    assert defaults["image"]["default"].split(":")[0].endswith("/orchestrator")
+    template = pool["job_configuration"]["job_manifest"]["spec"]["template"]
+    assert template["metadata"]["labels"] == ORCHESTRATOR_POD_LABELS
+    from serving.runtimes.images import ORCHESTRATOR, dockerfile_for, image_tag
+
+    assert dockerfile_for(ORCHESTRATOR).is_file()
+    assert image_tag(ORCHESTRATOR, "1.dkr.ecr.us-east-1.amazonaws.com/myriad").startswith(
+        "1.dkr.ecr.us-east-1.amazonaws.com/myriad/orchestrator:"
+    )
+    # The deployment the k8s pool deploys serves in the namespace the RBAC was rendered for.
+    for deployment in prefect["deployments"]:
+        name = deployment.get("parameters", {}).get("deployment_name") or deployment.get(
+            "parameters", {}
+        ).get("deployment")
+        if deployment["work_pool"]["name"] == "myriad-k8s" and name:
+            assert namespace_for(DeployOptions(name=name)) == namespace_for(EXAMPLE_OPTIONS)

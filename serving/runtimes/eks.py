@@ -6,22 +6,56 @@ Inferentia instance types (its ``--install-nvidia-plugin`` / ``--install-neuron-
 default to true). metrics-server and the VPC CNI, CoreDNS and kube-proxy are EKS add-ons in the
 config. cluster-autoscaler, the AWS Load Balancer Controller and ingress-nginx are Helm charts:
 ``addons_script`` writes their commands; their IAM roles (IRSA) are in the config.
+
+The servers' IAM service account is bound to ``manifests.namespace_for(options)`` and
+``manifests.server_service_account(options)``, the orchestrator's to the work pool's namespace
+and ServiceAccount: the same functions and constants the manifests use, so a deploy with the
+same ``DeployOptions`` runs as the account the role trusts. ``write_cluster_files`` writes the
+config, the add-ons script and the orchestrator's RBAC for one deployment.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from packing.contracts import Catalog, Plan
 from serving.runtimes.base import DeployOptions
-from serving.runtimes.manifests import PROCESSOR_LABEL, SERVICE_ACCOUNT
+from serving.runtimes.manifests import (
+    ORCHESTRATOR_NAMESPACE,
+    ORCHESTRATOR_SERVICE_ACCOUNT,
+    PROCESSOR_LABEL,
+    namespace_for,
+    orchestrator_files,
+    orchestrator_objects,
+    server_service_account,
+    write_files,
+)
 
 KUBERNETES_VERSION = "1.33"
 SYSTEM_INSTANCE_TYPE = "m6i.large"
 S3_READ_ONLY = "arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess"
+# The orchestrator writes the store (traced artifacts, plans, deployment records): replace with
+# a policy limited to the store's bucket where the account holds other buckets.
+S3_FULL = "arn:aws:iam::aws:policy/AmazonS3FullAccess"
+
+
+def server_role_name(cluster_name: str, options: DeployOptions) -> str:
+    """The IAM role the config makes for the servers of ``options``' deployment; give its ARN
+    as ``DeployOptions.role_arn`` (``myriad deploy --role-arn``)."""
+    return f"{cluster_name}-{namespace_for(options)}-server"[:64]
+
+
+def orchestrator_role_name(cluster_name: str) -> str:
+    """The IAM role of the orchestrator's ServiceAccount (the work pool's flow runs)."""
+    return f"{cluster_name}-myriad-orchestrator"[:64]
+
+
+def role_arn(account_id: str, role_name: str) -> str:
+    return f"arn:aws:iam::{account_id}:role/{role_name}"
 
 
 def node_groups(plan: Plan, catalog: Catalog) -> list[dict[str, Any]]:
@@ -82,15 +116,25 @@ def cluster_config(
     cluster_name: str,
     region: str,
     *,
-    namespace: str | None = None,
+    options: DeployOptions,
     kubernetes_version: str = KUBERNETES_VERSION,
     store_policy_arns: list[str] | None = None,
+    orchestrator_policy_arns: list[str] | None = None,
 ) -> dict[str, Any]:
-    """An eksctl ``ClusterConfig`` (eksctl.io/v1alpha5) for ``plan``: IAM OIDC, IRSA roles for
-    the add-ons and for the servers (S3 read access to the store; role only, its ARN goes to
-    ``KubernetesRuntime(role_arn=...)``), a small system node group for the add-ons, one server
-    node group per instance family, and the EKS add-ons."""
-    namespace = namespace or f"myriad-{DeployOptions().name}"
+    """An eksctl ``ClusterConfig`` (eksctl.io/v1alpha5) for ``plan`` deployed with ``options``:
+    IAM OIDC, IRSA roles for the add-ons, for the servers (S3 read access to the store, bound
+    to the deployment's namespace and server ServiceAccount; role only: the manifests make the
+    ServiceAccount, annotated with ``options.role_arn``) and for the orchestrator (S3 access
+    for the flow runs), a small system node group for the add-ons, one server node group per
+    instance family, and the EKS add-ons."""
+    server_account = {
+        "name": server_service_account(options),
+        "namespace": namespace_for(options),
+    }
+    orchestrator_account = {
+        "name": ORCHESTRATOR_SERVICE_ACCOUNT,
+        "namespace": ORCHESTRATOR_NAMESPACE,
+    }
     return {
         "apiVersion": "eksctl.io/v1alpha5",
         "kind": "ClusterConfig",
@@ -115,10 +159,16 @@ def cluster_config(
                     "wellKnownPolicies": {"awsLoadBalancerController": True},
                 },
                 {
-                    "metadata": {"name": SERVICE_ACCOUNT, "namespace": namespace},
-                    "roleName": f"{cluster_name}-myriad-server",
+                    "metadata": server_account,
+                    "roleName": server_role_name(cluster_name, options),
                     "roleOnly": True,
                     "attachPolicyARNs": list(store_policy_arns or [S3_READ_ONLY]),
+                },
+                {
+                    "metadata": orchestrator_account,
+                    "roleName": orchestrator_role_name(cluster_name),
+                    "roleOnly": True,
+                    "attachPolicyARNs": list(orchestrator_policy_arns or [S3_FULL]),
                 },
             ],
         },
@@ -126,6 +176,8 @@ def cluster_config(
             {
                 "name": "vpc-cni",
                 "attachPolicyARNs": ["arn:aws:iam::aws:policy/AmazonEKS_CNI_Policy"],
+                # The servers' NetworkPolicy is enforced only with the CNI's policy agent on.
+                "configurationValues": '{"enableNetworkPolicy": "true"}',
             },
             {"name": "coredns"},
             {"name": "kube-proxy"},
@@ -193,3 +245,28 @@ helm upgrade --install ingress-nginx ingress-nginx/ingress-nginx \\
   --set-string "$LB-scheme=internet-facing"
 kubectl -n ingress-nginx rollout status deployment/ingress-nginx-controller --timeout=5m
 """
+
+
+def write_cluster_files(
+    plan: Plan,
+    catalog: Catalog,
+    cluster_name: str,
+    region: str,
+    options: DeployOptions,
+    out_dir: Path,
+    *,
+    account_id: str | None = None,
+) -> list[Path]:
+    """For the deployment ``options`` of ``plan`` on a new cluster: ``eks-cluster.yaml``,
+    ``addons.sh`` and ``orchestrator/`` (the work pool's RBAC, its ServiceAccount annotated
+    with the orchestrator role's ARN when ``account_id`` is given) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = cluster_config(plan, catalog, cluster_name, region, options=options)
+    paths = [out_dir / "eks-cluster.yaml", out_dir / "addons.sh"]
+    paths[0].write_text(to_yaml(config, plan))
+    paths[1].write_text(addons_script(cluster_name, region))
+    paths[1].chmod(0o755)
+    arn = role_arn(account_id, orchestrator_role_name(cluster_name)) if account_id else None
+    objects = orchestrator_objects(options, role_arn=arn)
+    return paths + write_files(orchestrator_files(objects), out_dir / "orchestrator")

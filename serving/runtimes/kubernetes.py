@@ -17,6 +17,7 @@ from serving.runtimes.base import (
     RedeployResult,
     Runtime,
     ServerStatus,
+    fingerprints,
     forget_deployment,
     image_for,
     write_deployment,
@@ -30,7 +31,9 @@ from serving.runtimes.manifests import (
     MANAGED_BY,
     SERVER_LABEL,
     apply_order,
+    check_cluster_store,
     copy_object,
+    default_namespace,
     manifest_files,
     namespace_for,
     render,
@@ -51,7 +54,8 @@ class KubernetesRuntime(Runtime):
     ``KubernetesClusterConfig`` block holds in ``.config``, with ``context``); ``kubeconfig`` (a
     path); ``$KUBECONFIG``; ``~/.kube/config``; the in-cluster service account.
 
-    ``render_args`` go to ``render`` (role_arn, credentials_secret, ingress_class, hpa, ...);
+    ``render_args`` go to ``render`` (ingress_class, hpa, pin_nodes, ...); the store and how
+    the servers read it (role_arn, store_secret, store_credentials) are ``DeployOptions``;
     ``manifest_root``: also write the rendered files to ``<manifest_root>/<plan-id>``;
     ``progress(server_id, message)`` hears of each rollout step."""
 
@@ -204,7 +208,14 @@ class KubernetesRuntime(Runtime):
 
     def _render(self, plan: Plan, options: DeployOptions) -> list[dict[str, Any]]:
         images = {s.processor: image_for(s.processor, options) for s in plan.servers}
-        objects = render(plan, self.catalog, options, images, **self.render_args)
+        # Refused before the store is read: a deploy with no store, or a local one.
+        check_cluster_store(options)
+        # A deploy reads the store (it writes the record there too): the fingerprints cover each
+        # model's artifact manifest, so a retrained model rolls its servers.
+        prints = fingerprints(plan, options)
+        objects = render(
+            plan, self.catalog, options, images, fingerprints=prints, **self.render_args
+        )
         if self.manifest_root is not None:
             write_files(manifest_files(objects), Path(self.manifest_root) / plan.plan_id)
         return objects
@@ -246,6 +257,8 @@ class KubernetesRuntime(Runtime):
             ("policy/v1", "PodDisruptionBudget"),
             ("v1", "Service"),
             ("apps/v1", "Deployment"),
+            ("networking.k8s.io/v1", "NetworkPolicy"),
+            ("v1", "Secret"),
         ]:
             for item in self._list(api_version, kind, namespace, selector):
                 item_name = item["metadata"]["name"]
@@ -326,7 +339,7 @@ class KubernetesRuntime(Runtime):
         )
 
     def status(self, deployment: Deployment) -> list[ServerStatus]:
-        namespace = deployment.namespace or f"myriad-{deployment.name}"
+        namespace = deployment.namespace or default_namespace(deployment.name)
         result = []
         for server_id, url in sorted(deployment.servers.items()):
             name = deployment.handles.get(server_id, server_id)
@@ -372,7 +385,7 @@ class KubernetesRuntime(Runtime):
         return RedeployResult(deployment=new, kept=kept, started=started, stopped=stopped)
 
     def teardown(self, deployment: Deployment) -> list[str]:
-        namespace = deployment.namespace or f"myriad-{deployment.name}"
+        namespace = deployment.namespace or default_namespace(deployment.name)
         selector = f"{INSTANCE}={deployment.name},{MANAGED_BY}=myriad"
         stopped = []
         for api_version, kind in reversed(KINDS[1:]):

@@ -13,6 +13,20 @@ Conventions (the eksctl config in ``serving.runtimes.eks`` follows the same ones
   is pinned to its instance type by ``node.kubernetes.io/instance-type``. System pods (DNS, the
   ingress controller, the autoscaler) tolerate none of these, so they stay off server nodes and
   never take the room a server was sized for.
+- One deployment, one namespace (``namespace_for``: ``options.namespace``, else the deployment
+  name prefixed ``myriad-`` unless it is ``myriad`` or starts with ``myriad-``), and the servers
+  run as the ServiceAccount ``server_service_account``; the eksctl config's IAM service account
+  and the orchestrator's RBAC name the same two, from the same functions.
+- Servers read their models from an ``s3://`` store (``MYRIAD_STORE`` in their environment):
+  a local store is refused, since no pod can read it. Their access is an IAM role on their
+  ServiceAccount (``options.role_arn``, EKS IRSA) or a Secret of AWS variables mounted with
+  envFrom (``options.store_secret``, rendered from ``options.store_credentials`` when given).
+  Rendering reads no store and needs no credentials: a server's fingerprint hashes what the plan
+  says (processor, engine, model ids) unless ``render`` is given fingerprints (the runtime
+  passes the store's, which cover each model's artifact manifest).
+- A NetworkPolicy admits to the servers' port only the ingress controller's namespace, this
+  deployment's gateway pods, the Prometheus pods of the metrics namespace and the orchestrator's
+  flow runs.
 - Only what a server runs goes into its pod template: its models, processor, image, engine
   flags, store and fingerprint. The plan id is not there (it lives on the ConfigMap and the
   Ingress), so a server whose fingerprint and name a new plan keeps renders byte-identical and
@@ -21,6 +35,7 @@ Conventions (the eksctl config in ``serving.runtimes.eks`` follows the same ones
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import os
@@ -41,8 +56,8 @@ from serving.runtimes.base import (
     DeployError,
     DeployOptions,
     server_arguments,
+    server_fingerprint,
 )
-from serving.runtimes.base import fingerprints as compute_fingerprints
 
 # ------------------------------------------------------------------------------ conventions
 
@@ -53,6 +68,25 @@ RUN_AS_USER = 10001
 FIELD_MANAGER = "myriad"
 PLAN_CONFIGMAP = "myriad-plan"
 SERVICE_ACCOUNT = "myriad-server"
+# The Secret rendered from options.store_credentials when options.store_secret names none.
+STORE_SECRET = "myriad-store-credentials"
+# Environment variable names (the keys of a store Secret become the servers' environment).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What may reach a server (the NetworkPolicy): the ingress controller's namespace (addons.sh
+# installs ingress-nginx there), Prometheus pods (app.kubernetes.io/name: prometheus, as
+# kube-prometheus-stack labels them) in the metrics namespace, this deployment's gateway pods,
+# and the orchestrator's flow runs (the Kubernetes work pool's Jobs, which load-test).
+INGRESS_NAMESPACE = "ingress-nginx"
+METRICS_NAMESPACE = "monitoring"
+METRICS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
+# The orchestrator: the Kubernetes work pool's namespace and ServiceAccount (prefect.yaml,
+# flows/work_pools/kubernetes.json); its Jobs' pods carry ORCHESTRATOR_POD_LABELS.
+ORCHESTRATOR_NAMESPACE = "myriad"
+ORCHESTRATOR_SERVICE_ACCOUNT = "myriad-orchestrator"
+ORCHESTRATOR_POD_LABELS = {
+    "app.kubernetes.io/name": "myriad",
+    "app.kubernetes.io/component": "orchestrator",
+}
 DEFAULT_IMAGE = "myriad/server-{processor}:latest"
 # ingress-nginx keeps an Ingress in one object of at most 1 MiB (etcd's limit); 500 paths is
 # about 100 KB, so shards stay far below it.
@@ -78,6 +112,7 @@ CREATED_BY = "myriad.io/created-by"  # on a Namespace Myriad created: the deploy
 DEVICE_RESOURCES = {"gpu": "nvidia.com/gpu", "inf": "aws.amazon.com/neuron"}
 
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 # ingress-nginx's strict path validation accepts only these characters in Exact/Prefix paths.
 _NGINX_STRICT_PATH = re.compile(r"^/[A-Za-z0-9_/-]*$")
@@ -86,7 +121,9 @@ _NGINX_STRICT_PATH = re.compile(r"^/[A-Za-z0-9_/-]*$")
 KINDS: list[tuple[str, str]] = [
     ("v1", "Namespace"),
     ("v1", "ServiceAccount"),
+    ("v1", "Secret"),
     ("v1", "ConfigMap"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("policy/v1", "PodDisruptionBudget"),
@@ -95,8 +132,62 @@ KINDS: list[tuple[str, str]] = [
 ]
 
 
+def default_namespace(deployment_name: str) -> str:
+    """The namespace of a deployment given none: its name prefixed ``myriad-``, except a name
+    that is ``myriad`` or already starts with ``myriad-`` (deployment ``myriad`` serves in
+    ``myriad``, ``prod`` in ``myriad-prod``)."""
+    if deployment_name == "myriad" or deployment_name.startswith("myriad-"):
+        return deployment_name
+    return f"myriad-{deployment_name}"
+
+
 def namespace_for(options: DeployOptions) -> str:
-    return options.namespace or f"myriad-{options.name}"
+    """The namespace a deployment's objects go in: ``options.namespace`` or the default above.
+    The eksctl config's IAM service account for the servers uses it too."""
+    return options.namespace or default_namespace(options.name)
+
+
+def server_service_account(options: DeployOptions) -> str:
+    """The ServiceAccount the servers run as, in ``namespace_for(options)``: the one the eksctl
+    config binds the servers' IAM role to (IRSA)."""
+    return SERVICE_ACCOUNT
+
+
+def store_secret_name(options: DeployOptions) -> str | None:
+    """The Secret the servers take their store credentials from, or None (no Secret: an IAM
+    role, or the node's own)."""
+    if options.store_secret:
+        return options.store_secret
+    return STORE_SECRET if options.store_credentials else None
+
+
+def check_cluster_store(options: DeployOptions) -> None:
+    """Refuse options whose servers could not read their models in a cluster: no store (a
+    server would read an empty local one), a local store, malformed credentials or role."""
+    uri = options.store_uri
+    if not uri:
+        raise DeployError(
+            "a Kubernetes deployment needs the store its models were traced into, and none was "
+            "given: give --store s3://<bucket>/<prefix> (servers in a cluster read only s3://)"
+        )
+    if not uri.startswith("s3://") or not uri.removeprefix("s3://").split("/")[0]:
+        raise DeployError(
+            f"the cluster's servers cannot read the store {uri!r} (it is on this machine): "
+            "copy the models to S3 and give --store s3://<bucket>/<prefix>"
+        )
+    if options.role_arn is not None and not re.match(
+        r"^arn:aws[a-z-]*:iam::\d{12}:role/\S+$", options.role_arn
+    ):
+        raise DeployError(
+            f"role ARN {options.role_arn!r}: give arn:aws:iam::<account>:role/<name> "
+            "(eks-cluster.yaml's server role, e.g. <cluster>-<namespace>-server)"
+        )
+    bad = sorted(k for k in options.store_credentials if not _ENV_NAME.match(k))
+    if bad:
+        raise DeployError(f"store credentials {bad}: keys become environment variable names")
+    name = store_secret_name(options)
+    if name is not None and not _DNS_1123_SUBDOMAIN.match(name):
+        raise DeployError(f"store Secret name {name!r} is not a DNS subdomain name")
 
 
 def service_url(server_id: str, namespace: str) -> str:
@@ -204,29 +295,34 @@ def render(
     images: Mapping[str, str] | None = None,
     *,
     fingerprints: Mapping[str, str] | None = None,
-    role_arn: str | None = None,
-    credentials_secret: str | None = None,
     ingress_class: str = "nginx",
     ingress_host: str | None = None,
     hpa: bool = False,
     hpa_max_replicas: int = 4,
     startup_timeout_s: float | None = None,
     pin_nodes: bool = True,
+    network_policy: bool = True,
+    cluster_store: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every object of ``plan``'s deployment, in apply order: Namespace, ServiceAccount, the plan
-    ConfigMap, per server a Deployment, Service and PodDisruptionBudget (and an HPA with
-    ``hpa``), a Service per replicated model, the Ingress shards.
+    """Every object of ``plan``'s deployment, in apply order: Namespace, ServiceAccount (with
+    ``options.role_arn`` as its IRSA role), the store Secret (from ``options.store_credentials``),
+    the plan ConfigMap, the NetworkPolicy, per server a Deployment, Service and
+    PodDisruptionBudget (and an HPA with ``hpa``), a Service per replicated model, the Ingress
+    shards. Reads no store and no cluster.
 
     ``images``: image per processor (default ``options.images``, then ``myriad build``'s tag).
-    ``fingerprints``: per server id (default: computed from ``options.store_uri``).
-    ``role_arn``: an IAM role for the servers' ServiceAccount (IRSA, EKS); ``credentials_secret``:
-    a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...) become
-    the servers' environment. ``startup_timeout_s``: how long a server may take to load its
-    models before the kubelet restarts it (default: ``options.ready_timeout_s``, at least 10
-    minutes). ``pin_nodes=False`` drops the instance-type node selector (a test cluster)."""
+    ``fingerprints``: per server id (default: from the plan alone, :func:`plan_fingerprints`;
+    the runtime passes the store's). ``startup_timeout_s``: how long a server may take to load
+    its models before the kubelet restarts it (default: ``options.ready_timeout_s``, at least
+    10 minutes). ``pin_nodes=False`` drops the instance-type node selector (a test cluster);
+    ``network_policy=False`` the NetworkPolicy. ``cluster_store=False`` lets a local store
+    through (``pod_manifests``, which mounts it); otherwise :func:`check_cluster_store`
+    refuses options whose servers could not read their models."""
+    if cluster_store:
+        check_cluster_store(options)
     images = dict(images if images is not None else options.images)
     fingerprints = dict(
-        fingerprints if fingerprints is not None else compute_fingerprints(plan, options)
+        fingerprints if fingerprints is not None else plan_fingerprints(plan, options)
     )
     namespace = namespace_for(options)
     name = options.name
@@ -252,20 +348,24 @@ def render(
             "metadata": _meta(namespace, None, _base_labels(name, "namespace")),
         }
     ]
-    account_annotations = {"eks.amazonaws.com/role-arn": role_arn} if role_arn else None
+    role = {"eks.amazonaws.com/role-arn": options.role_arn} if options.role_arn else None
     objects.append(
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
             "metadata": _meta(
-                SERVICE_ACCOUNT, namespace, _base_labels(name, "server"), account_annotations
+                server_service_account(options), namespace, _base_labels(name, "server"), role
             ),
             # The servers never call the Kubernetes API. IRSA's web-identity token is a
             # projected volume of its own, mounted by the EKS webhook whatever this says.
             "automountServiceAccountToken": False,
         }
     )
+    if options.store_credentials:
+        objects.append(store_secret(options, namespace))
     objects.append(plan_configmap(plan, namespace, name))
+    if network_policy:
+        objects.append(server_network_policy(namespace, name))
 
     window = max(600.0, startup_timeout_s or options.ready_timeout_s)
     for server in plan.servers:
@@ -286,7 +386,6 @@ def render(
                 image=images[server.processor],
                 fingerprint=fingerprints[server.id],
                 options=options,
-                credentials_secret=credentials_secret,
                 startup_window_s=window,
                 hpa=hpa,
                 hpa_max_replicas=hpa_max_replicas,
@@ -303,6 +402,78 @@ def render(
         ingresses(plan, backends, namespace, name, ingress_class=ingress_class, host=ingress_host)
     )
     return objects
+
+
+def plan_fingerprints(plan: Plan, options: DeployOptions) -> dict[str, str]:
+    """Each server's fingerprint from the plan alone (processor, engine, model ids): what a
+    render that reads no store gives. A model retrained under the same id leaves these
+    unchanged; the runtime's fingerprints (``serving.runtimes.base.fingerprints``) also hash
+    each model's artifact manifest in the store."""
+    return {s.id: server_fingerprint(s, None, options.engine) for s in plan.servers}
+
+
+def store_secret(options: DeployOptions, namespace: str) -> dict[str, Any]:
+    """The Secret of ``options.store_credentials`` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_REGION, AWS_ENDPOINT_URL, ...), named by :func:`store_secret_name`."""
+    data = {
+        key: base64.b64encode(value.encode()).decode()
+        for key, value in sorted(options.store_credentials.items())
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(
+            store_secret_name(options) or STORE_SECRET,
+            namespace,
+            _base_labels(options.name, "store-credentials"),
+        ),
+        "type": "Opaque",
+        "data": data,
+    }
+
+
+def server_network_policy(
+    namespace: str,
+    deployment_name: str,
+    *,
+    ingress_namespace: str = INGRESS_NAMESPACE,
+    metrics_namespace: str = METRICS_NAMESPACE,
+    orchestrator_namespace: str = ORCHESTRATOR_NAMESPACE,
+) -> dict[str, Any]:
+    """Ingress to the servers of ``deployment_name``, on their port only, from: every pod of
+    the ingress controller's namespace; this deployment's gateway pods (component ``gateway``);
+    the Prometheus pods of the metrics namespace; the orchestrator's flow runs (they load-test).
+    Nothing else in the cluster reaches them. Kubelet probes come from the node, which
+    NetworkPolicies do not govern."""
+
+    def in_namespace(name: str, pods: Mapping[str, str] | None = None) -> dict[str, Any]:
+        peer: dict[str, Any] = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}
+        }
+        if pods:
+            peer["podSelector"] = {"matchLabels": dict(pods)}
+        return peer
+
+    peers = [
+        in_namespace(ingress_namespace),
+        {"podSelector": {"matchLabels": {INSTANCE: deployment_name, COMPONENT: "gateway"}}},
+        in_namespace(metrics_namespace, METRICS_POD_LABELS),
+        in_namespace(orchestrator_namespace, ORCHESTRATOR_POD_LABELS),
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(
+            f"{deployment_name}-servers",
+            namespace,
+            _base_labels(deployment_name, "network-policy"),
+        ),
+        "spec": {
+            "podSelector": {"matchLabels": {INSTANCE: deployment_name, COMPONENT: "server"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": SERVER_PORT}]}],
+        },
+    }
 
 
 def plan_configmap(plan: Plan, namespace: str, deployment_name: str) -> dict[str, Any]:
@@ -339,7 +510,6 @@ def _server_objects(
     image: str,
     fingerprint: str,
     options: DeployOptions,
-    credentials_secret: str | None,
     startup_window_s: float,
     hpa: bool,
     hpa_max_replicas: int,
@@ -371,8 +541,9 @@ def _server_objects(
         "args": server_arguments(server.id, PLAN_FILE, SERVER_PORT, options, host="0.0.0.0"),
         "env": env,
     }
-    if credentials_secret:
-        container["envFrom"] = [{"secretRef": {"name": credentials_secret}}]
+    secret = store_secret_name(options)
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
     period = 10
     container.update(
         {
@@ -405,7 +576,7 @@ def _server_objects(
         }
     )
     pod_spec: dict[str, Any] = {
-        "serviceAccountName": SERVICE_ACCOUNT,
+        "serviceAccountName": server_service_account(options),
         "automountServiceAccountToken": False,
         # Thousands of Services in one namespace would be thousands of environment variables.
         "enableServiceLinks": False,
@@ -667,16 +838,20 @@ def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:
 
 
 def manifest_files(objects: list[dict[str, Any]]) -> dict[str, str]:
-    """File name → YAML: ``plan.yaml`` (Namespace, ServiceAccount, ConfigMap), ``servers/<id>.yaml``
-    (a server's Deployment, Service, PDB and HPA), ``models.yaml`` (replicated models'
-    Services), ``ingress.yaml``, and ``kustomization.yaml`` listing them. A server's file
-    depends on that server alone, so a kept server's file is byte-identical across plans."""
+    """File name → YAML: ``plan.yaml`` (Namespace, ServiceAccount, ConfigMap, NetworkPolicy),
+    ``store-secret.yaml`` (the store Secret, when rendered: it holds credentials, keep it out of
+    version control), ``servers/<id>.yaml`` (a server's Deployment, Service, PDB and HPA),
+    ``models.yaml`` (replicated models' Services), ``ingress.yaml``, and ``kustomization.yaml``
+    listing them. A server's file depends on that server alone, so a kept server's file is
+    byte-identical across plans."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for obj in objects:
         labels = obj["metadata"].get("labels", {})
         kind = obj["kind"]
-        if kind in ("Namespace", "ServiceAccount", "ConfigMap"):
+        if kind in ("Namespace", "ServiceAccount", "ConfigMap", "NetworkPolicy"):
             file = "plan.yaml"
+        elif kind == "Secret":
+            file = "store-secret.yaml"
         elif kind == "Ingress":
             file = "ingress.yaml"
         elif labels.get(COMPONENT) == "model":
@@ -684,7 +859,8 @@ def manifest_files(objects: list[dict[str, Any]]) -> dict[str, str]:
         else:
             file = f"servers/{labels[SERVER_LABEL]}.yaml"
         groups.setdefault(file, []).append(obj)
-    order = ["plan.yaml", *sorted(f for f in groups if f.startswith("servers/"))]
+    order = [f for f in ("plan.yaml", "store-secret.yaml") if f in groups]
+    order += sorted(f for f in groups if f.startswith("servers/"))
     order += [f for f in ("models.yaml", "ingress.yaml") if f in groups]
     files = {file: to_yaml(groups[file]) for file in order}
     kustomization = {
@@ -744,13 +920,20 @@ def pod_manifests(
     host_ports: Mapping[str, int] | None = None,
     mount_file_store: bool = True,
     fingerprints: Mapping[str, str] | None = None,
+    host_network: bool = False,
 ) -> str:
     """The plan ConfigMap and the Deployments of ``server_ids`` (default: all) as one
     multi-document YAML for ``podman kube play``: namespaces and the ServiceAccount dropped,
     ``host_ports`` (server id → port) published as the container's hostPort, and a ``file://``
-    store (or a plain path) mounted read-only at the same path when ``mount_file_store``."""
+    store (or a plain path) mounted read-only at the same path when ``mount_file_store``.
+
+    ``host_network``: the pods share the host's network (an S3 server on the host's loopback is
+    then reachable), each server listening on its ``host_ports`` port instead of 8080.
+    The store Secret is not in the output: podman 4.3 stores a played Secret in a form its own
+    envFrom cannot read, so create it first (``podman secret create NAME FILE`` with the
+    Secret's ``data`` as a JSON object; tests/containers.py does)."""
     options = options or DeployOptions()
-    objects = render(plan, catalog, options, images, fingerprints=fingerprints)
+    objects = render(plan, catalog, options, images, fingerprints=fingerprints, cluster_store=False)
     wanted = set(server_ids) if server_ids is not None else {s.id for s in plan.servers}
     unknown = wanted - {s.id for s in plan.servers}
     if unknown:
@@ -772,7 +955,14 @@ def pod_manifests(
                 pod.pop("serviceAccountName", None)
                 container = pod["containers"][0]
                 port = (host_ports or {}).get(obj["metadata"]["name"])
-                if port is not None:
+                if host_network:
+                    if port is None:
+                        raise DeployError(f"host_network: no port for {obj['metadata']['name']}")
+                    pod["hostNetwork"] = True
+                    args = container["args"]
+                    args[args.index("--port") + 1] = str(port)
+                    container["ports"][0]["containerPort"] = port
+                elif port is not None:
                     container["ports"][0]["hostPort"] = port
                 if store_path:
                     pod["volumes"].append(
@@ -794,13 +984,140 @@ def copy_object(value: Any) -> Any:
     return value
 
 
+_FIRST_KINDS = ("Namespace", "ServiceAccount", "Secret", "ConfigMap", "NetworkPolicy")
+
+
 def apply_order(objects: list[dict[str, Any]]) -> tuple[list[dict], list[dict], list[dict]]:
     """Split rendered objects into what a rollout applies first (Namespace, ServiceAccount,
-    ConfigMap: new pods read the plan as they start, so it goes before them), the server and
+    store Secret, ConfigMap, NetworkPolicy: new pods read the plan and the credentials as they
+    start, so they go before them), the server and
     model objects (then wait for the Deployments), and last the Ingress shards, last shard
     first (see ``ingresses``)."""
-    first = [o for o in objects if o["kind"] in ("Namespace", "ServiceAccount", "ConfigMap")]
+    first = [o for o in objects if o["kind"] in _FIRST_KINDS]
     routes = [o for o in objects if o["kind"] == "Ingress"]
     servers = [o for o in objects if o not in first and o not in routes]
     routes.sort(key=lambda o: o["metadata"]["name"], reverse=True)
     return first, servers, routes
+
+
+# ------------------------------------------------------------------------------ orchestrator
+
+# What a flow run does to deploy, redeploy and tear down (serving.runtimes.kubernetes): apply,
+# read, list and delete these in the deployment's namespace; read pods (why a server is not
+# ready). Server-side apply is a PATCH that creates what is missing, hence create and patch.
+_ORCHESTRATOR_VERBS = ["get", "list", "create", "patch", "delete"]
+ORCHESTRATOR_RULES: list[dict[str, list[str]]] = [
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps", "secrets", "services", "serviceaccounts"],
+        "verbs": _ORCHESTRATOR_VERBS,
+    },
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _ORCHESTRATOR_VERBS},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": _ORCHESTRATOR_VERBS},
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["ingresses", "networkpolicies"],
+        "verbs": _ORCHESTRATOR_VERBS,
+    },
+    {
+        "apiGroups": ["autoscaling"],
+        "resources": ["horizontalpodautoscalers"],
+        "verbs": _ORCHESTRATOR_VERBS,
+    },
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+]
+
+
+def orchestrator_objects(
+    options: DeployOptions,
+    *,
+    orchestrator_namespace: str = ORCHESTRATOR_NAMESPACE,
+    role_arn: str | None = None,
+) -> list[dict[str, Any]]:
+    """What the Kubernetes work pool's flow runs need to deploy ``options``' deployment: the
+    namespaces (the pool's and the deployment's, made here so the flow runs need no right to
+    create namespaces; Myriad then leaves them in place at teardown), the ServiceAccount
+    ``myriad-orchestrator`` in the pool's namespace (``role_arn``: its IRSA role, for the store),
+    a Role on exactly the kinds a deploy applies, prunes and tears down (``ORCHESTRATOR_RULES``)
+    in the deployment's namespace, bound to that ServiceAccount, and a ClusterRole to read
+    that one Namespace. Applied once by a cluster admin (``kubectl apply -k``).
+
+    Not labelled with the deployment's instance label: a teardown deletes by that label, and
+    must not take the orchestrator's own account with it."""
+    namespace = namespace_for(options)
+    labels = {NAME: "myriad", COMPONENT: "orchestrator", PART_OF: "myriad", VERSION: _version()}
+    name = ORCHESTRATOR_SERVICE_ACCOUNT
+    subject = {"kind": "ServiceAccount", "name": name, "namespace": orchestrator_namespace}
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns, None, labels)}
+        for ns in dict.fromkeys([orchestrator_namespace, namespace])
+    ]
+    annotations = {"eks.amazonaws.com/role-arn": role_arn} if role_arn else None
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(name, orchestrator_namespace, labels, annotations),
+            "automountServiceAccountToken": True,  # it calls the Kubernetes API
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(name, namespace, labels),
+            "rules": [dict(rule) for rule in ORCHESTRATOR_RULES],
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(name, namespace, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [subject],
+        }
+    )
+    cluster_name = f"{name}-{namespace}"
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": _meta(cluster_name, None, labels),
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["namespaces"],
+                    "resourceNames": [namespace],
+                    "verbs": ["get"],
+                }
+            ],
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": _meta(cluster_name, None, labels),
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": cluster_name,
+            },
+            "subjects": [subject],
+        }
+    )
+    return objects
+
+
+def orchestrator_files(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """``orchestrator.yaml`` and the ``kustomization.yaml`` listing it, for ``write_files``."""
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["orchestrator.yaml"],
+    }
+    return {
+        "orchestrator.yaml": to_yaml(objects),
+        "kustomization.yaml": yaml.dump(kustomization, Dumper=_Dumper, sort_keys=False),
+    }
