@@ -314,6 +314,7 @@ def build(
     base_image: Annotated[str | None, typer.Option(help="base image (build argument)")] = None,
 ) -> None:
     """Build the server image of each processor with docker or podman; push with --push."""
+    from serving.runtimes.builds import write_build_record
     from serving.runtimes.images import build_image, container_engine, push_image
 
     engine = container_engine()
@@ -327,6 +328,7 @@ def build(
             result = build_image(name, registry=push, base_image=base_image, engine=engine)
             if push:
                 result = push_image(result, push)
+            write_build_record(result, push)
         table.add_row(
             name, result.image, result.digest[:19], str(result.pushed), f"{result.seconds:.0f}"
         )

@@ -10,6 +10,7 @@ from importlib import metadata
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
+from serving.runtimes.builds import write_build_record
 from serving.runtimes.images import BuildError, NoEngine, dockerfile_for, push_image
 from serving.runtimes.images import build_image as build_server_image
 from tasks.policy import network_retries
@@ -50,6 +51,7 @@ def build_image(processor: str, runtime: str = "local", registry: str | None = N
         return {"processor": processor, "runtime": runtime, "image": None, "digest": None}
     if registry:
         result = push_image(result, registry)
+    write_build_record(result, registry)
     return {
         "processor": processor,
         "runtime": runtime,

@@ -97,11 +97,17 @@ def server_arguments(
 
 
 def image_for(processor: str, options: DeployOptions) -> str:
-    """The server image of ``processor``: ``options.images``, else the tag ``myriad build``
-    gives this checkout (under ``options.registry``)."""
+    """The server image of ``processor``: ``options.images``, else what the last ``myriad
+    build`` of this checkout recorded (pinned by digest once pushed), else the tag a build with
+    the current settings would give (under ``options.registry``)."""
+    from serving.runtimes.builds import recorded_image
     from serving.runtimes.images import image_tag
 
-    return options.images.get(processor) or image_tag(processor, options.registry)
+    return (
+        options.images.get(processor)
+        or recorded_image(processor, options.registry)
+        or image_tag(processor, options.registry)
+    )
 
 
 def deployments_dir() -> Path:

@@ -62,6 +62,9 @@ class BuildResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pushed: bool = False
     seconds: float = 0.0
     skipped: bool = False  # the tag already existed with this content hash
+    # What the content hash covered besides the build context (build arguments, the wheel
+    # listing): with them a later process can tell whether the context still gives this image.
+    build_inputs: dict[str, str] = {}
 
 
 # ------------------------------------------------------------------------------------- engine
@@ -275,6 +278,7 @@ class _Plan(msgspec.Struct, kw_only=True):
     network: str | None
     content_hash: str
     tag: str
+    hashed: dict[str, str]
 
 
 def _plan(
@@ -316,6 +320,7 @@ def _plan(
         network=network or env.get("network"),
         content_hash=digest,
         tag=f"{repository}:{project_version()}-{digest[:12]}",
+        hashed=hashed,
     )
 
 
@@ -394,6 +399,7 @@ def build_image(
             content_hash=digest,
             seconds=round(time.monotonic() - start, 3),
             skipped=skipped,
+            build_inputs=plan.hashed,
         )
 
     if info is not None and _labels(info).get(CONTENT_LABEL) == digest:
