@@ -511,7 +511,7 @@ def loadtest(
     """Load-test a running deployment of a plan."""
     from rich.progress import Progress
 
-    from loadtest.report import summarize, write_report
+    from loadtest.report import format_value, summarize, sweep_rows, write_report
     from loadtest.runner import LoadSettings, run_load_test
     from packing.contracts import Plan
     from packing.io import load
@@ -541,6 +541,14 @@ def loadtest(
         figures = run_load_test(plan_spec, read_deployment(name), settings, progress=advance)
     summary = write_report(plan_spec, figures, out) if out else summarize(plan_spec, figures)
     print_summary(summary)
+    curve = sweep_rows(figures)
+    if curve:
+        table = Table(title="concurrency sweep")
+        for column in curve[0]:
+            table.add_column(column, justify="left" if column == "status" else "right")
+        for row in curve:
+            table.add_row(*(format_value(value) for value in row.values()))
+        console.print(table)
     if out:
         console.print(f"report: {out}/report.md, report.json and plots")
 
