@@ -1,6 +1,6 @@
 """Container helpers for tests: a configured podman, the local base image, the CPU server image
 built once per session (``cpu_image``, ``cpu_build``), and a server container on a loopback
-port.
+port, and a rendered Kubernetes Secret as a podman secret (``podman_secret``).
 
 No registry answers here, so the image builds from a Debian base made with mmdebstrap, takes
 torch from the machine's wheel directory and reaches PyPI with the machine's CA bundle. Without
@@ -9,14 +9,17 @@ podman the fixtures fail, naming the packages to install (``make system`` instal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -192,3 +195,20 @@ def server_container(
         yield url, name
     finally:
         podman("rm", "-f", "-t", "2", name, check=False)
+
+
+@contextmanager
+def podman_secret(secret: Mapping[str, Any]) -> Iterator[str]:
+    """A rendered Kubernetes Secret as the podman secret of the same name, which ``podman kube
+    play`` resolves a container's ``envFrom: secretRef`` against; removed after. podman 4.3
+    reads such a secret as a JSON object of base64 values (the Secret's ``data``); the Secret
+    it makes itself from a played ``kind: Secret`` document it cannot read back."""
+    name = secret["metadata"]["name"]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(dict(secret["data"]), file)
+        file.flush()
+        podman("secret", "create", name, file.name)
+    try:
+        yield name
+    finally:
+        podman("secret", "rm", name, check=False)

@@ -361,7 +361,9 @@ def test_pod_manifests_for_podman_kube_play(tmp_path: Path) -> None:
     container = pod["containers"][0]
     assert pod["hostNetwork"] is True
     assert container["args"][container["args"].index("--port") + 1] == "18081"
-    assert container["ports"][0] == {"name": "http", "containerPort": 18081, "protocol": "TCP"}
+    assert "ports" not in container
+    assert container["readinessProbe"]["httpGet"]["port"] == 18081
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
 def test_rollout_and_pod_reasons() -> None:

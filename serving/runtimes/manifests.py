@@ -958,10 +958,14 @@ def pod_manifests(
                 if host_network:
                     if port is None:
                         raise DeployError(f"host_network: no port for {obj['metadata']['name']}")
+                    # podman refuses port mappings on the host's network: no ports, and the
+                    # probes name the server's port by number.
                     pod["hostNetwork"] = True
                     args = container["args"]
                     args[args.index("--port") + 1] = str(port)
-                    container["ports"][0]["containerPort"] = port
+                    del container["ports"]
+                    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                        container[probe]["httpGet"]["port"] = port
                 elif port is not None:
                     container["ports"][0]["hostPort"] = port
                 if store_path:
