@@ -477,8 +477,20 @@ def _committed() -> dict[Path, str]:
     return files
 
 
-def test_committed_examples_are_in_step() -> None:
+def test_committed_examples_are_in_step(tmp_path: Path) -> None:
     files = _committed()
+    # What infra/k8s/README.md's step 2 runs for a plan gives the same cluster files.
+    written = eks.write_cluster_files(
+        example_plan(),
+        CATALOG,
+        "myriad",
+        "us-east-1",
+        EXAMPLE_OPTIONS,
+        tmp_path,
+        account_id="123456789012",
+    )
+    for path in written:
+        assert path.read_text() == files[INFRA / path.relative_to(tmp_path)], path
     if REGENERATE:
         for path, text in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
