@@ -170,7 +170,9 @@ def check_cluster_store(options: DeployOptions) -> None:
             "a Kubernetes deployment needs the store its models were traced into, and none was "
             "given: give --store s3://<bucket>/<prefix> (servers in a cluster read only s3://)"
         )
-    if not uri.startswith("s3://") or not uri.removeprefix("s3://").split("/")[0]:
+    if uri.startswith("s3://") and not uri.removeprefix("s3://").split("/")[0]:
+        raise DeployError(f"store URI {uri!r} names no bucket: give s3://<bucket>/<prefix>")
+    if not uri.startswith("s3://"):
         raise DeployError(
             f"the cluster's servers cannot read the store {uri!r} (it is on this machine): "
             "copy the models to S3 and give --store s3://<bucket>/<prefix>"
