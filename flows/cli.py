@@ -204,6 +204,7 @@ def pack(
     from packing.repack import pack as pack_problem
     from packing.solver.progress import figures
     from serving.build.tracing import stored_profiles
+    from serving.store import publish_plan
     from tasks.trace import trace_jobs
 
     if problem is not None:
@@ -245,6 +246,8 @@ def pack(
             progress=show,
         )
     save(plan, out)
+    # Published as the myriad-pack flow publishes it: plans/<id>/plan.json and plans/latest.
+    plan_uri = publish_plan(plan, store)
     figure = plot_plan(spec, plan, png or out.with_suffix(".png"))
     table = Table(title=f"plan {plan.plan_id} ({plan.solver_status})")
     rows = plan_table(spec, plan)
@@ -255,7 +258,7 @@ def pack(
     console.print(table)
     console.print(
         f"cost ${plan.cost_per_hour:.4f}/h, lower bound ${plan.lower_bound_cost_per_hour:.4f}/h, "
-        f"gap {plan.gap:.2%}, {plan.solve_seconds:.1f} s → {out}, {figure}"
+        f"gap {plan.gap:.2%}, {plan.solve_seconds:.1f} s → {out}, {figure}, {plan_uri}"
     )
     if repacked is not None:
         moves = out.with_name(f"{out.stem}.moves.json")

@@ -10,12 +10,12 @@ from flows.params import EnginePrecision, LoadMode, Precision, Runtime, check_ca
 from flows.results import result_options
 from flows.stages import plan_artifacts, trace_task_runner
 from packing.contracts import Limits
-from packing.io import to_json
 from packing.problems import build_problem
+from serving.store import latest_plan_uri, publish_problem
 from tasks.build import build_image
 from tasks.deploy import deploy_servers, teardown_servers
 from tasks.documents import base_dir
-from tasks.pack import latest_plan_uri, pack_plan
+from tasks.pack import pack_plan
 from tasks.trace import submit_traces
 
 
@@ -63,7 +63,7 @@ def pipeline(
         fleet_spec, traces, catalog_spec, Limits(), "spot" if spot else "on_demand", engine
     )
     packed = pack_plan(
-        to_json(problem).decode(),
+        publish_problem(problem, store),
         store,
         time_limit_s,
         current_plan_uri=latest_plan_uri(store) if repack_tolerance is not None else None,

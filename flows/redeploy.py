@@ -17,8 +17,8 @@ from flows.params import EnginePrecision, Precision, check_catalog, check_fleet,
 from flows.results import result_options
 from flows.stages import plan_artifacts, trace_task_runner
 from packing.contracts import Limits
-from packing.io import to_json
 from packing.problems import build_problem
+from serving.store import publish_problem
 from tasks.deploy import deployment_record, redeploy_servers
 from tasks.documents import base_dir, open_plan
 from tasks.pack import pack_plan
@@ -83,7 +83,7 @@ def redeploy(
         engine,
     )
     packed = pack_plan(
-        to_json(problem).decode(),
+        publish_problem(problem, store),
         store,
         time_limit_s,
         current_plan_uri=current_uri,

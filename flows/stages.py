@@ -20,9 +20,9 @@ from flows.params import (
 )
 from flows.results import result_options
 from packing.contracts import Limits
-from packing.io import to_json
 from packing.problems import build_problem
 from serving import settings
+from serving.store import publish_problem
 from tasks.deploy import deploy_servers
 from tasks.documents import base_dir, open_plan
 from tasks.pack import pack_plan
@@ -154,7 +154,7 @@ def pack(
         fleet_spec, profiles, catalog_spec, Limits(), "spot" if spot else "on_demand", engine
     )
     packed = pack_plan(
-        to_json(problem).decode(),
+        publish_problem(problem, store),
         store,
         time_limit_s,
         current_plan_uri=repack_plan,

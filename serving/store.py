@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from packing.errors import MyriadError
-from packing.io import write_atomic
+from packing.io import to_json, write_atomic
 from serving import settings
 
 MANIFEST_NAME = "manifest.json"
@@ -383,5 +383,65 @@ def materialize(
     return target, manifest
 
 
+# ------------------------------------------------------------------------------- key layout
+# Every key the pipeline writes, in one place: models (traced artifacts), plans (immutable, with
+# a pointer to the newest), deployments (records and the plan each ran) and reports.
+
+LATEST_PLAN_KEY = "plans/latest"
+
+
 def artifact_prefix(model_id: str, processor: str) -> str:
     return f"models/{model_id}/{processor}"
+
+
+def plan_key(plan_id: str) -> str:
+    return f"plans/{plan_id}/plan.json"
+
+
+def deployment_key(name: str) -> str:
+    """Where a deployment's record lives in its store."""
+    return f"deployments/{name}.json"
+
+
+def deployment_prefix(name: str) -> str:
+    """The plans a deployment ran, ``<prefix><plan id>.plan.json``."""
+    return f"deployments/{name}/"
+
+
+def problem_key(digest: str) -> str:
+    return f"problems/{digest}.json"
+
+
+def publish_problem(problem: Any, store_uri: str | None) -> str:
+    """Write a packing problem under its content hash (``problems/<sha256[:16]>.json``), so the
+    pack task is handed a URI, not the problem; returns that URI."""
+    data = to_json(problem)
+    store = open_store(store_uri)
+    key = problem_key(hashlib.sha256(data).hexdigest()[:16])
+    if not store.exists(key):
+        store.put_bytes(key, data)
+    return store.url_for(key)
+
+
+def report_key(run_id: str, name: str) -> str:
+    return f"reports/{run_id}/{name}"
+
+
+def publish_plan(plan: Any, store_uri: str | None) -> str:
+    """Write ``plans/<id>/plan.json`` (immutable) and point ``plans/latest`` at it; returns the
+    plan's URI. ``plan``: a ``packing.contracts.Plan``."""
+    store = open_store(store_uri)
+    key = plan_key(plan.plan_id)
+    if not store.exists(key):
+        store.put_bytes(key, to_json(plan))
+    store.put_bytes(LATEST_PLAN_KEY, plan.plan_id.encode())
+    return store.url_for(key)
+
+
+def latest_plan_uri(store_uri: str | None) -> str | None:
+    """The URI of the store's latest plan, or None when the store holds no plan yet."""
+    store = open_store(store_uri)
+    if not store.exists(LATEST_PLAN_KEY):
+        return None
+    plan_id = store.get_bytes(LATEST_PLAN_KEY).decode().strip()
+    return store.url_for(plan_key(plan_id))

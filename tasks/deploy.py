@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from packing.contracts import Catalog, Plan
+from packing.contracts import Catalog, Plan, PlannedServer
 from packing.io import load, save
 from serving.routing.client import Deployment
 from serving.runtimes import (
@@ -22,7 +22,7 @@ from serving.runtimes import (
     get_runtime,
     read_deployment,
 )
-from serving.runtimes.base import HostRuntime, deployments_dir
+from serving.runtimes.base import HostRuntime, StartEach, deployments_dir
 from tasks.documents import open_plan
 from tasks.policy import PERSISTED, network_retries
 
@@ -105,14 +105,44 @@ def deploy_plan(
 
 
 @task(name="deploy-server", **PERSISTED, task_run_name="deploy-server-{server_id}")
-def deploy_server(plan_file: str, server_id: str, runtime: str, options: dict) -> dict[str, str]:
+def deploy_server(plan_file: str, server_id: str, runtime: str, options: dict) -> list[str]:
     """Start one server of the plan and wait until its models are loaded (not retried: a
-    server that cannot load fails the same way again)."""
+    server that cannot load fails the same way again). Returns [URL, handle]."""
     plan = load(Path(plan_file), Plan)
     server = next(s for s in plan.servers if s.id == server_id)
     host = get_runtime(runtime)
     url, handle = host.start_ready(server, Path(plan_file), msgspec.convert(options, DeployOptions))
-    return {"url": url, "handle": handle}
+    return [url, handle]
+
+
+def _task_run_per_server(runtime: str) -> StartEach:
+    """The runtime's ``start_each`` as one ``deploy-server-<id>`` task run per server:
+    concurrent on the flow's thread pool; in turn under another task runner (Dask would start
+    them on its workers' machines, not on this one, where local and docker servers must run)."""
+
+    def start_each(
+        servers: list[PlannedServer], plan_file: Path, options: DeployOptions
+    ) -> list[tuple[str, str] | BaseException]:
+        settings = msgspec.to_builtins(options)
+        arguments = [(str(plan_file), s.id, runtime, settings) for s in servers]
+        context = FlowRunContext.get()
+        if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
+            futures = [deploy_server.submit(*a) for a in arguments]
+            for future in futures:
+                future.wait()
+            states = [future.state for future in futures]
+        else:
+            states = [deploy_server(*a, return_state=True) for a in arguments]
+        outcomes: list[tuple[str, str] | BaseException] = []
+        for state in states:
+            if state.is_completed():
+                url, handle = state.result()
+                outcomes.append((url, handle))
+            else:
+                outcomes.append(DeployError(state.message or "failed"))
+        return outcomes
+
+    return start_each
 
 
 def deploy_servers(
@@ -123,48 +153,17 @@ def deploy_servers(
     engine: str | None = None,
     images: dict[str, str] | None = None,
 ) -> dict:
-    """Deploy the plan at ``plan_uri`` with one task run per server (``deploy-server-<id>``,
-    concurrent on the flow's task runner) where the runtime starts servers one by one (local,
-    docker); Kubernetes converges the whole plan in one apply, so it stays one task run. If a
-    server fails, the ones that started are stopped and nothing is recorded. Call from a flow;
-    returns the deployment record."""
+    """Deploy the plan at ``plan_uri`` with one task run per server (``deploy-server-<id>``)
+    where the runtime starts servers one by one (local, docker); Kubernetes converges the whole
+    plan in one apply, so it stays one task run. The runtime stops what started if a server
+    fails. Call from a flow; returns the deployment record."""
     host = get_runtime(runtime)
     if not isinstance(host, HostRuntime):
         return deploy_plan(plan_uri, store_uri, runtime, name, engine, images)
-    # The runtime writes the copy its servers read (``begin``); no other local copy is needed.
     plan = open_plan(plan_uri)
     options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
-    plan_file = host.begin(plan, options)
-    settings = msgspec.to_builtins(options)
-    arguments = [(str(plan_file), s.id, runtime, settings) for s in plan.servers]
-    context = FlowRunContext.get()
-    if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
-        futures = [deploy_server.submit(*a) for a in arguments]
-        for future in futures:
-            future.wait()
-        states = [future.state for future in futures]
-    else:
-        # Another task runner (Dask) would start the servers on its workers' machines, not
-        # on this one, where the local and docker runtimes put them: start them here in turn.
-        states = [deploy_server(*a, return_state=True) for a in arguments]
-    started: dict[str, dict[str, str]] = {}
-    failures: list[str] = []
-    for server, state in zip(plan.servers, states, strict=True):
-        if state.is_completed():
-            started[server.id] = state.result()
-        else:
-            failures.append(f"{server.id}: {state.message}")
-    if failures:
-        for server in started.values():
-            host.stop_server(server["handle"])
-        raise DeployError(f"deployment {name}: " + "; ".join(failures))
-    deployment = host.finish(
-        plan,
-        plan_file,
-        {s: started[s]["url"] for s in started},
-        {s: started[s]["handle"] for s in started},
-        options,
-    )
+    # The runtime writes the copy its servers read (``begin``); no other local copy is needed.
+    deployment = host.deploy(plan, Path(), options, start_each=_task_run_per_server(runtime))
     return msgspec.to_builtins(deployment)
 
 

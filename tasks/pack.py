@@ -1,5 +1,5 @@
-"""The pack task over :func:`packing.repack.pack`, and the plans' layout in the store
-(``plans/<id>/plan.json``, ``plans/latest``)."""
+"""The pack task over :func:`packing.repack.pack`; plans are published to the store by
+:func:`serving.store.publish_plan`."""
 
 from __future__ import annotations
 
@@ -9,22 +9,11 @@ import msgspec
 from prefect import task
 
 from packing.contracts import Plan, Problem
-from packing.io import decode, to_json
 from packing.repack import pack
 from packing.solver.progress import SolveProgress, figures
-from serving.store import open_store
-from tasks.documents import open_plan
+from serving.store import publish_plan
+from tasks.documents import open_plan, read_document
 from tasks.policy import PERSISTED, network_retries
-
-
-def publish_plan(plan: Plan, store_uri: str | None) -> str:
-    """Write ``plans/<id>/plan.json`` (immutable) and point ``plans/latest`` at it."""
-    store = open_store(store_uri)
-    key = f"plans/{plan.plan_id}/plan.json"
-    if not store.exists(key):
-        store.put_bytes(key, to_json(plan))
-    store.put_bytes("plans/latest", plan.plan_id.encode())
-    return store.url_for(key)
 
 
 def plan_summary(plan: Plan, uri: str) -> dict:
@@ -49,7 +38,7 @@ def plan_summary(plan: Plan, uri: str) -> dict:
     task_run_name="pack-{problem_name}",
 )
 def pack_plan(
-    problem_json: str,
+    problem_uri: str,
     store_uri: str | None,
     time_limit_s: float = 10.0,
     workers: int = 2,
@@ -60,7 +49,7 @@ def pack_plan(
     """Solve afresh and publish; with ``current_plan_uri`` and ``repack_tolerance``, repack that
     plan incrementally instead. Returns the plan's URI and figures, and the moves (each a
     replica that changes server) when it repacked."""
-    problem = decode(problem_json, Problem, "packing problem")
+    problem = read_document(problem_uri, Problem)
     started = time.perf_counter()
     repacking = current_plan_uri is not None and repack_tolerance is not None
     current = open_plan(current_plan_uri) if repacking else None
@@ -136,12 +125,3 @@ def publish_plan_with_retries(plan: Plan, store_uri: str | None) -> str:
 @task(name="read-plan", **PERSISTED, **network_retries())
 def plan_figures(plan_uri: str) -> dict:
     return plan_summary(open_plan(plan_uri), plan_uri)
-
-
-def latest_plan_uri(store_uri: str | None) -> str | None:
-    """The URI of the store's latest plan, or None when the store holds no plan yet."""
-    store = open_store(store_uri)
-    if not store.exists("plans/latest"):
-        return None
-    plan_id = store.get_bytes("plans/latest").decode().strip()
-    return store.url_for(f"plans/{plan_id}/plan.json")

@@ -9,7 +9,7 @@ from prefect import task
 
 from loadtest.report import format_value, report_files, results_row, to_markdown
 from packing.contracts import Plan
-from serving.store import open_store
+from serving.store import open_store, report_key
 from tasks.policy import PERSISTED
 
 
@@ -34,6 +34,6 @@ def publish_report(plan_json: str, load: dict, store_uri: str | None) -> dict:
     store = open_store(store_uri)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for name, data in files.items():
-        store.put_bytes(f"reports/{run_id}/{name}", data)
-    summary["report_uri"] = store.url_for(f"reports/{run_id}/report.json")
+        store.put_bytes(report_key(run_id, name), data)
+    summary["report_uri"] = store.url_for(report_key(run_id, "report.json"))
     return summary

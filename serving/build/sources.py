@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from packing.errors import MyriadError
 from packing.contracts import ModelSpec
+from packing.errors import MyriadError
 from serving.store import s3_client, sha256_file, sha256_text
 
 # Bump when synthetic weights or tokenizers would come out differently for the same model id.

@@ -14,20 +14,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 import torch
 
-from packing.errors import MyriadError
 from packing.contracts import ModelSpec, Precision, Processor
+from packing.errors import MyriadError
 from serving.build import sources
-from serving.process import resident_bytes
 from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
+from serving.process import resident_bytes
 from serving.store import (
-    open_store,
     ArtifactStore,
     artifact_prefix,
+    open_store,
     put_artifact,
     read_manifest,
     sha256_text,

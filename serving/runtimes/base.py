@@ -16,7 +16,13 @@ from packing.contracts import ENGINE_PRECISIONS, Plan, PlannedServer
 from packing.errors import MyriadError
 from packing.io import load, write_atomic
 from serving.routing.client import Deployment
-from serving.store import ArtifactStore, data_dir, open_store
+from serving.store import (
+    ArtifactStore,
+    data_dir,
+    deployment_key,
+    deployment_prefix,
+    open_store,
+)
 
 SERVER_PORT = 8080
 
@@ -120,11 +126,6 @@ def deployment_path(name: str) -> Path:
     return deployments_dir() / f"{name}.json"
 
 
-def deployment_key(name: str) -> str:
-    """Where a deployment's record lives in its store."""
-    return f"deployments/{name}.json"
-
-
 def read_deployment(name: str, store_uri: str | None = None) -> Deployment:
     """The record of deployment ``name``: from ``store_uri`` when given and it holds one (the
     newest wherever the last deploy ran), else from this machine's deployments folder."""
@@ -148,7 +149,7 @@ def write_deployment(deployment: Deployment, plan: Plan | None = None) -> Deploy
     if deployment.store_uri is not None:
         store = open_store(deployment.store_uri)
         if plan is not None:
-            key = f"deployments/{deployment.name}/{plan.plan_id}.plan.json"
+            key = f"{deployment_prefix(deployment.name)}{plan.plan_id}.plan.json"
             store.put_bytes(key, msgspec.json.encode(plan))
             deployment = msgspec.structs.replace(deployment, plan_uri=store.url_for(key))
         store.put_bytes(deployment_key(deployment.name), msgspec.json.encode(deployment))
@@ -163,7 +164,7 @@ def forget_deployment(deployment: Deployment) -> None:
         store = open_store(deployment.store_uri)
         if store.exists(deployment_key(deployment.name)):
             store.delete(deployment_key(deployment.name))
-        store.delete_prefix(f"deployments/{deployment.name}/")
+        store.delete_prefix(deployment_prefix(deployment.name))
 
 
 def server_fingerprint(
@@ -242,6 +243,13 @@ def probe(url: str, server_id: str, timeout_s: float = 2.0) -> ServerStatus:
     )
 
 
+# How an orchestrator starts each server of a plan as its own unit: (servers, plan file,
+# options) -> per server, (URL, handle) or the exception its start raised.
+StartEach = Callable[
+    [list[PlannedServer], Path, DeployOptions], list[tuple[str, str] | BaseException]
+]
+
+
 class Runtime(abc.ABC):
     """Deploy a plan's servers, report their state, move them to another plan, stop them."""
 
@@ -311,14 +319,43 @@ class HostRuntime(Runtime):
             raise
         return urls, handles
 
-    def deploy(self, plan: Plan, plan_path: Path, options: DeployOptions) -> Deployment:
+    def deploy(
+        self,
+        plan: Plan,
+        plan_path: Path,
+        options: DeployOptions,
+        start_each: StartEach | None = None,
+    ) -> Deployment:
+        """``start_each(servers, plan_file, options)``: how an orchestrator runs each server's
+        :meth:`start_ready` as a unit of its own (the flows' ``deploy-server-<id>`` task runs,
+        concurrently), returning per server its (URL, handle) or the exception it raised. If
+        any failed, the ones that started are stopped and nothing is recorded. Without it, all
+        start at once here and are waited for together."""
         plan_file = self.begin(plan, options)
-        urls, handles = self._start_all(plan.servers, plan_file, options)
+        if start_each is None:
+            urls, handles = self._start_all(plan.servers, plan_file, options)
+            return self.finish(plan, plan_file, urls, handles, options)
+        outcomes = start_each(plan.servers, plan_file, options)
+        started = {
+            s.id: outcome
+            for s, outcome in zip(plan.servers, outcomes, strict=True)
+            if not isinstance(outcome, BaseException)
+        }
+        failures = [
+            f"{s.id}: {outcome}"
+            for s, outcome in zip(plan.servers, outcomes, strict=True)
+            if isinstance(outcome, BaseException)
+        ]
+        if failures:
+            for _, handle in started.values():
+                self.stop_server(handle)
+            raise DeployError(f"deployment {options.name}: " + "; ".join(failures))
+        urls = {server_id: url for server_id, (url, _) in started.items()}
+        handles = {server_id: handle for server_id, (_, handle) in started.items()}
         return self.finish(plan, plan_file, urls, handles, options)
 
-    # A deploy in steps, for an orchestrator that runs each server's start as its own unit (the
-    # flows' deploy-server-<id> task runs): begin, start_ready per server, then finish, or
-    # stop_server on the ones that started when another failed.
+    # The steps of a deploy: begin, start_ready per server, then finish, or stop_server on the
+    # ones that started when another failed.
 
     def begin(self, plan: Plan, options: DeployOptions) -> Path:
         """Stop a previous deployment of this name; returns the plan file servers read."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from packing.contracts import Catalog, Plan
+from serving import settings
 from serving.routing.client import Deployment
 from serving.runtimes.base import (
     DeployError,
@@ -106,7 +107,8 @@ class KubernetesRuntime(Runtime):
                 raise DeployError(f"kubeconfig {path} does not exist")
             self._api_client = kube_config.new_client_from_config(str(path), context=self.context)
             return self._api_client
-        env = os.environ.get("KUBECONFIG")
+        kube = settings.current().kubernetes
+        env = kube.kubeconfig
         if env:
             paths = [Path(p).expanduser() for p in env.split(os.pathsep) if p]
             if any(p.is_file() for p in paths):
@@ -120,7 +122,7 @@ class KubernetesRuntime(Runtime):
             self._api_client = kube_config.new_client_from_config(str(home), context=self.context)
             return self._api_client
         tried.append(f"{home} ({'skipped: $KUBECONFIG is set' if env else 'missing'})")
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if kube.in_cluster:
             configuration = client.Configuration()
             try:
                 kube_config.load_incluster_config(client_configuration=configuration)
