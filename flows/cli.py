@@ -600,12 +600,13 @@ def report_error(exc: BaseException) -> None:
 def main() -> None:
     try:
         current = settings.current()
+        _state["debug"] = _state["debug"] or current.debug
         settings.ensure_data_dir(current)
         settings.use_embedded_prefect(current)
-        logs.quiet_user_errors(lambda: _state["debug"] or current.debug)
+        logs.quiet_user_errors(lambda: _state["debug"])
         app()
     except MyriadError as exc:
-        if _state["debug"] or settings.current().debug:
+        if _state["debug"]:
             raise
         report_error(exc)
         sys.exit(2)
