@@ -54,7 +54,10 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     MYRIAD_HOME=/tmp/myriad HOME=/tmp TMPDIR=/tmp HF_HUB_OFFLINE=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false
 COPY --from=builder /opt/venv /opt/venv
+# The import check writes Prefect's home (/tmp/.prefect) as root: removed, or uid 10001 could
+# not make its own.
 RUN python -c "import prefect, prefect_kubernetes, kubernetes, ortools, torch, boto3" \
+    && rm -rf /tmp/.prefect \
     && useradd --system --uid 10001 --user-group --home-dir /tmp --no-create-home myriad
 USER 10001:10001
 WORKDIR /tmp
