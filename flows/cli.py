@@ -309,7 +309,11 @@ def serve(
 @app.command()
 def build(
     processor: Annotated[
-        list[str] | None, typer.Option(help="cpu | gpu | inf (repeat; default: all three)")
+        list[str] | None,
+        typer.Option(
+            help="cpu | gpu | inf, or orchestrator (the Kubernetes work pool's image); repeat; "
+            "default: cpu, gpu and inf"
+        ),
     ] = None,
     push: Annotated[
         str | None, typer.Option(help="registry to push to (an ECR host logs in through boto3)")
@@ -361,16 +365,21 @@ def deploy(
     out: Annotated[
         Path | None, typer.Option(help="with --render-only: directory (default infra/k8s/<plan>)")
     ] = None,
+    namespace: NamespaceOption = None,
+    role_arn: RoleArnOption = None,
+    store_secret: StoreSecretOption = None,
+    store_credential: StoreCredentialOption = None,
 ) -> None:
     """Start the servers of a plan and wait until every model is loaded."""
     from packing.contracts import Catalog, Plan
     from packing.io import load
     from tasks.deploy import deploy as deploy_plan
 
-    images = _images(image)
+    options = _deploy_options(
+        name, store, engine, image, registry, namespace, role_arn, store_secret, store_credential
+    )
     catalog_spec = load(catalog, Catalog) if runtime == "kubernetes" else None
     if render_only:
-        from serving.runtimes import DeployOptions
         from serving.runtimes.base import image_for
         from serving.runtimes.manifests import write_manifests
 
@@ -378,9 +387,6 @@ def deploy(
             _fail("--render-only renders Kubernetes manifests: use it with --runtime kubernetes")
         plan_spec = load(plan, Plan)
         target = out or Path("infra/k8s") / plan_spec.plan_id
-        options = DeployOptions(
-            name=name, store_uri=store, engine=engine, images=images, registry=registry
-        )
         images = {s.processor: image_for(s.processor, options) for s in plan_spec.servers}
         paths = write_manifests(
             plan_spec, target, catalog=catalog_spec, options=options, images=images
@@ -388,9 +394,72 @@ def deploy(
         console.print(f"{len(paths)} files in {target}: kubectl apply --server-side -k {target}")
         return
     with console.status(f"starting servers of {plan}"):
-        deployment = deploy_plan(plan, store, runtime, name, engine, images, catalog_spec, registry)
+        deployment = deploy_plan(plan, store, runtime, catalog=catalog_spec, options=options)
     _print_deployment(deployment)
     console.print(f"stop them with: myriad teardown --name {name}")
+
+
+NamespaceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="kubernetes: namespace (default myriad-<name>; a name that is myriad or starts "
+        "with myriad- is its own)"
+    ),
+]
+RoleArnOption = Annotated[
+    str | None,
+    typer.Option(
+        help="kubernetes: IAM role for the servers' ServiceAccount (EKS IRSA), e.g. "
+        "arn:aws:iam::<account>:role/<cluster>-<namespace>-server from eks-cluster.yaml"
+    ),
+]
+StoreSecretOption = Annotated[
+    str | None,
+    typer.Option(
+        help="kubernetes: a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_REGION, AWS_ENDPOINT_URL) become the servers' environment"
+    ),
+]
+StoreCredentialOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="kubernetes: KEY=VALUE (repeat) rendered into the servers' store Secret; with "
+        "--render-only it is written to store-secret.yaml"
+    ),
+]
+
+
+def _deploy_options(
+    name: str,
+    store: str | None,
+    engine: str | None,
+    image: list[str] | None,
+    registry: str | None,
+    namespace: str | None = None,
+    role_arn: str | None = None,
+    store_secret: str | None = None,
+    store_credential: list[str] | None = None,
+):
+    """One DeployOptions from the command's options, the store defaulting to the settings'."""
+    from serving.runtimes import DeployOptions
+
+    credentials = {}
+    for pair in store_credential or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--store-credential {pair.split('=')[0]!r}...: give KEY=VALUE")
+        credentials[key] = value
+    return DeployOptions(
+        name=name,
+        store_uri=store or settings.current().store.uri,
+        engine=engine,
+        images=_images(image),
+        registry=registry or settings.current().build.registry,
+        namespace=namespace,
+        role_arn=role_arn,
+        store_secret=store_secret,
+        store_credentials=credentials,
+    )
 
 
 def _images(pairs: list[str] | None) -> dict[str, str]:
@@ -420,13 +489,20 @@ def redeploy(
     engine: EngineOption = None,
     image: Annotated[list[str] | None, typer.Option(help="PROCESSOR=IMAGE")] = None,
     registry: Annotated[str | None, typer.Option(help="registry of the images")] = None,
+    namespace: NamespaceOption = None,
+    role_arn: RoleArnOption = None,
+    store_secret: StoreSecretOption = None,
+    store_credential: StoreCredentialOption = None,
 ) -> None:
     """Move a running deployment to a new plan: only changed servers are replaced, each new
     one ready before the old one stops."""
     from tasks.deploy import redeploy as redeploy_plan
 
+    options = _deploy_options(
+        name, store, engine, image, registry, namespace, role_arn, store_secret, store_credential
+    )
     with console.status(f"moving {name} to {plan}"):
-        result = redeploy_plan(plan, store, name, engine, _images(image), registry)
+        result = redeploy_plan(plan, store, name, options=options)
     _print_deployment(result.deployment)
     console.print(
         f"kept {len(result.kept)}, started {len(result.started)}, stopped {len(result.stopped)}"

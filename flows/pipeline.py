@@ -8,14 +8,11 @@ from prefect.artifacts import create_table_artifact
 from flows.load_test import loadtest
 from flows.params import EnginePrecision, LoadMode, Precision, Runtime, check_catalog, check_fleet
 from flows.results import result_options
-from flows.stages import plan_artifacts, trace_task_runner
-from packing.contracts import Limits
-from packing.problems import build_problem
-from serving.store import latest_plan_uri, publish_problem
+from flows.stages import pack_profiles, trace_task_runner
+from serving.store import latest_plan_uri
 from tasks.build import build_image
 from tasks.deploy import deploy_servers, teardown_servers
 from tasks.documents import base_dir
-from tasks.pack import pack_plan
 from tasks.trace import submit_traces
 
 
@@ -59,16 +56,16 @@ def pipeline(
     fresh = sum(not t["cached"] for t in traces)
     logger.info("traced %d artifacts, %d reused from the store", fresh, len(traces) - fresh)
 
-    problem = build_problem(
-        fleet_spec, traces, catalog_spec, Limits(), "spot" if spot else "on_demand", engine
-    )
-    packed = pack_plan(
-        publish_problem(problem, store),
+    packed = pack_profiles(
+        fleet_spec,
+        traces,
+        catalog_spec,
         store,
         time_limit_s,
+        spot,
+        engine,
         current_plan_uri=latest_plan_uri(store) if repack_tolerance is not None else None,
         repack_tolerance=repack_tolerance,
-        problem_name=fleet_spec.name,
     )
     if packed["moves"] is not None:
         logger.info("repacked the running plan: %d replica moves", len(packed["moves"]))
@@ -80,7 +77,6 @@ def pipeline(
         packed["cost_per_hour"],
         packed["lower_bound_cost_per_hour"],
     )
-    plan_artifacts(packed["plan_uri"], problem)
     images = {b["processor"]: b["image"] for b in builds if b.get("image")}
     deploy_servers(packed["plan_uri"], store, runtime, deployment_name, engine, images)
     try:

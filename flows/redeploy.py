@@ -15,13 +15,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows.load_test import loadtest
 from flows.params import EnginePrecision, Precision, check_catalog, check_fleet, trace_settings
 from flows.results import result_options
-from flows.stages import plan_artifacts, trace_task_runner
-from packing.contracts import Limits
-from packing.problems import build_problem
-from serving.store import publish_problem
+from flows.stages import pack_profiles, trace_task_runner
 from tasks.deploy import deployment_record, redeploy_servers
 from tasks.documents import base_dir, open_plan
-from tasks.pack import pack_plan
 from tasks.trace import find_changed, read_profiles, submit_traces, trace_jobs
 
 
@@ -74,23 +70,17 @@ def redeploy(
     jobs = [(spec, proc) for spec, proc in trace_jobs(fleet_spec) if f"{spec.id}/{proc}" in changed]
     traced = submit_traces(fleet_spec, store, settings, base_dir(fleet), jobs=jobs)
     reused = read_profiles(found["unchanged"], store)
-    problem = build_problem(
+    packed = pack_profiles(
         fleet_spec,
         traced + reused,
         catalog_spec,
-        Limits(),
-        "spot" if spot else "on_demand",
-        engine,
-    )
-    packed = pack_plan(
-        publish_problem(problem, store),
         store,
         time_limit_s,
+        spot,
+        engine,
         current_plan_uri=current_uri,
         repack_tolerance=repack_tolerance,
-        problem_name=fleet_spec.name,
     )
-    plan_artifacts(packed["plan_uri"], problem)
     rolled = redeploy_servers(packed["plan_uri"], store, deployment, engine)
     logger.info(
         "redeployed %s: kept %s, started %s, stopped %s",

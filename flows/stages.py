@@ -19,7 +19,7 @@ from flows.params import (
     trace_settings,
 )
 from flows.results import result_options
-from packing.contracts import Limits
+from packing.contracts import Catalog, Fleet, Limits
 from packing.problems import build_problem
 from serving import settings
 from serving.store import publish_problem
@@ -129,6 +129,35 @@ def _plan_picture(problem, plan) -> None:
     )
 
 
+def pack_profiles(
+    fleet: Fleet,
+    profiles: list[dict],
+    catalog: Catalog,
+    store: str | None,
+    time_limit_s: float,
+    spot: bool = False,
+    engine: str | None = None,
+    current_plan_uri: str | None = None,
+    repack_tolerance: float | None = None,
+) -> dict:
+    """The pack stage of every flow: the problem from the traced profiles, published to the
+    store; the pack task over its URI (a fresh solve, or a repack of ``current_plan_uri``);
+    the plan's artifacts. Returns the pack task's figures."""
+    problem = build_problem(
+        fleet, profiles, catalog, Limits(), "spot" if spot else "on_demand", engine
+    )
+    packed = pack_plan(
+        publish_problem(problem, store),
+        store,
+        time_limit_s,
+        current_plan_uri=current_plan_uri if repack_tolerance is not None else None,
+        repack_tolerance=repack_tolerance,
+        problem_name=fleet.name,
+    )
+    plan_artifacts(packed["plan_uri"], problem)
+    return packed
+
+
 @flow(name="myriad-pack", log_prints=True, **result_options())
 def pack(
     fleet: str = "examples/demo.yaml",
@@ -150,19 +179,17 @@ def pack(
         raise ValueError(f"repack_tolerance must be at least 0, got {repack_tolerance}")
     jobs = [f"{spec.id}/{proc}" for spec, proc in trace_jobs(fleet_spec)]
     profiles = read_profiles(jobs, store)
-    problem = build_problem(
-        fleet_spec, profiles, catalog_spec, Limits(), "spot" if spot else "on_demand", engine
-    )
-    packed = pack_plan(
-        publish_problem(problem, store),
+    return pack_profiles(
+        fleet_spec,
+        profiles,
+        catalog_spec,
         store,
         time_limit_s,
+        spot,
+        engine,
         current_plan_uri=repack_plan,
         repack_tolerance=repack_tolerance,
-        problem_name=fleet_spec.name,
     )
-    plan_artifacts(packed["plan_uri"], problem)
-    return packed
 
 
 @flow(name="myriad-deploy", log_prints=True, **result_options())

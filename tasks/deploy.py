@@ -38,11 +38,13 @@ def deploy(
     images: dict[str, str] | None = None,
     catalog: Catalog | None = None,
     registry: str | None = None,
+    options: DeployOptions | None = None,
 ) -> Deployment:
     """``catalog``: the instance types, so Kubernetes servers get requests and limits sized to
     their node (ignored by the other runtimes). ``images`` per processor, else the tags
-    ``myriad build`` gives (under ``registry``)."""
-    options = DeployOptions(
+    ``myriad build`` gives (under ``registry``). ``options``: all of these as one struct
+    (with the Kubernetes store access too), instead of the arguments before it."""
+    options = options or DeployOptions(
         name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
     )
     settings = {"catalog": catalog} if runtime == "kubernetes" else {}
@@ -56,11 +58,12 @@ def redeploy(
     engine: str | None = None,
     images: dict[str, str] | None = None,
     registry: str | None = None,
+    options: DeployOptions | None = None,
 ) -> RedeployResult:
     """Move the running deployment ``name`` to the plan at ``plan_path``, in its own runtime
     (its record from ``store_uri`` when the store holds it, else from this machine)."""
     running = read_deployment(name, store_uri)
-    options = DeployOptions(
+    options = options or DeployOptions(
         name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
     )
     return get_runtime(running.runtime).redeploy(running, load(plan_path, Plan), plan_path, options)

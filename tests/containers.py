@@ -212,3 +212,17 @@ def podman_secret(secret: Mapping[str, Any]) -> Iterator[str]:
         yield name
     finally:
         podman("secret", "rm", name, check=False)
+
+
+if __name__ == "__main__":
+    # `eval "$(python -m tests.containers --exports)"`: this machine's build settings for a
+    # shell (the README's container block runs with them), after making the base image.
+    import shlex
+    import sys
+
+    if sys.argv[1:] != ["--exports"]:
+        sys.exit("usage: python -m tests.containers --exports")
+    ensure_podman()
+    images.ensure_base_image(engine=ENGINE)
+    for key, value in build_env().items():
+        print(f"export {key}={shlex.quote(value)}")

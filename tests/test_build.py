@@ -32,7 +32,7 @@ PIPELINE_ONLY = ("prefect", "ortools", "typer", "rich", "matplotlib", "kubernete
 IN_NO_IMAGE = ("prefect", "ortools", "matplotlib", "kubernetes")
 
 
-@pytest.mark.parametrize("processor", ["cpu", "gpu", "inf"])
+@pytest.mark.parametrize("processor", ["cpu", "gpu", "inf", "orchestrator"])
 def test_dockerfiles_lint_clean(processor: str) -> None:
     result = subprocess.run(
         [
