@@ -97,9 +97,11 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     for name in LINKED:
         (root / name).symlink_to(ROOT / name)
     yield root
-    for group in _GROUPS:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in _GROUPS:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
+        time.sleep(5 if sig == signal.SIGTERM else 0)
     # Whatever a block deployed and did not stop (its own teardown block failed).
     for record in (root / ".myriad" / "deployments").glob("*.json"):
         if record.name.count(".") == 1:
