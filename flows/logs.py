@@ -36,11 +36,13 @@ class DropUserErrorTracebacks(logging.Filter):
 
 
 def quiet_user_errors(debug: Callable[[], bool]) -> None:
-    """Install the filter on every console handler Prefect has configured (it sets up logging
-    on import, so import it first)."""
-    import prefect  # noqa: F401  (configures logging)
+    """Install the filter on Prefect's console handlers, setting up Prefect's logging first:
+    it does so lazily, and a later setup is incremental, which keeps these handlers."""
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
 
-    for name in ("prefect", ""):
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()
+    for name in ("prefect", "prefect._internal", ""):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not any(
                 isinstance(f, DropUserErrorTracebacks) for f in handler.filters

@@ -178,3 +178,42 @@ def test_pack_a_problem_file_then_repack_it(tmp_path: Path) -> None:
     removed = {m.id for m in problem.models[:5]}
     assert {m["model_id"] for m in moves if m["target"] is None} >= removed
     assert load(tmp_path / "next.json", Plan).model_ids() == sorted(m.id for m in changed.models)
+
+
+@pytest.mark.slow
+def test_a_failed_build_in_a_pipeline_run_is_one_error_without_traceback(tmp_path: Path) -> None:
+    """The build task fails inside the flow: the run's state and the CLI say why, in a line,
+    and Prefect's console shows no traceback for it."""
+    from tests.containers import ensure_podman
+
+    ensure_podman()
+    env_fleet = tmp_path / "fleet.yaml"
+    env_fleet.write_text(TINY_FLEET)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--runtime",
+            "docker",
+            "--fleet",
+            str(env_fleet),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "MYRIAD_HOME": str(tmp_path),
+            "MYRIAD_CONTAINER_ENGINE": "podman",
+            "MYRIAD_BASE_IMAGE": "localhost/no-such-base:1",
+            "COLUMNS": "200",
+        },
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    assert "error: podman build of myriad/server-cpu" in result.stderr
+    assert "Finished in state Failed('Flow run encountered an exception: BuildError" in output
