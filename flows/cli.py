@@ -516,7 +516,8 @@ def status(
 ) -> None:
     """Each server of a deployment: its address and state (ready, loading, failed, down). With
     ``--store``, the record kept in that store (wherever the deploy ran)."""
-    from serving.runtimes import get_runtime, read_deployment
+    from serving.deployments import read_deployment
+    from serving.runtimes import get_runtime
 
     deployment = read_deployment(name, store)
     table = Table(title=f"deployment {name} ({deployment.runtime}, plan {deployment.plan_id})")
@@ -533,7 +534,7 @@ def teardown(
     store: StoreOption = None,
 ) -> None:
     """Stop the servers of a deployment (and remove what its runtime made)."""
-    from serving.runtimes.base import NoDeployment
+    from serving.deployments import NoDeployment
     from tasks.deploy import teardown as teardown_deployment
 
     try:
@@ -555,8 +556,8 @@ def gateway(
 ) -> None:
     """One HTTP address for a deployment: routes each model to a server that holds it, and
     follows redeploys."""
+    from serving.deployments import deployment_path, read_deployment
     from serving.routing.gateway import serve_gateway
-    from serving.runtimes import deployment_path, read_deployment
 
     read_deployment(name)  # a clear error when there is none
     console.print(f"gateway for {name} on http://{host}:{port}")
@@ -594,7 +595,7 @@ def loadtest(
     from loadtest.runner import LoadSettings, run_load_test
     from packing.contracts import Plan
     from packing.io import load
-    from serving.runtimes import read_deployment
+    from serving.deployments import read_deployment
 
     levels = [2**k for k in range(11)]
     settings = LoadSettings(

@@ -10,7 +10,8 @@ import msgspec
 
 from loadtest import generator as loadgen
 from packing.contracts import Plan
-from serving.routing.client import Deployment, Router
+from serving.deployments import Deployment
+from serving.routing.client import Router
 
 MODES = ("sequential", "random", "closed", "sweep", "rate")
 

@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from packing.contracts import Catalog, Plan, PlannedServer
 from packing.io import load, save
-from serving.routing.client import Deployment
+from serving.deployments import Deployment, deployments_dir
 from serving.runtimes import (
     RUNTIMES,
     DeployError,
@@ -22,7 +22,7 @@ from serving.runtimes import (
     get_runtime,
     read_deployment,
 )
-from serving.runtimes.base import HostRuntime, StartEach, deployments_dir
+from serving.runtimes.base import HostRuntime, StartEach
 from tasks.documents import open_plan
 from tasks.policy import PERSISTED, network_retries
 

@@ -7,7 +7,7 @@ from prefect import task
 
 from loadtest.runner import LoadSettings, run_load_test
 from packing.contracts import Plan
-from serving.routing.client import Deployment
+from serving.deployments import Deployment
 from tasks.policy import PERSISTED
 
 __all__ = ["LoadSettings", "load_test"]

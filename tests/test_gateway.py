@@ -10,7 +10,7 @@ from litestar.testing import TestClient
 
 from packing.contracts import ModelSpec, Plan, PlannedInstance, PlannedServer
 from serving.build.tracing import TraceSettings, trace_to_store
-from serving.routing.client import Deployment
+from serving.deployments import Deployment
 from serving.routing.gateway import create_gateway
 from serving.store import open_store
 from tests.servers import free_port, model_server

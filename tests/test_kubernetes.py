@@ -18,8 +18,9 @@ import yaml
 
 from packing.contracts import Catalog, Plan, PlannedInstance, PlannedServer
 from packing.io import load, to_json
+from serving.deployments import DeployError
 from serving.runtimes import eks
-from serving.runtimes.base import DeployError, DeployOptions
+from serving.runtimes.base import DeployOptions
 from serving.runtimes.kubernetes import KubernetesRuntime, pod_reason, rolled_out
 from serving.runtimes.manifests import (
     FINGERPRINT_ANNOTATION,

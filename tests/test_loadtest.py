@@ -19,7 +19,7 @@ from loadtest import generator as loadgen
 from loadtest.report import write_report
 from loadtest.runner import LoadSettings, run_load_test
 from packing.contracts import Plan, PlannedInstance, PlannedServer
-from serving.routing.client import Deployment
+from serving.deployments import Deployment
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

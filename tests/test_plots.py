@@ -28,7 +28,7 @@ from loadtest.runner import LoadSettings, by_server_id
 from packing.contracts import Plan, PlannedInstance, PlannedServer
 from packing.plot import PER_ROW, plan_figure, plot_plan
 from packing.solver import solve
-from serving.routing.client import Deployment
+from serving.deployments import Deployment
 from tests.test_packing import instance_type, model, problem_of
 
 SERVERS = ["i000-g4dn-xlarge-d0", "i001-inf1-6xlarge-d0", "i001-inf1-6xlarge-d1"]

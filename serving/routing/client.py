@@ -7,34 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-import msgspec
 
 from packing.contracts import Plan
 from packing.errors import MyriadError
-
-
-class Deployment(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Where the servers of a plan answer: one base URL per plan server id."""
-
-    schema_version: int = 2
-    name: str
-    plan_id: str
-    runtime: str
-    servers: dict[str, str]
-    # What the runtime started per server, so teardown stops exactly that: a supervisor's
-    # process id (local), a container name (docker), a Kubernetes Deployment (kubernetes).
-    handles: dict[str, str] = {}
-    # Content hash per server (serving.runtimes.base.server_fingerprint): a redeploy keeps a
-    # running server whose fingerprint the new plan has too.
-    fingerprints: dict[str, str] = {}
-    # The plan file the servers were started from, so a gateway can follow a redeploy.
-    plan_path: str | None = None
-    namespace: str | None = None
-    # The store the servers load from; the record and a copy of its plan are kept there too
-    # (``plan_uri``), so a redeploy run on another machine (a Kubernetes work pool's job) finds
-    # the running deployment.
-    store_uri: str | None = None
-    plan_uri: str | None = None
+from serving.deployments import Deployment
 
 
 class RoutingError(MyriadError, RuntimeError):

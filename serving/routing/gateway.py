@@ -34,7 +34,8 @@ from litestar.response import Response
 from packing.contracts import Plan
 from packing.io import ContractError, load
 from serving import settings
-from serving.routing.client import Deployment, Router, RoutingError, failover_reason
+from serving.deployments import Deployment
+from serving.routing.client import Router, RoutingError, failover_reason
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
 # The binary tensor extension puts the JSON header's length in a header of its own.

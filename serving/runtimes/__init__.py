@@ -3,15 +3,8 @@ redeploy, teardown), one module per runtime, the same plan and the same server e
 
 from __future__ import annotations
 
-from serving.runtimes.base import (
-    DeployError,
-    DeployOptions,
-    RedeployResult,
-    Runtime,
-    ServerStatus,
-    deployment_path,
-    read_deployment,
-)
+from serving.deployments import DeployError, deployment_path, read_deployment
+from serving.runtimes.base import DeployOptions, RedeployResult, Runtime, ServerStatus
 
 RUNTIMES = ("local", "docker", "kubernetes")
 

@@ -13,26 +13,22 @@ import httpx
 import msgspec
 
 from packing.contracts import ENGINE_PRECISIONS, Plan, PlannedServer
-from packing.errors import MyriadError
-from packing.io import load, write_atomic
-from serving.routing.client import Deployment
+from packing.io import write_atomic
+from serving.deployments import (
+    DeployError,
+    Deployment,
+    deployment_path,
+    deployments_dir,
+    forget_deployment,
+    read_deployment,
+    write_deployment,
+)
 from serving.store import (
     ArtifactStore,
-    data_dir,
-    deployment_key,
-    deployment_prefix,
     open_store,
 )
 
 SERVER_PORT = 8080
-
-
-class DeployError(MyriadError, RuntimeError):
-    """A deployment step failed; the message names the server and what went wrong."""
-
-
-class NoDeployment(DeployError):
-    """No record of a deployment by that name: nothing is running under it."""
 
 
 class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -114,57 +110,6 @@ def image_for(processor: str, options: DeployOptions) -> str:
         or recorded_image(processor, options.registry)
         or image_tag(processor, options.registry)
     )
-
-
-def deployments_dir() -> Path:
-    path = data_dir() / "deployments"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def deployment_path(name: str) -> Path:
-    return deployments_dir() / f"{name}.json"
-
-
-def read_deployment(name: str, store_uri: str | None = None) -> Deployment:
-    """The record of deployment ``name``: from ``store_uri`` when given and it holds one (the
-    newest wherever the last deploy ran), else from this machine's deployments folder."""
-    path = deployment_path(name)
-    if store_uri is not None:
-        store = open_store(store_uri)
-        if store.exists(deployment_key(name)):
-            return msgspec.json.decode(store.get_bytes(deployment_key(name)), type=Deployment)
-    if not path.is_file():
-        where = f"{path} does not exist" + (
-            f" and {store_uri} has no {deployment_key(name)}" if store_uri else ""
-        )
-        raise NoDeployment(f"no deployment named {name!r} ({where})")
-    return load(path, Deployment)
-
-
-def write_deployment(deployment: Deployment, plan: Plan | None = None) -> Deployment:
-    """Write the record here (the gateway follows this file) and, when the deployment has a
-    store, there with a copy of ``plan``, which the record then names by ``plan_uri``.
-    Returns the record as written."""
-    if deployment.store_uri is not None:
-        store = open_store(deployment.store_uri)
-        if plan is not None:
-            key = f"{deployment_prefix(deployment.name)}{plan.plan_id}.plan.json"
-            store.put_bytes(key, msgspec.json.encode(plan))
-            deployment = msgspec.structs.replace(deployment, plan_uri=store.url_for(key))
-        store.put_bytes(deployment_key(deployment.name), msgspec.json.encode(deployment))
-    write_atomic(deployment_path(deployment.name), msgspec.json.encode(deployment))
-    return deployment
-
-
-def forget_deployment(deployment: Deployment) -> None:
-    """Remove the record of a torn-down deployment, here and in its store."""
-    deployment_path(deployment.name).unlink(missing_ok=True)
-    if deployment.store_uri is not None:
-        store = open_store(deployment.store_uri)
-        if store.exists(deployment_key(deployment.name)):
-            store.delete(deployment_key(deployment.name))
-        store.delete_prefix(deployment_prefix(deployment.name))
 
 
 def server_fingerprint(

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 from packing.contracts import PlannedServer
+from serving.deployments import DeployError
 from serving.runtimes.base import (
     SERVER_PORT,
-    DeployError,
     DeployOptions,
     HostRuntime,
     image_for,

@@ -11,17 +11,14 @@ from typing import Any
 
 from packing.contracts import Catalog, Plan
 from serving import settings
-from serving.routing.client import Deployment
+from serving.deployments import DeployError, Deployment, forget_deployment, write_deployment
 from serving.runtimes.base import (
-    DeployError,
     DeployOptions,
     RedeployResult,
     Runtime,
     ServerStatus,
     fingerprints,
-    forget_deployment,
     image_for,
-    write_deployment,
 )
 from serving.runtimes.manifests import (
     CREATED_BY,

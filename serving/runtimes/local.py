@@ -14,7 +14,8 @@ from pathlib import Path
 
 from packing.contracts import PlannedServer
 from serving import settings
-from serving.runtimes.base import DeployOptions, HostRuntime, deployments_dir, server_arguments
+from serving.deployments import deployments_dir
+from serving.runtimes.base import DeployOptions, HostRuntime, server_arguments
 
 
 def free_port() -> int:
