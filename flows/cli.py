@@ -321,8 +321,8 @@ def build(
     base_image: Annotated[str | None, typer.Option(help="base image (build argument)")] = None,
 ) -> None:
     """Build the server image of each processor with docker or podman; push with --push."""
-    from serving.runtimes.builds import write_build_record
-    from serving.runtimes.images import build_image, container_engine, push_image
+    from serving.build.images import build_image, container_engine, push_image
+    from serving.build.record import write_build_record
 
     engine = container_engine()
     if engine is None:

@@ -10,9 +10,9 @@ from importlib import metadata
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
-from serving.runtimes.builds import write_build_record
-from serving.runtimes.images import BuildError, NoEngine, dockerfile_for, push_image
-from serving.runtimes.images import build_image as build_server_image
+from serving.build.images import BuildError, NoEngine, dockerfile_for, push_image
+from serving.build.images import build_image as build_server_image
+from serving.build.record import write_build_record
 from tasks.policy import network_retries
 
 __all__ = ["BuildError", "build_image", "dockerfile_for", "environment_digest"]

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.runtimes import images
+from serving.build import images
 from serving.runtimes.local import free_port
 
 PACKAGES = ("podman", "runc", "mmdebstrap")
@@ -77,7 +77,7 @@ def ca_bundle() -> Path | None:
 
 
 def build_env() -> dict[str, str]:
-    """Environment that makes ``serving.runtimes.images.build_image`` (and so the pipeline's
+    """Environment that makes ``serving.build.images.build_image`` (and so the pipeline's
     build task and ``myriad build``) build as the fixtures do on this machine."""
     env = {
         "MYRIAD_CONTAINER_ENGINE": ENGINE,

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from packing.contracts import ModelSpec
+from serving.build import images
 from serving.build.tracing import TraceSettings, trace_to_store
-from serving.runtimes import images
 from serving.settings import SettingsError, from_env
 from serving.store import open_store
 from tasks.build import BuildError, build_image, dockerfile_for, environment_digest

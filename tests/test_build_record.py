@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 from packing.io import save
+from serving.build.images import BuildResult, content_hash, image_tag
+from serving.build.record import read_build_record, write_build_record
 from serving.runtimes import DeployOptions
 from serving.runtimes.base import image_for
-from serving.runtimes.builds import read_build_record, write_build_record
-from serving.runtimes.images import BuildResult, content_hash, image_tag
 from serving.runtimes.local import free_port
 from serving.settings import VARIABLES
 from tests.containers import build_env

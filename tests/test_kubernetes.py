@@ -794,7 +794,7 @@ def test_work_pool_names_the_rendered_orchestrator_and_the_built_image() -> None
     assert defaults["image"]["default"].split(":")[0].endswith("/orchestrator")
     template = pool["job_configuration"]["job_manifest"]["spec"]["template"]
     assert template["metadata"]["labels"] == ORCHESTRATOR_POD_LABELS
-    from serving.runtimes.images import ORCHESTRATOR, dockerfile_for, image_tag
+    from serving.build.images import ORCHESTRATOR, dockerfile_for, image_tag
 
     assert dockerfile_for(ORCHESTRATOR).is_file()
     assert image_tag(ORCHESTRATOR, "1.dkr.ecr.us-east-1.amazonaws.com/myriad").startswith(

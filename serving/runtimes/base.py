@@ -102,8 +102,8 @@ def image_for(processor: str, options: DeployOptions) -> str:
     """The server image of ``processor``: ``options.images``, else what the last ``myriad
     build`` of this checkout recorded (pinned by digest once pushed), else the tag a build with
     the current settings would give (under ``options.registry``)."""
-    from serving.runtimes.builds import recorded_image
-    from serving.runtimes.images import image_tag
+    from serving.build.images import image_tag
+    from serving.build.record import recorded_image
 
     return (
         options.images.get(processor)

@@ -43,7 +43,7 @@ class DockerRuntime(HostRuntime):
     name = "docker"
 
     def __init__(self, engine: list[str] | None = None) -> None:
-        from serving.runtimes.images import container_engine, engine_command
+        from serving.build.images import container_engine, engine_command
 
         if engine is None:
             found = container_engine()

@@ -14,7 +14,7 @@ import msgspec
 
 from packing.io import load, save
 from serving import settings
-from serving.runtimes.images import ROOT, BuildResult, content_hash
+from serving.build.images import ROOT, BuildResult, content_hash
 
 
 class BuildRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
