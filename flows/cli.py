@@ -281,29 +281,31 @@ def serve(
     port: int = 8080,
     threads: int = 1,
 ) -> None:
-    """Run one model server in the foreground."""
-    from serving.http.server import main as serve_main
+    """Run one model server in the foreground: its address, each model's state as it loads,
+    and an error when none could be loaded."""
+    from packing.contracts import Plan
+    from packing.io import load
+    from serving.http.server import ServerOptions, run_server, server_models
 
-    argv = [
-        "--report-loading",
-        "--processor",
-        processor,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-    ]
-    if plan:
-        argv += ["--plan", str(plan)]
-    if server:
-        argv += ["--server", server]
-    if models:
-        argv += ["--models", models]
-    if store:
-        argv += ["--store", store]
-    serve_main(argv)
+    if plan is not None:
+        if not server:
+            _fail("--plan needs --server ID (a server of the plan)")
+        model_ids, processor = server_models(load(plan, Plan), server)
+    elif models:
+        model_ids = [m for m in models.split(",") if m]
+    else:
+        _fail("give --models a,b,c, or --plan PLAN --server ID")
+    run_server(
+        ServerOptions(
+            model_ids=model_ids,
+            processor=processor,
+            store_uri=store,
+            host=host,
+            port=port,
+            threads=threads,
+            report_loading=True,
+        )
+    )
 
 
 @app.command()

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from packing.contracts import ENGINE_PRECISIONS, Plan
 from packing.errors import MyriadError
 from packing.io import load
@@ -18,8 +20,18 @@ SERVER_PORT_DEFAULT = 8080
 
 
 def server_models(plan: Plan, server_id: str) -> tuple[list[str], str]:
-    server = plan.server(server_id)
+    try:
+        server = plan.server(server_id)
+    except KeyError:
+        ids = ", ".join(s.id for s in plan.servers[:5]) + (", ..." if len(plan.servers) > 5 else "")
+        raise ServerNotInPlan(
+            f"plan {plan.plan_id} has no server {server_id!r}; its servers: {ids}"
+        ) from None
     return list(server.model_ids), server.processor
+
+
+class ServerNotInPlan(MyriadError):
+    """``--server`` names no server of the plan."""
 
 
 def serve(
@@ -194,7 +206,30 @@ def serve_behind_front_ends(
         processes.stop(timeout_s=5)  # when startup failed: no front end is left behind
 
 
-def main(argv: list[str] | None = None) -> None:
+class ServerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Everything one server runs with: ``python -m serving``'s flags and ``myriad serve``'s
+    options are both this struct (:func:`parse_server_args`, :func:`run_server`)."""
+
+    model_ids: list[str]
+    processor: str = "cpu"
+    store_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = SERVER_PORT_DEFAULT
+    threads: int = 1
+    workers: int = 1
+    engine: str = "torchscript"  # or cross-model
+    optimise: bool = False
+    slots: int | None = None
+    precision: str = "fp32"
+    int8: bool = False
+    max_batch: int = 32
+    max_wait_ms: float = 0.0
+    queue: int = 256
+    deadline_ms: float = 30_000.0
+    report_loading: bool = False
+
+
+def server_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     parser.add_argument("--plan", type=Path, help="plan.json; serve the models of --server")
     parser.add_argument("--server", help="server id in the plan")
@@ -250,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--queue", type=int, default=256, help="texts waiting per model")
     parser.add_argument("--deadline-ms", type=float, default=30_000.0)
+    return parser
+
+
+def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
+    parser = server_parser()
     args = parser.parse_args(argv)
     if args.plan:
         if not args.server:
@@ -259,37 +299,62 @@ def main(argv: list[str] | None = None) -> None:
         model_ids, processor = [m for m in args.models.split(",") if m], args.processor
     else:
         parser.error("give --plan PLAN --server ID, or --models a,b,c")
-    engine = None
-    if args.engine == "cross-model":
-        engine = {
-            "precision": args.precision,
-            "int8": args.int8,
-            "max_batch": args.max_batch,
-            "max_wait_s": args.max_wait_ms / 1000,
-        }
-        if args.slots:
-            engine["slots"] = args.slots
-    batch = {
-        "max_batch": args.max_batch,
-        "max_wait_s": args.max_wait_ms / 1000,
-        "per_model_queue": args.queue,
-        "deadline_s": args.deadline_ms / 1000,
-    }
-    if engine is not None:
-        engine["deadline_s"] = args.deadline_ms / 1000
-    serve(
-        model_ids,
-        processor,
-        args.store,
-        args.host,
-        args.port,
-        args.threads,
-        engine=engine,
-        batch=batch,
-        front_ends=args.workers,
+    return ServerOptions(
+        model_ids=model_ids,
+        processor=processor,
+        store_uri=args.store,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        workers=args.workers,
+        engine=args.engine,
         optimise=args.optimise,
+        slots=args.slots,
+        precision=args.precision,
+        int8=args.int8,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue=args.queue,
+        deadline_ms=args.deadline_ms,
         report_loading=args.report_loading,
     )
+
+
+def run_server(options: ServerOptions) -> None:
+    engine = None
+    if options.engine == "cross-model":
+        engine = {
+            "precision": options.precision,
+            "int8": options.int8,
+            "max_batch": options.max_batch,
+            "max_wait_s": options.max_wait_ms / 1000,
+            "deadline_s": options.deadline_ms / 1000,
+        }
+        if options.slots:
+            engine["slots"] = options.slots
+    batch = {
+        "max_batch": options.max_batch,
+        "max_wait_s": options.max_wait_ms / 1000,
+        "per_model_queue": options.queue,
+        "deadline_s": options.deadline_ms / 1000,
+    }
+    serve(
+        options.model_ids,
+        options.processor,
+        options.store_uri,
+        options.host,
+        options.port,
+        options.threads,
+        engine=engine,
+        batch=batch,
+        front_ends=options.workers,
+        optimise=options.optimise,
+        report_loading=options.report_loading,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_server(parse_server_args(argv))
 
 
 if __name__ == "__main__":
