@@ -217,3 +217,32 @@ def test_a_failed_build_in_a_pipeline_run_is_one_error_without_traceback(tmp_pat
     assert "Traceback" not in output
     assert "error: podman build of myriad/server-cpu" in result.stderr
     assert "Finished in state Failed('Flow run encountered an exception: BuildError" in output
+
+
+@pytest.mark.slow
+def test_deploy_to_docker_without_an_image_says_to_build(tmp_path: Path) -> None:
+    from packing.io import save
+    from tests.containers import ensure_podman
+    from tests.servers import one_server_plan
+
+    ensure_podman()
+    plan = save(one_server_plan(["tiny-cli"]), tmp_path / "plan.json")
+    # A base image no build used: the tag this checkout would get was never built.
+    env_home = tmp_path / "home"
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy", "--plan", str(plan), "--runtime", "docker"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "MYRIAD_HOME": str(env_home),
+            "MYRIAD_BASE_IMAGE": f"localhost/never-built-{os.getpid()}:1",
+            "COLUMNS": "200",
+        },
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is not built here; run `myriad build --processor cpu`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    assert "Traceback" not in result.stdout + result.stderr
