@@ -57,7 +57,7 @@ WORKDIR /app
 COPY packing ./packing
 COPY serving ./serving
 RUN python -m compileall -q packing serving \
-    && python -c "import serving.http.app, serving.engine.torchscript, serving.engine.crossmodel, serving.http.server" \
+    && python -c "import serving.http.app, serving.backends.torchscript, serving.backends.crossmodel, serving.http.server" \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/myriad --no-create-home myriad \
     && mkdir -p /var/lib/myriad && chown 10001:10001 /var/lib/myriad
 VOLUME ["/var/lib/myriad", "/tmp"]

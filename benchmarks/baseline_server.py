@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 def build_app(store_uri: str, model_ids: list[str]):
     import torch
 
+    from serving.backends.contract import open_artifact
     from serving.build.modeling import encode
-    from serving.engine.contract import open_artifact
     from serving.store import artifact_prefix, open_store
 
     torch.set_num_threads(1)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_to_store(spec, "cpu", store, settings)
     logs = ROOT / ".myriad"
     command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", args.store,
-               "--engine", "cross-model", "--max-wait-ms", "0.5"]  # fmt: skip
+               "--backend", "cross-model", "--max-wait-ms", "0.5"]  # fmt: skip
     runs: dict[int, list[dict]] = {workers: [] for workers in args.workers}
     for _ in range(args.rounds):
         for workers in args.workers:

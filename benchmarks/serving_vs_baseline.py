@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "torchscript": myriad,
         "torchscript-opt": [*myriad, "--optimise"],
         "torchscript-opt-2t": [*myriad, "--optimise", "--threads", "2"],
-        "engine": [*myriad, "--engine", "cross-model", "--max-wait-ms", "1"],
-        "engine-2fe": [*myriad, "--engine", "cross-model", "--max-wait-ms", "1", "--workers", "2"],
+        "engine": [*myriad, "--backend", "cross-model", "--max-wait-ms", "1"],
+        "engine-2fe": [*myriad, "--backend", "cross-model", "--max-wait-ms", "1", "--workers", "2"],
     }  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in args.servers}
     for _ in range(args.rounds):

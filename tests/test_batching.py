@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from packing.contracts import ModelSpec
+from serving.backends.torchscript import Batcher, TorchScriptModel
 from serving.build.tracing import TraceSettings, trace_to_store
-from serving.engine.torchscript import Batcher, TorchScriptModel
 from serving.errors import DeadlineExceeded, Overloaded
 from serving.store import artifact_prefix, open_store
 

@@ -66,7 +66,7 @@ def test_server_imports_no_pipeline_packages() -> None:
     code = (
         "import sys\n"
         "import serving.http.server, serving.http.app, serving.store\n"
-        "import serving.engine.torchscript, serving.engine.crossmodel\n"
+        "import serving.backends.torchscript, serving.backends.crossmodel\n"
         "from serving.http.server import main\n"
         "try:\n"
         "    main(['--help'])\n"

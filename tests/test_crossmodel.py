@@ -12,11 +12,8 @@ import pytest
 import torch
 
 from packing.contracts import ModelSpec
-from serving.build import sources
-from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager
-from serving.build.tracing import TraceSettings, trace_to_store
-from serving.engine.crossmodel import CrossModelEngine, CrossModelSettings
-from serving.engine.weightbank import (
+from serving.backends.crossmodel import CrossModelEngine, CrossModelSettings
+from serving.backends.weightbank import (
     CrossModelError,
     CrossModelExecutor,
     ModelPool,
@@ -24,6 +21,9 @@ from serving.engine.weightbank import (
     WeightBank,
     bert_weights,
 )
+from serving.build import sources
+from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager
+from serving.build.tracing import TraceSettings, trace_to_store
 from serving.errors import DeadlineExceeded, Overloaded
 from serving.store import open_store
 from tests.servers import model_server
@@ -228,7 +228,7 @@ def test_server_with_the_cross_model_engine(tmp_path: Path) -> None:
         trace_to_store(
             spec, "cpu", store, TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
         )
-    args = ("--engine", "cross-model", "--slots", "2", "--max-wait-ms", "10")
+    args = ("--backend", "cross-model", "--slots", "2", "--max-wait-ms", "10")
     ids = [s.id for s in [*specs, embedder]]
     with model_server(uri, ids, tmp_path / "server.log", extra_args=args) as url:
         listing = httpx.get(f"{url}/models").json()
@@ -269,7 +269,7 @@ def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
     from packing.contracts import Catalog, Fleet
     from packing.io import load
     from packing.problems import build_problem
-    from serving.engine.weightbank import planned_bytes
+    from serving.backends.weightbank import planned_bytes
 
     fleet = Fleet(
         name="f",
@@ -306,8 +306,8 @@ def test_packing_with_the_engine_uses_its_bytes_per_model() -> None:
 def test_overload_answers_503_with_retry_after(engine) -> None:
     from litestar.testing import TestClient
 
-    from serving.engine.contract import ModelState
-    from serving.engine.crossmodel import CrossModel, CrossModelRepository
+    from serving.backends.contract import ModelState
+    from serving.backends.crossmodel import CrossModel, CrossModelRepository
     from serving.http.app import create_app
 
     shared, models = engine

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from packing.contracts import ModelSpec
+from serving.backends.torchscript import TorchScriptRepository
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.dataplane import v2
 from serving.dataplane.metrics import ServerMetrics
 from serving.dataplane.plane import DataPlane
-from serving.engine.torchscript import TorchScriptRepository
 from serving.errors import ModelNotFound, ServingError
 from serving.store import open_store
 

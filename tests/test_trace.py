@@ -164,7 +164,7 @@ def test_hf_source_on_s3_traces(s3_store_uri: str, tmp_path: Path) -> None:
 
 
 def test_a_traced_model_answers_the_same_on_trimmed_padding(tmp_path: Path) -> None:
-    from serving.engine.torchscript import TorchScriptModel
+    from serving.backends.torchscript import TorchScriptModel
 
     store = open_store(f"file://{tmp_path}/store")
     trace_to_store(tiny(max_length=64), "cpu", store, FAST)
@@ -182,7 +182,7 @@ def test_a_traced_model_answers_the_same_on_trimmed_padding(tmp_path: Path) -> N
 def test_the_optimised_module_answers_as_the_traced_artifact(tmp_path: Path) -> None:
     """``--optimise`` serves the artifact frozen and optimised for inference; that must change
     no answer beyond float rounding, on one text and on a padded batch."""
-    from serving.engine.torchscript import TorchScriptModel, TorchScriptRepository
+    from serving.backends.torchscript import TorchScriptModel, TorchScriptRepository
 
     store = open_store(f"file://{tmp_path}/store")
     trace_to_store(tiny(max_length=64), "cpu", store, FAST)

@@ -327,7 +327,7 @@ def _intra_op_threads(count: int) -> Iterator[None]:
 
 def _engine_bytes(eager: EagerModel, spec: ModelSpec) -> dict[str, int] | None:
     """Bytes per model in the cross-model engine at each precision; None for non-BERT models."""
-    from serving.engine.weightbank import CrossModelError, bert_weights, planned_bytes
+    from serving.backends.weightbank import CrossModelError, bert_weights, planned_bytes
 
     try:
         shape, _ = bert_weights(eager.module, spec.task)

@@ -19,9 +19,9 @@ import anyio
 import numpy as np
 
 from packing.contracts import is_model_id
+from serving.backends.contract import ModelState
 from serving.dataplane import v2
 from serving.dataplane.metrics import ServerMetrics
-from serving.engine.contract import ModelState
 from serving.errors import (
     Forbidden,
     InvalidInput,

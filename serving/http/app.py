@@ -25,10 +25,10 @@ from litestar.plugins.problem_details import (
 )
 
 from serving import settings
+from serving.backends.contract import ModelRepository
 from serving.dataplane.metrics import ServerMetrics
 from serving.dataplane.plane import DataPlane, logger
 from serving.dataplane.v2 import HEADER_LENGTH
-from serving.engine.contract import ModelRepository
 from serving.errors import (
     DeadlineExceeded,
     Forbidden,
@@ -292,7 +292,7 @@ def create_app(
 ) -> Litestar:
     """Wire the app; models load in a background thread so liveness answers during the load.
 
-    ``batching``: :class:`serving.engine.torchscript.Batcher` settings for TorchScript models
+    ``batching``: :class:`serving.backends.torchscript.Batcher` settings for TorchScript models
     (None runs each request on its own). ``admin_token`` (default ``$MYRIAD_ADMIN_TOKEN``, read
     once) opens the repository's load and unload routes. ``on_startup`` hooks run after the
     load has begun, ``on_shutdown`` hooks before the backends close."""

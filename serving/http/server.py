@@ -17,6 +17,9 @@ from packing.io import load
 from serving import settings
 
 SERVER_PORT_DEFAULT = 8080
+# How a server runs its models (serving/backends/): one TorchScript module per model, or the
+# cross-model engine over a stacked weight bank.
+BACKENDS = ("torchscript", "cross-model")
 
 
 def server_models(plan: Plan, server_id: str) -> tuple[list[str], str]:
@@ -49,11 +52,11 @@ def serve(
     report_loading: bool = False,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
-    cross-model engine (:class:`serving.engine.crossmodel.CrossModelSettings` fields) for
+    cross-model engine (:class:`serving.backends.crossmodel.CrossModelSettings` fields) for
     models of one BERT shape.
     ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.http.workers`).
     ``optimise``: TorchScript modules frozen and optimised on CPU
-    (:func:`serving.engine.torchscript.optimised`, a trade of resident memory for CPU).
+    (:func:`serving.backends.torchscript.optimised`, a trade of resident memory for CPU).
     ``report_loading``: print the address and each model's state as it loads (a failure with
     its reason), and stop with :class:`NothingLoaded` when no model could be loaded; for a
     person at a terminal (``myriad serve``), where a server that answers 503 forever helps no
@@ -62,7 +65,7 @@ def serve(
     import torch
     import uvicorn
 
-    from serving.engine.torchscript import TorchScriptRepository
+    from serving.backends.torchscript import TorchScriptRepository
     from serving.http.app import create_app, serving_app
     from serving.store import open_store
 
@@ -79,7 +82,7 @@ def serve(
         workers = threads
         batching = dict(batch or {})
     else:
-        from serving.engine.crossmodel import CrossModelRepository, CrossModelSettings
+        from serving.backends.crossmodel import CrossModelRepository, CrossModelSettings
 
         # One scheduler thread runs every batch: its GEMMs get the intra-op threads.
         torch.set_num_threads(threads)
@@ -217,7 +220,7 @@ class ServerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = SERVER_PORT_DEFAULT
     threads: int = 1
     workers: int = 1
-    engine: str = "torchscript"  # or cross-model
+    backend: str = "torchscript"  # or cross-model
     optimise: bool = False
     slots: int | None = None
     precision: str = "fp32"
@@ -255,10 +258,11 @@ def server_parser() -> argparse.ArgumentParser:
         "front ends hand it requests over ZeroMQ",
     )
     parser.add_argument(
-        "--engine",
+        "--backend",
         default="torchscript",
-        choices=["torchscript", "cross-model"],
-        help="cross-model: batch requests to different BERT models of one shape together",
+        choices=BACKENDS,
+        help="torchscript: one module per model; cross-model: the cross-model engine, which "
+        "batches requests to different BERT models of one shape together",
     )
     parser.add_argument(
         "--optimise",
@@ -307,7 +311,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
         port=args.port,
         threads=args.threads,
         workers=args.workers,
-        engine=args.engine,
+        backend=args.backend,
         optimise=args.optimise,
         slots=args.slots,
         precision=args.precision,
@@ -322,7 +326,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
 
 def run_server(options: ServerOptions) -> None:
     engine = None
-    if options.engine == "cross-model":
+    if options.backend == "cross-model":
         engine = {
             "precision": options.precision,
             "int8": options.int8,

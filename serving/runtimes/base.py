@@ -85,8 +85,8 @@ def engine_arguments(engine: str | None) -> list[str]:
             f"engine precision {engine!r}: choose {', '.join(ENGINE_PRECISIONS[:-1])} or int8"
         )
     if engine == "int8":
-        return ["--engine", "cross-model", "--precision", "bf16", "--int8"]
-    return ["--engine", "cross-model", "--precision", engine]
+        return ["--backend", "cross-model", "--precision", "bf16", "--int8"]
+    return ["--backend", "cross-model", "--precision", engine]
 
 
 def server_arguments(

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from serving.build.modeling import encode, tensor_bytes
-from serving.engine.contract import (
+from serving.backends.contract import (
     LOAD_ERRORS,
     TRIM_MULTIPLE,
     ModelRepository,
@@ -37,6 +36,7 @@ from serving.engine.contract import (
     claim,
     open_artifact,
 )
+from serving.build.modeling import encode, tensor_bytes
 from serving.errors import InvalidInput, ModelNotReady, Overloaded
 from serving.store import ArtifactStore, artifact_prefix
 

@@ -1,5 +1,5 @@
 """The cross-model engine behind the model contract: requests to different models of one BERT shape
-are batched together and run by :class:`serving.engine.weightbank.CrossModelExecutor`.
+are batched together and run by :class:`serving.backends.weightbank.CrossModelExecutor`.
 
 The :class:`CrossModelEngine` owns one scheduler thread. Callers (the server's worker threads)
 submit texts and wait; the scheduler takes what has arrived within ``max_wait_s`` (up to
@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from serving.build.modeling import encodings_of, tensor_bytes
-from serving.engine.contract import (
+from serving.backends.contract import (
     LOAD_ERRORS,
     ModelRepository,
     ModelState,
@@ -33,7 +32,7 @@ from serving.engine.contract import (
     describe,
     open_artifact,
 )
-from serving.engine.weightbank import (
+from serving.backends.weightbank import (
     BertShape,
     CrossModelError,
     CrossModelExecutor,
@@ -41,6 +40,7 @@ from serving.engine.weightbank import (
     WeightBank,
     bert_weights,
 )
+from serving.build.modeling import encodings_of, tensor_bytes
 from serving.errors import InvalidInput, ModelNotReady, NotSupported, Overloaded
 from serving.store import ArtifactStore, artifact_prefix
 
