@@ -21,14 +21,14 @@ $(STAMP): pyproject.toml
 # The container tests build and run the server image with podman (no Docker engine needed):
 # podman, runc (crun's setrlimit is refused in some VMs) and mmdebstrap (a local base image when
 # no registry answers). Installed with apt when missing and run as root; quick when done.
-SYSTEM_PACKAGES := podman runc mmdebstrap
+SYSTEM_PACKAGES := podman runc mmdebstrap prometheus
 CONTAINERS_CONF := $(if $(filter 0,$(shell id -u)),/etc/containers/containers.conf,$(HOME)/.config/containers/containers.conf)
 
 system:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "container tests need:$$missing (apt-get install -y $(SYSTEM_PACKAGES))" >&2; exit 1; \
+	    echo "container and Prometheus tests need:$$missing (apt-get install -y $(SYSTEM_PACKAGES))" >&2; exit 1; \
 	  fi; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1 \

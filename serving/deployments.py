@@ -12,6 +12,7 @@ import msgspec
 from packing.contracts import Plan
 from packing.errors import MyriadError
 from packing.io import load, write_atomic
+from serving import settings
 from serving.store import data_dir, deployment_key, deployment_prefix, open_store
 
 
@@ -85,14 +86,54 @@ def write_deployment(deployment: Deployment, plan: Plan | None = None) -> Deploy
             deployment = msgspec.structs.replace(deployment, plan_uri=store.url_for(key))
         store.put_bytes(deployment_key(deployment.name), msgspec.json.encode(deployment))
     write_atomic(deployment_path(deployment.name), msgspec.json.encode(deployment))
+    write_targets(deployment)
     return deployment
 
 
 def forget_deployment(deployment: Deployment) -> None:
     """Remove the record of a torn-down deployment, here and in its store."""
     deployment_path(deployment.name).unlink(missing_ok=True)
+    targets_path(deployment.name).unlink(missing_ok=True)
     if deployment.store_uri is not None:
         store = open_store(deployment.store_uri)
         if store.exists(deployment_key(deployment.name)):
             store.delete(deployment_key(deployment.name))
         store.delete_prefix(deployment_prefix(deployment.name))
+
+
+# ----------------------------------------------------------------------------- scrape targets
+# The runtimes that serve on this machine's addresses (local, docker) have their servers
+# published as Prometheus file_sd targets, <home>/prometheus/<deployment>.json, labelled
+# myriad_deployment and myriad_server, rewritten with the record: a Prometheus with
+# file_sd_configs over that folder follows deploys, redeploys and teardowns.
+
+
+def targets_path(name: str, home: Path | None = None) -> Path:
+    return (home or settings.current().data_dir) / "prometheus" / f"{name}.json"
+
+
+def scrape_targets(deployment: Deployment) -> list[dict]:
+    """The ``file_sd`` entries of a deployment's servers: one per server, labelled by the
+    deployment and the plan's server id."""
+    return [
+        {
+            "targets": [url.split("://", 1)[-1].rstrip("/")],
+            "labels": {
+                "myriad_deployment": deployment.name,
+                "myriad_server": server_id,
+                "myriad_runtime": deployment.runtime,
+            },
+        }
+        for server_id, url in sorted(deployment.servers.items())
+    ]
+
+
+def write_targets(deployment: Deployment) -> Path | None:
+    """Publish the servers as Prometheus targets (not for Kubernetes: a cluster's Prometheus
+    finds the pods by their annotations)."""
+    if deployment.runtime == "kubernetes":
+        return None
+    path = targets_path(deployment.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, msgspec.json.encode(scrape_targets(deployment)))
+    return path

@@ -423,6 +423,15 @@ def publish_problem(problem: Any, store_uri: str | None) -> str:
     return store.url_for(key)
 
 
+def observation_key(name: str, stamp: str) -> str:
+    """An observation of a deployment's traffic (serving.observe), kept beside its record."""
+    return f"{deployment_prefix(name)}observations/{stamp}.json"
+
+
+def latest_observation_key(name: str) -> str:
+    return f"{deployment_prefix(name)}observations/latest.json"
+
+
 def report_key(run_id: str, name: str) -> str:
     return f"reports/{run_id}/{name}"
 
