@@ -79,6 +79,13 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 INGRESS_NAMESPACE = "ingress-nginx"
 METRICS_NAMESPACE = "monitoring"
 METRICS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
+# What a cluster's Prometheus discovers the servers' pods by (the prometheus.io annotations of
+# its kubernetes_sd pod job); their labels carry the deployment and the plan's server id.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": "8080",
+    "prometheus.io/path": "/metrics",
+}
 # The orchestrator: the Kubernetes work pool's namespace and ServiceAccount (prefect.yaml,
 # flows/work_pools/kubernetes.json); its Jobs' pods carry ORCHESTRATOR_POD_LABELS.
 ORCHESTRATOR_NAMESPACE = "myriad"
@@ -621,7 +628,10 @@ def _server_objects(
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
             "template": {
-                "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {**annotations, **SCRAPE_ANNOTATIONS},
+                },
                 "spec": pod_spec,
             },
         }
