@@ -22,7 +22,7 @@ from serving import settings
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
 )
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 
@@ -247,7 +247,7 @@ def pack(
         )
     save(plan, out)
     # Published as the myriad-pack flow publishes it: plans/<id>/plan.json and plans/latest.
-    plan_uri = publish_plan(plan, store)
+    plan_uri = publish_plan(plan, store, spec)
     figure = plot_plan(spec, plan, png or out.with_suffix(".png"))
     table = Table(title=f"plan {plan.plan_id} ({plan.solver_status})")
     rows = plan_table(spec, plan)
@@ -509,6 +509,164 @@ def redeploy(
     console.print(
         f"kept {len(result.kept)}, started {len(result.started)}, stopped {len(result.stopped)}"
     )
+
+
+@app.command()
+def observe(
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    store: StoreOption = None,
+    window: Annotated[float, typer.Option(help="seconds of traffic to observe")] = 60.0,
+    interval: Annotated[float, typer.Option(help="seconds per rate sample")] = 5.0,
+    quantile: Annotated[float, typer.Option(help="the high rate: this quantile of samples")] = 0.9,
+    prometheus: Annotated[
+        str | None,
+        typer.Option(help="Prometheus URL to read (default: $MYRIAD_PROMETHEUS_URL, else scrape)"),
+    ] = None,
+    top: Annotated[int, typer.Option(help="models shown, busiest first")] = 15,
+) -> None:
+    """Each model's observed request rate, errors and latency in a running deployment, kept
+    in the store beside its record (what ``myriad rebalance`` plans from)."""
+    from serving.deployments import read_deployment
+    from serving.observe import observe_deployment, publish_observation
+
+    deployment = read_deployment(name, store)
+    url = prometheus or settings.current().observe.prometheus_url
+    with console.status(
+        f"observing {name} for {window:.0f} s " + (f"through {url}" if url else "by scraping")
+    ):
+        observation = observe_deployment(deployment, window, interval, quantile, url)
+    uri = publish_observation(observation, store or deployment.store_uri)
+    print_observation(observation, top)
+    console.print(f"observation: {uri}")
+
+
+def print_observation(observation, top: int) -> None:
+    table = Table(
+        title=f"{observation.deployment}: {observation.total_rps():.1f} requests/s over "
+        f"{observation.window_s:.0f} s ({observation.source}, plan {observation.plan_id})"
+    )
+    for column in ("model", "rate/s", f"p{observation.quantile * 100:.0f} rate/s", "requests",
+                   "errors", "p50 ms", "p90 ms", "p99 ms"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "model" else "right")
+    busiest = sorted(observation.models.items(), key=lambda item: -item[1].rate_rps)[:top]
+    for model, traffic in busiest:
+        table.add_row(
+            model,
+            f"{traffic.rate_rps:.2f}",
+            f"{traffic.rate_high_rps:.2f}",
+            str(traffic.requests),
+            str(traffic.errors),
+            *(f"{v:.1f}" if v is not None else "-" for v in
+              (traffic.p50_ms, traffic.p90_ms, traffic.p99_ms)),
+        )  # fmt: skip
+    console.print(table)
+    if len(observation.models) > top:
+        console.print(f"... and {len(observation.models) - top} more models with traffic")
+
+
+@app.command()
+def rebalance(
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    fleet: Annotated[Path, typer.Option(help="the deployment's fleet")] = Path(
+        "examples/demo.yaml"
+    ),
+    catalog: Annotated[Path, typer.Option(help="instance catalog")] = Path("catalogs/aws.yaml"),
+    store: StoreOption = None,
+    tolerance: Annotated[
+        float, typer.Option(help="accepted cost above a fresh solve (0.05 = 5%)")
+    ] = 0.05,
+    max_moves: Annotated[
+        int | None, typer.Option(help="at most this many replicas change place")
+    ] = None,
+    headroom: Annotated[float, typer.Option(help="plan for this times the observed rate")] = 1.2,
+    floor_rps: Annotated[float, typer.Option(help="planned rate of a model seen idle")] = 0.01,
+    min_window: Annotated[
+        float, typer.Option(help="refuse an observation shorter than this, seconds")
+    ] = 60.0,
+    rate: Annotated[str, typer.Option(help="high (the quantile) | mean")] = "high",
+    time_limit: Annotated[float, typer.Option(help="packer time limit, seconds")] = 10.0,
+    engine: EngineOption = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="print the moves and the new cost, change nothing")
+    ] = False,
+) -> None:
+    """Repack a running deployment for its observed traffic (the latest ``myriad observe``)
+    under a move budget, and redeploy only the servers whose models changed."""
+    from packing.contracts import Catalog, Fleet
+    from packing.io import load
+    from packing.problems import build_problem
+    from packing.traffic import TrafficSettings
+    from serving.build.tracing import stored_profiles
+    from serving.deployments import read_deployment
+    from serving.observe import latest_observation
+    from serving.rebalance import (
+        RebalanceSettings,
+        apply_rebalance,
+        plan_rebalance,
+        planned_problem,
+    )
+    from serving.runtimes import DeployOptions
+    from tasks.documents import open_plan
+    from tasks.trace import trace_jobs
+
+    deployment = read_deployment(name, store)
+    store_uri = store or deployment.store_uri
+    observation = latest_observation(name, store_uri)
+    if observation is None:
+        _fail(f"no observation of {name} in the store: run `myriad observe --name {name}` first")
+    options = RebalanceSettings(
+        traffic=TrafficSettings(floor_rps=floor_rps, headroom=headroom, min_window_s=min_window),
+        tolerance=tolerance,
+        max_moves=max_moves,
+        time_limit_s=time_limit,
+        rate=rate,
+    )
+    current = open_plan(deployment.plan_uri or deployment.plan_path or "")
+    fleet_spec = load(fleet, Fleet)
+    jobs = [f"{model.id}/{processor}" for model, processor in trace_jobs(fleet_spec)]
+    guessed = build_problem(
+        fleet_spec, stored_profiles(jobs, store_uri), load(catalog, Catalog), engine=engine
+    )
+    problem = planned_problem(current, store_uri, guessed)
+    with console.status(f"repacking {name} for its observed traffic"):
+        result = plan_rebalance(deployment, current, problem, observation, options)
+    print_rebalance(result)
+    if dry_run or result.unchanged:
+        console.print("dry run: nothing changed" if dry_run else "nothing to move")
+        return
+    deploy_options = DeployOptions(name=name, store_uri=store_uri, engine=engine)
+    with console.status(f"moving {name} to plan {result.plan.plan_id}"):
+        moved = apply_rebalance(result, deployment, deploy_options)
+    console.print(
+        f"kept {len(moved.kept)}, started {len(moved.started)}, stopped {len(moved.stopped)}"
+    )
+
+
+def print_rebalance(result) -> None:
+    console.print(
+        f"{result.deployment}: ${result.cost_before:.4f}/h -> ${result.cost_after:.4f}/h "
+        f"(a fresh solve ${result.fresh_cost:.4f}/h), {len(result.moves)} replica moves, "
+        f"{len(result.changed_servers)} servers to replace, plan {result.plan.plan_id}"
+    )
+    table = Table(title="planned against observed (busiest, then most mis-planned)")
+    for column in ("model", "planned rps", "observed rps", "observed/planned"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    seen = set()
+    for row in [*result.busiest, *result.most_misplanned]:
+        if row.model_id in seen:
+            continue
+        seen.add(row.model_id)
+        table.add_row(
+            row.model_id, f"{row.planned_rps:.2f}", f"{row.observed_rps:.2f}", f"{row.ratio:.2f}"
+        )
+    console.print(table)
+    if result.moves:
+        moves = Table(title="moves")
+        for column in ("model", "from", "to"):
+            moves.add_column(column)
+        for move in result.moves[:30]:
+            moves.add_row(move.model_id, move.source or "(new)", move.target or "(removed)")
+        console.print(moves)
 
 
 @app.command()

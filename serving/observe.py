@@ -391,3 +391,19 @@ def latest_observation(name: str, store_uri: str | None) -> Observation | None:
     if not store.exists(key):
         return None
     return msgspec.json.decode(store.get_bytes(key), type=Observation)
+
+
+def observe_deployment(
+    deployment: Deployment,
+    window_s: float = 60.0,
+    interval_s: float = 5.0,
+    quantile: float = 0.9,
+    prometheus_url: str | None = None,
+) -> Observation:
+    """From Prometheus when a URL is given (the window that ends now, at once), else by
+    scraping the servers (the window that starts now: it takes ``window_s``)."""
+    if not 0 < quantile <= 1:
+        raise ObserveError(f"quantile {quantile}: between 0 (excluded) and 1")
+    if prometheus_url:
+        return observe_from_prometheus(prometheus_url, deployment, window_s, interval_s, quantile)
+    return observe_by_scraping(deployment, window_s, interval_s, quantile)

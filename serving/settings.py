@@ -70,6 +70,10 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_token: str | None = None  # MYRIAD_ADMIN_TOKEN: enables load/unload routes
 
 
+class ObserveSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    prometheus_url: str | None = None  # MYRIAD_PROMETHEUS_URL; None: scrape servers directly
+
+
 class KubernetesSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kubeconfig: str | None = None  # KUBECONFIG
     in_cluster: bool = False  # KUBERNETES_SERVICE_HOST is set: use the pod's account
@@ -85,6 +89,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     build: BuildSettings = msgspec.field(default_factory=BuildSettings)
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     kubernetes: KubernetesSettings = msgspec.field(default_factory=KubernetesSettings)
+    observe: ObserveSettings = msgspec.field(default_factory=ObserveSettings)
     source: str | None = None  # the project file these came from, if any
 
     @property
@@ -123,6 +128,7 @@ _VARIABLES: tuple[tuple[str | None, str, str, str], ...] = (
     ("server", "log_level", "MYRIAD_LOG_LEVEL", "str"),
     ("server", "admin_token", "MYRIAD_ADMIN_TOKEN", "str"),
     ("kubernetes", "kubeconfig", "KUBECONFIG", "str"),
+    ("observe", "prometheus_url", "MYRIAD_PROMETHEUS_URL", "str"),
     ("kubernetes", "in_cluster", "KUBERNETES_SERVICE_HOST", "present"),
 )
 VARIABLES = tuple(v for _, _, v, _ in _VARIABLES)

@@ -436,11 +436,19 @@ def report_key(run_id: str, name: str) -> str:
     return f"reports/{run_id}/{name}"
 
 
-def publish_plan(plan: Any, store_uri: str | None) -> str:
-    """Write ``plans/<id>/plan.json`` (immutable) and point ``plans/latest`` at it; returns the
-    plan's URI. ``plan``: a ``packing.contracts.Plan``."""
+def plan_problem_key(plan_id: str) -> str:
+    """The problem a plan was solved for: what its traffic was planned to be."""
+    return f"plans/{plan_id}/problem.json"
+
+
+def publish_plan(plan: Any, store_uri: str | None, problem: Any = None) -> str:
+    """Write ``plans/<id>/plan.json`` (immutable), with ``problem`` beside it when given, and
+    point ``plans/latest`` at it; returns the plan's URI. ``plan``: a
+    ``packing.contracts.Plan``, ``problem`` the ``Problem`` it was solved for."""
     store = open_store(store_uri)
     key = plan_key(plan.plan_id)
+    if problem is not None and not store.exists(plan_problem_key(plan.plan_id)):
+        store.put_bytes(plan_problem_key(plan.plan_id), to_json(problem))
     if not store.exists(key):
         store.put_bytes(key, to_json(plan))
     store.put_bytes(LATEST_PLAN_KEY, plan.plan_id.encode())

@@ -65,7 +65,7 @@ def pack_plan(
     progress.done(plan)
     moves = [msgspec.to_builtins(m) for m in repacked.moves] if repacked else None
     fresh_cost = repacked.fresh_cost_per_hour if repacked else None
-    uri = publish_plan_with_retries(plan, store_uri)
+    uri = publish_plan_with_retries(plan, store_uri, problem)
     summary = plan_summary(plan, uri)
     summary["wall_seconds"] = time.perf_counter() - started
     summary["moves"] = moves
@@ -108,13 +108,13 @@ class SolveProgressArtifact:
         )
 
 
-def publish_plan_with_retries(plan: Plan, store_uri: str | None) -> str:
+def publish_plan_with_retries(plan: Plan, store_uri: str | None, problem: Problem) -> str:
     """``publish_plan``, retried on transient store errors (the solve is not redone)."""
     from tasks.policy import NETWORK_RETRIES, is_transient
 
     for attempt in range(NETWORK_RETRIES + 1):
         try:
-            return publish_plan(plan, store_uri)
+            return publish_plan(plan, store_uri, problem)
         except Exception as exc:
             if attempt == NETWORK_RETRIES or not is_transient(exc):
                 raise

@@ -79,10 +79,16 @@ def served(
             teardown("observed")
 
 
-def _send(deployment: Deployment, counts: dict[str, int], seconds: float) -> None:
-    """``counts[model]`` requests per model, spread evenly over ``seconds``, to any replica."""
-    urls = sorted(deployment.servers.values())
-    homes = {"busy": urls, "calm": [deployment.servers["s0-d0"]], "idle": []}
+def _send(
+    deployment: Deployment,
+    counts: dict[str, int],
+    seconds: float,
+    homes: dict[str, list[str]] | None = None,
+) -> None:
+    """``counts[model]`` requests per model, spread evenly over ``seconds``, to its replicas
+    (``homes``: model -> server ids; default: this module's plan)."""
+    default = {"busy": ["s0-d0", "s1-d0"], "calm": ["s0-d0"], "idle": []}
+    homes = {m: [deployment.servers[s] for s in ids] for m, ids in (homes or default).items()}
     order = [m for m, n in counts.items() for _ in range(n)]
     random.Random(0).shuffle(order)
     gap = seconds / max(1, len(order))
