@@ -594,20 +594,17 @@ def rebalance(
     under a move budget, and redeploy only the servers whose models changed."""
     from packing.contracts import Catalog, Fleet
     from packing.io import load
-    from packing.problems import build_problem
     from packing.traffic import TrafficSettings
-    from serving.build.tracing import stored_profiles
     from serving.deployments import read_deployment
     from serving.observe import latest_observation
     from serving.rebalance import (
         RebalanceSettings,
         apply_rebalance,
         plan_rebalance,
-        planned_problem,
+        running_problem,
     )
     from serving.runtimes import DeployOptions
     from tasks.documents import open_plan
-    from tasks.trace import trace_jobs
 
     deployment = read_deployment(name, store)
     store_uri = store or deployment.store_uri
@@ -622,12 +619,9 @@ def rebalance(
         rate=rate,
     )
     current = open_plan(deployment.plan_uri or deployment.plan_path or "")
-    fleet_spec = load(fleet, Fleet)
-    jobs = [f"{model.id}/{processor}" for model, processor in trace_jobs(fleet_spec)]
-    guessed = build_problem(
-        fleet_spec, stored_profiles(jobs, store_uri), load(catalog, Catalog), engine=engine
+    problem = running_problem(
+        current, store_uri, load(fleet, Fleet), load(catalog, Catalog), engine
     )
-    problem = planned_problem(current, store_uri, guessed)
     with console.status(f"repacking {name} for its observed traffic"):
         result = plan_rebalance(deployment, current, problem, observation, options)
     print_rebalance(result)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import msgspec
 
-from packing.contracts import Plan, Problem
+from packing.contracts import Catalog, Fleet, Plan, Problem
 from packing.errors import MyriadError
 from packing.io import decode, save
+from packing.problems import build_problem
 from packing.repack import Move, pack
 from packing.traffic import Misplanned, TrafficSettings, misplanned, with_traffic
+from serving.build.tracing import stored_profiles
 from serving.deployments import Deployment, deployments_dir
 from serving.observe import Observation
 from serving.runtimes import get_runtime
@@ -70,14 +72,23 @@ def observed_rates(observation: Observation, rate: str = "high") -> dict[str, fl
     }
 
 
-def planned_problem(plan: Plan, store_uri: str | None, fallback: Problem) -> Problem:
-    """The problem ``plan`` was solved for (its traffic is what was planned), from the store;
-    ``fallback`` (the fleet's guesses) for a plan published without one."""
+def running_problem(
+    current: Plan,
+    store_uri: str | None,
+    fleet: Fleet,
+    catalog: Catalog,
+    engine: str | None = None,
+) -> Problem:
+    """The problem the running plan answers: as it was published with the plan (its traffic is
+    the planned one), else rebuilt from the fleet's guesses and the stored profiles."""
     store = open_store(store_uri)
-    key = plan_problem_key(plan.plan_id)
-    if not store.exists(key):
-        return fallback
-    return decode(store.get_bytes(key), Problem, store.url_for(key))
+    key = plan_problem_key(current.plan_id)
+    if store.exists(key):
+        return decode(store.get_bytes(key), Problem, store.url_for(key))
+    jobs = [
+        f"{spec.id}/{proc}" for spec in fleet.all_models() for proc in fleet.processors_for(spec)
+    ]
+    return build_problem(fleet, stored_profiles(jobs, store_uri), catalog, engine=engine)
 
 
 def plan_rebalance(

@@ -25,7 +25,7 @@ from serving.rebalance import (
     apply_rebalance,
     drift,
     plan_rebalance,
-    planned_problem,
+    running_problem,
 )
 from serving.runtimes import DeployOptions
 from serving.store import open_store, publish_plan
@@ -145,13 +145,17 @@ def test_drift_names_the_models_and_the_overloaded_server() -> None:
 
 
 def test_the_planned_problem_is_kept_with_the_plan(tmp_path: Path) -> None:
+    from packing.contracts import Fleet
+
     store = f"file://{tmp_path}/store"
     problem = guessed_problem(rps=3.0)
     plan = solve(problem, time_limit_s=5)
-    fallback = guessed_problem()
-    assert planned_problem(plan, store, fallback) == fallback
+    fleet = msgspec.convert({"name": "f", "processors": ["cpu"], "models": [
+        {"id": m, "source": "synthetic:bert-tiny"} for m in MODELS]}, Fleet)  # fmt: skip
+    with pytest.raises(ValueError, match="has no cpu trace"):
+        running_problem(plan, store, fleet, CATALOG)  # rebuilt: it needs the traces
     publish_plan(plan, store, problem)
-    assert planned_problem(plan, store, fallback) == problem
+    assert running_problem(plan, store, fleet, CATALOG) == problem
 
 
 @pytest.mark.slow
