@@ -295,6 +295,56 @@ def test_myriad_publish_triggers_the_retrain_deployment(prefect_server: PrefectS
     assert "no deployment named 'myriad'" in run["state"]["message"], run["state"]["message"]
 
 
+def test_a_drift_event_starts_a_rebalance_of_its_own_deployment_only(
+    prefect_server: PrefectServer,
+) -> None:
+    """prefect.yaml's rebalance trigger: a myriad.traffic.drifted event of another deployment
+    starts nothing; one of deployment ``myriad`` starts a rebalance run of ``myriad`` (which
+    fails fast here, where no deployment of that name runs)."""
+
+    def emit(name: str) -> None:
+        script = (
+            "from prefect.events.worker import EventsWorker\n"
+            "from tasks.observe import emit_drift\n"
+            f"assert emit_drift.fn({name!r}, {{'models': []}})\n"
+            "EventsWorker.drain_all(timeout=30)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=prefect_server.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    deployments = prefect_server.api("POST", "/deployments/filter", {})
+    assert isinstance(deployments, list)
+    target = next(d for d in deployments if d["name"] == "rebalance")
+
+    def runs() -> list:
+        found = prefect_server.api(
+            "POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [target["id"]]}}}
+        )
+        assert isinstance(found, list)
+        return found
+
+    emit("someone-else")
+    time.sleep(8)
+    assert runs() == []
+    emit("myriad")
+    deadline = time.monotonic() + 120
+    while not runs():
+        assert time.monotonic() < deadline, "the drift event started no rebalance run"
+        time.sleep(1)
+    (run,) = runs()
+    assert run["parameters"]["deployment"] == "myriad"
+    finished = prefect_server.wait(run["id"])
+    assert finished["state"]["type"] == "FAILED"
+    assert "no deployment named 'myriad'" in finished["state"]["message"]
+
+
 def test_an_update_event_redeploys_only_the_retrained_model_with_no_failed_request(
     prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
