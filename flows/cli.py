@@ -285,12 +285,15 @@ def serve(
     and an error when none could be loaded."""
     from packing.contracts import Plan
     from packing.io import load
-    from serving.http.server import ServerOptions, run_server, server_models
+    from serving.http.server import ServerOptions, planned_figures, run_server, server_models
 
+    planned = None
     if plan is not None:
         if not server:
             _fail("--plan needs --server ID (a server of the plan)")
-        model_ids, processor = server_models(load(plan, Plan), server)
+        plan_spec = load(plan, Plan)
+        model_ids, processor = server_models(plan_spec, server)
+        planned = planned_figures(plan_spec, server)
     elif models:
         model_ids = [m for m in models.split(",") if m]
     else:
@@ -304,6 +307,7 @@ def serve(
             port=port,
             threads=threads,
             report_loading=True,
+            planned=planned,
         )
     )
 

@@ -149,6 +149,20 @@ def test_observe_by_scraping_and_from_prometheus_agree(
     kept = latest_observation("observed", deployment.store_uri)
     assert kept == scraped
 
+    # Every panel of the dashboard reads real data from this Prometheus.
+    from serving.dataplane.dashboard import queries
+
+    for title, exprs in queries(window="30s").items():
+        for expr in exprs:
+            answer = httpx.get(
+                f"{prometheus.url}/api/v1/query",
+                params={"query": expr.replace("$deployment", "observed")},
+                timeout=10,
+            ).json()
+            assert answer["status"] == "success", (title, answer)
+            if "errors" not in title:
+                assert answer["data"]["result"], (title, expr)
+
 
 @pytest.mark.slow
 def test_targets_follow_the_deployment_record(served: tuple[Deployment, PrometheusServer]) -> None:
@@ -172,3 +186,27 @@ def test_observe_of_servers_that_do_not_answer_names_them(tmp_path: Path) -> Non
     )
     with pytest.raises(ObserveError, match="no server answered /metrics"):
         observe_by_scraping(gone, window_s=0.2, interval_s=0.1)
+
+
+def test_the_dashboard_is_in_step_and_reads_only_exported_metrics() -> None:
+    import re
+
+    from serving.dataplane.dashboard import METRICS, dashboard_json, queries
+    from serving.dataplane.metrics import ServerMetrics
+
+    committed = Path(__file__).resolve().parent.parent / "infra" / "grafana" / "myriad.json"
+    assert committed.read_text() == dashboard_json(), (
+        "infra/grafana/myriad.json is stale: python -c 'from serving.dataplane.dashboard import "
+        "dashboard_json; print(dashboard_json(), end=\"\")' > infra/grafana/myriad.json"
+    )
+    planned = {"server": "s", "compute_utilization": 0.1, "cost_per_hour": 0.1}
+    exported = {family.name for family in ServerMetrics(None, planned).registry.collect()}
+    used = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for exprs in queries().values()
+        for expr in exprs
+        for name in re.findall(r"\bmyriad_[a-z_]+", expr)
+        if name != "myriad_deployment" and name != "myriad_server"
+    }
+    assert used <= exported, used - exported
+    assert {re.sub(r"_total$", "", m) for m in METRICS} <= exported

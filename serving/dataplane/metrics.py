@@ -17,7 +17,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    def __init__(self, repository: object) -> None:
+    def __init__(self, repository: object, planned: dict | None = None) -> None:
+        """``planned``: for a server started from a plan, its id, planned compute
+        (``compute_utilization``) and its share of its instance's price (``cost_per_hour``),
+        exported so that dashboards put observed load and cost beside the plan."""
         self.repository = repository
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -57,6 +60,19 @@ class ServerMetrics:
             "Resident memory of the server process",
             registry=self.registry,
         )
+        if planned is not None:
+            Gauge(
+                "myriad_planned_compute_utilization",
+                "Device-seconds per second the plan gives this server's traffic",
+                ["server"],
+                registry=self.registry,
+            ).labels(planned["server"]).set(planned["compute_utilization"])
+            Gauge(
+                "myriad_server_cost_per_hour",
+                "This server's share of its instance's price per hour, as planned",
+                ["server"],
+                registry=self.registry,
+            ).labels(planned["server"]).set(planned["cost_per_hour"])
 
         # Label lookups take a lock and hash the label values; the children of the models
         # served are kept here (bounded by the models this server hosts, never by the ids

@@ -289,6 +289,7 @@ def create_app(
     admin_token: str | None = None,
     on_startup: Sequence[Callable[[Litestar], Any]] = (),
     on_shutdown: Sequence[Callable[[Litestar], Any]] = (),
+    planned: dict | None = None,
 ) -> Litestar:
     """Wire the app; models load in a background thread so liveness answers during the load.
 
@@ -296,7 +297,7 @@ def create_app(
     (None runs each request on its own). ``admin_token`` (default ``$MYRIAD_ADMIN_TOKEN``, read
     once) opens the repository's load and unload routes. ``on_startup`` hooks run after the
     load has begun, ``on_shutdown`` hooks before the backends close."""
-    server_metrics = ServerMetrics(repository)
+    server_metrics = ServerMetrics(repository, planned)
     plane = DataPlane(
         repository,
         server_metrics,

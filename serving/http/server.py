@@ -22,6 +22,18 @@ SERVER_PORT_DEFAULT = 8080
 BACKENDS = ("torchscript", "cross-model")
 
 
+def planned_figures(plan: Plan, server_id: str) -> dict:
+    """What the plan expects of one server: its compute and its share of the instance price."""
+    server = plan.server(server_id)
+    instance = next(i for i in plan.instances if i.id == server.instance)
+    siblings = sum(1 for s in plan.servers if s.instance == server.instance)
+    return {
+        "server": server_id,
+        "compute_utilization": server.compute_utilization,
+        "cost_per_hour": instance.price_per_hour / max(1, siblings),
+    }
+
+
 def server_models(plan: Plan, server_id: str) -> tuple[list[str], str]:
     try:
         server = plan.server(server_id)
@@ -50,6 +62,7 @@ def serve(
     front_ends: int = 1,
     optimise: bool = False,
     report_loading: bool = False,
+    planned: dict | None = None,
 ) -> None:
     """``engine``: None for one TorchScript module per model, or the settings of the
     cross-model engine (:class:`serving.backends.crossmodel.CrossModelSettings` fields) for
@@ -96,7 +109,9 @@ def serve(
         workers = threads
     log_level = settings.current().server.log_level
     if front_ends <= 1:
-        app = serving_app(create_app(repository, workers=workers, batching=batching))
+        app = serving_app(
+            create_app(repository, workers=workers, batching=batching, planned=planned)
+        )
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -119,7 +134,9 @@ def serve(
                 "see the reasons above (`myriad trace` puts models in the store)"
             )
         return
-    serve_behind_front_ends(repository, workers, batching, host, port, front_ends, log_level)
+    serve_behind_front_ends(
+        repository, workers, batching, host, port, front_ends, log_level, planned
+    )
 
 
 class NothingLoaded(MyriadError):
@@ -167,6 +184,7 @@ def serve_behind_front_ends(
     port: int,
     front_ends: int,
     log_level: str,
+    planned: dict | None = None,
 ) -> None:
     """This process owns the models and serves on a private loopback port; ``front_ends``
     processes answer ``host:port`` and hand it the hot routes over ZeroMQ."""
@@ -198,7 +216,12 @@ def serve_behind_front_ends(
             await endpoint.close()
 
     app = create_app(
-        repository, workers=workers, batching=batching, on_startup=[start], on_shutdown=[stop]
+        repository,
+        workers=workers,
+        batching=batching,
+        on_startup=[start],
+        on_shutdown=[stop],
+        planned=planned,
     )
     config = uvicorn.Config(
         serving_app(app), log_level=log_level, timeout_graceful_shutdown=30, lifespan="on"
@@ -230,6 +253,8 @@ class ServerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue: int = 256
     deadline_ms: float = 30_000.0
     report_loading: bool = False
+    # From the plan (--plan/--server): server, compute_utilization, cost_per_hour.
+    planned: dict | None = None
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -295,10 +320,13 @@ def server_parser() -> argparse.ArgumentParser:
 def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
     parser = server_parser()
     args = parser.parse_args(argv)
+    planned = None
     if args.plan:
         if not args.server:
             parser.error("--plan needs --server")
-        model_ids, processor = server_models(load(args.plan, Plan), args.server)
+        plan = load(args.plan, Plan)
+        model_ids, processor = server_models(plan, args.server)
+        planned = planned_figures(plan, args.server)
     elif args.models:
         model_ids, processor = [m for m in args.models.split(",") if m], args.processor
     else:
@@ -321,6 +349,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
         queue=args.queue,
         deadline_ms=args.deadline_ms,
         report_loading=args.report_loading,
+        planned=planned,
     )
 
 
@@ -354,6 +383,7 @@ def run_server(options: ServerOptions) -> None:
         front_ends=options.workers,
         optimise=options.optimise,
         report_loading=options.report_loading,
+        planned=options.planned,
     )
 
 
