@@ -59,32 +59,39 @@ def _pick(rng: random.Random, table: tuple[tuple[float, float], ...]) -> float:
     return rng.choices([v for v, _ in table], weights=[w for _, w in table])[0]
 
 
-def generate(models: int, seed: int, catalog: Catalog) -> Problem:
-    rng = random.Random(seed)
-    names = list(ARCHITECTURES)
+def profiles_for(arch: str, catalog: Catalog) -> list[Profile]:
+    """The modelled profiles of one architecture on every processor the catalog has."""
     by_accelerator: dict[str, list[str]] = {}
     for t in catalog.instance_types:
         if t.accelerator:
             by_accelerator.setdefault(t.accelerator, []).append(t.name)
+    _, (cpu_mib, gpu_mib, inf_mib), (cpu_s, gpu_s, inf_s) = ARCHITECTURES[arch]
+    profiles = [Profile(processor="cpu", memory_bytes=cpu_mib * MIB, seconds_per_request=cpu_s)]
+    for processor, speeds, mib, seconds in (
+        ("gpu", GPU_SPEED, gpu_mib, gpu_s),
+        ("inf", INF_SPEED, inf_mib, inf_s),
+    ):
+        for accelerator, speed in speeds.items():
+            if accelerator in by_accelerator:
+                profiles.append(
+                    Profile(
+                        processor=processor,
+                        memory_bytes=mib * MIB,
+                        seconds_per_request=seconds * speed,
+                        instance_types=sorted(by_accelerator[accelerator]),
+                    )
+                )
+    return profiles
+
+
+def generate(models: int, seed: int, catalog: Catalog) -> Problem:
+    rng = random.Random(seed)
+    names = list(ARCHITECTURES)
+    by_arch = {name: profiles_for(name, catalog) for name in names}
     fleet = []
     for i in range(models):
         arch = rng.choices(names, weights=[ARCHITECTURES[n][0] for n in names])[0]
-        _, (cpu_mib, gpu_mib, inf_mib), (cpu_s, gpu_s, inf_s) = ARCHITECTURES[arch]
-        profiles = [Profile(processor="cpu", memory_bytes=cpu_mib * MIB, seconds_per_request=cpu_s)]
-        for processor, speeds, mib, seconds in (
-            ("gpu", GPU_SPEED, gpu_mib, gpu_s),
-            ("inf", INF_SPEED, inf_mib, inf_s),
-        ):
-            for accelerator, speed in speeds.items():
-                if accelerator in by_accelerator:
-                    profiles.append(
-                        Profile(
-                            processor=processor,
-                            memory_bytes=mib * MIB,
-                            seconds_per_request=seconds * speed,
-                            instance_types=sorted(by_accelerator[accelerator]),
-                        )
-                    )
+        profiles = by_arch[arch]
         fleet.append(
             ProblemModel(
                 id=f"{arch}-{i:05d}",

@@ -3,6 +3,7 @@ instead of the fleet's guesses, and how far a plan's traffic was from what came.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import msgspec
@@ -46,14 +47,28 @@ def with_traffic(
     window_s: float,
 ) -> Problem:
     """``problem`` with each model's traffic set from ``observed`` (requests/s by model id;
-    a model absent from it was seen idle)."""
+    a model absent from it was seen idle), and replicas added to a model that one replica on
+    its fastest device cannot serve within the compute limit."""
     if window_s < settings.min_window_s:
         raise TrafficError(
             f"the observation covers {window_s:.0f} s, less than the {settings.min_window_s:.0f} s "
             "a rebalance needs (observe for longer, or lower min_window_s)"
         )
     rates = planned_rates(observed, [m.id for m in problem.models], settings)
-    models = [msgspec.structs.replace(m, traffic_rps=round(rates[m.id], 6)) for m in problem.models]
+    cap = problem.limits.max_compute_utilization
+    models = []
+    for model in problem.models:
+        rate = round(rates[model.id], 6)
+        # A model busier than one replica on its fastest device can serve gets the replicas it
+        # needs (never fewer than it had): else no plan could hold it.
+        fastest = min(
+            profile.seconds_per_request / instance_type.compute_capacity
+            for instance_type in problem.catalog.instance_types
+            if (profile := model.profile_for(instance_type)) is not None
+        )
+        needed = math.ceil(rate * fastest / cap - 1e-9) if rate > 0 else 1
+        replicas = max(model.replicas, needed)
+        models.append(msgspec.structs.replace(model, traffic_rps=rate, replicas=replicas))
     return msgspec.structs.replace(problem, models=models)
 
 

@@ -210,7 +210,7 @@ def drift(
                 continue
             replicas = sum(1 for s in current.servers if model_id in s.model_ids)
             used += observed.get(model_id, 0.0) / replicas * profile.seconds_per_request
-        ratio = used / server.compute_utilization
+        ratio = used / instance_type.compute_capacity / server.compute_utilization
         if ratio > settings.compute_ratio:
             servers[server.id] = round(ratio, 3)
     return Drift(
