@@ -59,14 +59,19 @@ def with_traffic(
     models = []
     for model in problem.models:
         rate = round(rates[model.id], 6)
-        # A model busier than one replica on its fastest device can serve gets the replicas it
-        # needs (never fewer than it had): else no plan could hold it.
-        fastest = min(
-            profile.seconds_per_request / instance_type.compute_capacity
+        # A model busier than one replica can serve gets the replicas it needs (never fewer
+        # than it had), counted on the device that serves its requests for the least money:
+        # counted on the fastest device instead, a hot model could only go there, however dear.
+        device_seconds = min(
+            (
+                instance_type.price(problem.price) / instance_type.devices * seconds,
+                seconds,
+            )
             for instance_type in problem.catalog.instance_types
             if (profile := model.profile_for(instance_type)) is not None
-        )
-        needed = math.ceil(rate * fastest / cap - 1e-9) if rate > 0 else 1
+            and (seconds := profile.seconds_per_request / instance_type.compute_capacity)
+        )[1]
+        needed = math.ceil(rate * device_seconds / cap - 1e-9) if rate > 0 else 1
         replicas = max(model.replicas, needed)
         models.append(msgspec.structs.replace(model, traffic_rps=rate, replicas=replicas))
     return msgspec.structs.replace(problem, models=models)
