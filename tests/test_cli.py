@@ -66,6 +66,8 @@ def test_trace_twice_traces_once(tmp_path: Path) -> None:
     [
         (("deploy", "--plan", "missing-plan.json"), "missing-plan.json: no such file"),
         (("pack",), "give --problem PROBLEM"),
+        (("observe", "--name", "ghost"), "no deployment named 'ghost'"),
+        (("rebalance", "--name", "ghost"), "no deployment named 'ghost'"),
         (("trace", "--fleet", "examples/demo.yaml", "--store", "ftp://x"), "ftp://x"),
     ],
 )
