@@ -7,7 +7,6 @@ where a ``loadtest`` module would shadow the ``loadtest`` package."""
 
 from __future__ import annotations
 
-import msgspec
 from prefect import flow
 
 from flows.params import LoadMode, check_positive
@@ -41,7 +40,7 @@ def loadtest(
         settings["rate"] = rate
         settings.setdefault("modes", ["rate"])
     LoadSettings(**settings)  # fails the run now on a bad combination, before any load
-    plan_text = msgspec.json.encode(read_document(plan, Plan)).decode()
+    read_document(plan, Plan)  # a missing or bad plan fails the run now, before any load
     record = deployment_record(deployment, store)
-    figures = load_test(plan_text, record, settings)
-    return publish_report(plan_text, figures, store)
+    figures = load_test(plan, record, settings)
+    return publish_report(plan, figures, store)

@@ -6,18 +6,19 @@ import msgspec
 from prefect import task
 
 from loadtest.runner import LoadSettings, run_load_test
-from packing.contracts import Plan
 from serving.deployments import Deployment
+from tasks.documents import open_plan
 from tasks.policy import PERSISTED
 
 __all__ = ["LoadSettings", "load_test"]
 
 
 @task(name="load-test", **PERSISTED)
-def load_test(plan_json: str, deployment: dict, settings: dict) -> dict:
+def load_test(plan_uri: str, deployment: dict, settings: dict) -> dict:
+    """Load-test the deployment of the plan at ``plan_uri``; returns the figures."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    plan = msgspec.json.decode(plan_json, type=Plan)
+    plan = open_plan(plan_uri)
     load_settings = msgspec.convert(settings, LoadSettings)
     artifact = create_progress_artifact(
         progress=0.0, key="myriad-load-test-progress", description="load test progress"

@@ -8,17 +8,16 @@ import time
 from prefect import task
 
 from loadtest.report import format_value, report_files, results_row, to_markdown
-from packing.contracts import Plan
 from serving.store import open_store, report_key
+from tasks.documents import open_plan
 from tasks.policy import PERSISTED
 
 
 @task(name="publish-report", **PERSISTED)
-def publish_report(plan_json: str, load: dict, store_uri: str | None) -> dict:
-    import msgspec
+def publish_report(plan_uri: str, load: dict, store_uri: str | None) -> dict:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    plan = msgspec.json.decode(plan_json, type=Plan)
+    plan = open_plan(plan_uri)
     summary, files = report_files(plan, load)
     create_table_artifact(
         key="myriad-summary",
