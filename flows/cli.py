@@ -599,22 +599,9 @@ def rebalance(
     from packing.contracts import Catalog, Fleet
     from packing.io import load
     from packing.traffic import TrafficSettings
-    from serving.deployments import read_deployment
-    from serving.observe import latest_observation
-    from serving.rebalance import (
-        RebalanceSettings,
-        apply_rebalance,
-        plan_rebalance,
-        running_problem,
-    )
+    from serving.rebalance import RebalanceSettings, apply_rebalance, rebalance_running
     from serving.runtimes import DeployOptions
-    from tasks.documents import open_plan
 
-    deployment = read_deployment(name, store)
-    store_uri = store or deployment.store_uri
-    observation = latest_observation(name, store_uri)
-    if observation is None:
-        _fail(f"no observation of {name} in the store: run `myriad observe --name {name}` first")
     options = RebalanceSettings(
         traffic=TrafficSettings(floor_rps=floor_rps, headroom=headroom, min_window_s=min_window),
         tolerance=tolerance,
@@ -622,12 +609,10 @@ def rebalance(
         time_limit_s=time_limit,
         rate=rate,
     )
-    current = open_plan(deployment.plan_uri or deployment.plan_path or "")
-    problem = running_problem(
-        current, store_uri, load(fleet, Fleet), load(catalog, Catalog), engine
-    )
     with console.status(f"repacking {name} for its observed traffic"):
-        result = plan_rebalance(deployment, current, problem, observation, options)
+        deployment, result, store_uri = rebalance_running(
+            name, store, load(fleet, Fleet), load(catalog, Catalog), options, engine
+        )
     print_rebalance(result)
     if dry_run or result.unchanged:
         console.print("dry run: nothing changed" if dry_run else "nothing to move")

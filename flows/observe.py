@@ -17,14 +17,13 @@ from flows.results import result_options
 from packing.traffic import TrafficSettings
 from serving import settings
 from serving.deployments import read_deployment
-from serving.observe import Observation, latest_observation
+from serving.observe import Observation
 from serving.rebalance import (
     DriftSettings,
-    RebalanceError,
     RebalanceSettings,
     apply_rebalance,
     drift,
-    plan_rebalance,
+    rebalance_running,
     running_problem,
 )
 from serving.runtimes import DeployOptions
@@ -130,10 +129,6 @@ def rebalance(
     changed, load-test for ``duration_s`` (0: none), and report cost before and after, the
     moves, and planned against observed traffic. ``dry_run``: report, change nothing."""
     started = time.perf_counter()
-    record, current, store_uri = _running(deployment, store)
-    observation = latest_observation(deployment, store_uri)
-    if observation is None:
-        raise RebalanceError(f"no observation of {deployment} in the store: run myriad-observe")
     options = RebalanceSettings(
         traffic=TrafficSettings(floor_rps=floor_rps, headroom=headroom, min_window_s=min_window_s),
         tolerance=tolerance,
@@ -141,10 +136,9 @@ def rebalance(
         time_limit_s=time_limit_s,
         rate=rate,
     )
-    problem = running_problem(
-        current, store_uri, check_fleet(fleet), check_catalog(catalog), engine
+    record, result, store_uri = rebalance_running(
+        deployment, store, check_fleet(fleet), check_catalog(catalog), options, engine
     )
-    result = plan_rebalance(record, current, problem, observation, options)
     moved = None
     if not dry_run and not result.unchanged:
         moved = apply_rebalance(

@@ -209,14 +209,7 @@ def observe_by_scraping(
             errors=round(errors),
             **_percentiles(buckets),
         )
-    servers = {
-        sid: ServerTraffic(
-            rate_rps=server_requests.get(sid, 0.0) / elapsed,
-            requests=round(server_requests.get(sid, 0.0)),
-            answered=sid in answered,
-        )
-        for sid in sorted(deployment.servers)
-    }
+    servers = _server_traffic(deployment, server_requests, elapsed, answered)
     return Observation(
         deployment=deployment.name,
         plan_id=deployment.plan_id,
@@ -229,6 +222,19 @@ def observe_by_scraping(
         models=models,
         servers=servers,
     )
+
+
+def _server_traffic(
+    deployment: Deployment, requests: dict[str, float], seconds: float, answered: set
+) -> dict[str, ServerTraffic]:
+    return {
+        sid: ServerTraffic(
+            rate_rps=requests.get(sid, 0.0) / seconds,
+            requests=round(requests.get(sid, 0.0)),
+            answered=sid in answered,
+        )
+        for sid in sorted(deployment.servers)
+    }
 
 
 def _percentiles(buckets: dict[float, float]) -> dict[str, float | None]:
@@ -349,14 +355,7 @@ def observe_from_prometheus(
         for model, (requests, errors) in sorted(totals.items())
     }
     seen = {row["metric"].get("myriad_server"): float(row["value"][1]) for row in per_server}
-    servers = {
-        sid: ServerTraffic(
-            rate_rps=seen.get(sid, 0.0) / window_s,
-            requests=round(seen.get(sid, 0.0)),
-            answered=sid in seen,
-        )
-        for sid in sorted(deployment.servers)
-    }
+    servers = _server_traffic(deployment, seen, window_s, set(seen))
     return Observation(
         deployment=deployment.name,
         plan_id=deployment.plan_id,

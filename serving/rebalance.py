@@ -9,6 +9,8 @@ observed compute passed its planned share, is what starts a rebalance."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 
 from packing.contracts import Catalog, Fleet, Plan, Problem
@@ -157,6 +159,43 @@ def plan_rebalance(
         busiest=busiest,
         most_misplanned=rows[:top],
     )
+
+
+def rebalance_running(
+    name: str,
+    store_uri: str | None,
+    fleet: Fleet,
+    catalog: Catalog,
+    settings: RebalanceSettings,
+    engine: str | None = None,
+) -> tuple[Deployment, Rebalance, str | None]:
+    """The rebalance of running deployment ``name`` for its latest observation: (its record,
+    the rebalance, the store it uses). What ``myriad rebalance`` and the flow both run."""
+    from serving.deployments import read_deployment
+    from serving.observe import latest_observation
+
+    deployment = read_deployment(name, store_uri)
+    store_uri = store_uri or deployment.store_uri
+    observation = latest_observation(name, store_uri)
+    if observation is None:
+        raise RebalanceError(
+            f"no observation of {name} in the store: run `myriad observe --name {name}` first"
+        )
+    plan_uri = deployment.plan_uri or deployment.plan_path or ""
+    current = decode(_read(plan_uri), Plan, plan_uri)
+    problem = running_problem(current, store_uri, fleet, catalog, engine)
+    return (
+        deployment,
+        plan_rebalance(deployment, current, problem, observation, settings),
+        store_uri,
+    )
+
+
+def _read(uri: str) -> bytes:
+    if uri.startswith("s3://"):
+        parent, _, key = uri.rpartition("/")
+        return open_store(parent).get_bytes(key)
+    return Path(uri.removeprefix("file://")).read_bytes()
 
 
 # ------------------------------------------------------------------------------------- drift
