@@ -447,7 +447,7 @@ def _deploy_options(
     store_credential: list[str] | None = None,
 ):
     """One DeployOptions from the command's options, the store defaulting to the settings'."""
-    from serving.runtimes import DeployOptions
+    from serving.runtimes.base import deploy_options
 
     credentials = {}
     for pair in store_credential or []:
@@ -455,12 +455,12 @@ def _deploy_options(
         if not sep or not key:
             _fail(f"--store-credential {pair.split('=')[0]!r}...: give KEY=VALUE")
         credentials[key] = value
-    return DeployOptions(
-        name=name,
-        store_uri=store or settings.current().store.uri,
-        engine=engine,
-        images=_images(image),
-        registry=registry or settings.current().build.registry,
+    return deploy_options(
+        name,
+        store,
+        engine,
+        _images(image),
+        registry,
         namespace=namespace,
         role_arn=role_arn,
         store_secret=store_secret,
@@ -600,7 +600,7 @@ def rebalance(
     from packing.io import load
     from packing.traffic import TrafficSettings
     from serving.rebalance import RebalanceSettings, apply_rebalance, rebalance_running
-    from serving.runtimes import DeployOptions
+    from serving.runtimes.base import deploy_options
 
     options = RebalanceSettings(
         traffic=TrafficSettings(floor_rps=floor_rps, headroom=headroom, min_window_s=min_window),
@@ -617,9 +617,8 @@ def rebalance(
     if dry_run or result.unchanged:
         console.print("dry run: nothing changed" if dry_run else "nothing to move")
         return
-    deploy_options = DeployOptions(name=name, store_uri=store_uri, engine=engine)
     with console.status(f"moving {name} to plan {result.plan.plan_id}"):
-        moved = apply_rebalance(result, deployment, deploy_options)
+        moved = apply_rebalance(result, deployment, deploy_options(name, store_uri, engine))
     console.print(
         f"kept {len(moved.kept)}, started {len(moved.started)}, stopped {len(moved.stopped)}"
     )

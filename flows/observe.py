@@ -26,7 +26,7 @@ from serving.rebalance import (
     rebalance_running,
     running_problem,
 )
-from serving.runtimes import DeployOptions
+from serving.runtimes.base import deploy_options
 from tasks.documents import open_plan
 from tasks.observe import emit_drift, observe_traffic
 
@@ -141,9 +141,7 @@ def rebalance(
     )
     moved = None
     if not dry_run and not result.unchanged:
-        moved = apply_rebalance(
-            result, record, DeployOptions(name=deployment, store_uri=store_uri, engine=engine)
-        )
+        moved = apply_rebalance(result, record, deploy_options(deployment, store_uri, engine))
     summary = {
         "plan_before": result.plan_before,
         "plan_id": result.plan.plan_id,

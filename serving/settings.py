@@ -76,6 +76,10 @@ class ObserveSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class KubernetesSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kubeconfig: str | None = None  # KUBECONFIG
+    # How servers in a cluster read the store when a deploy names neither (a flow run on the
+    # Kubernetes work pool, say): an IRSA role for their ServiceAccount, or a Secret's keys.
+    server_role_arn: str | None = None  # MYRIAD_SERVER_ROLE_ARN
+    store_secret: str | None = None  # MYRIAD_STORE_SECRET
     in_cluster: bool = False  # KUBERNETES_SERVICE_HOST is set: use the pod's account
 
 
@@ -128,6 +132,8 @@ _VARIABLES: tuple[tuple[str | None, str, str, str], ...] = (
     ("server", "log_level", "MYRIAD_LOG_LEVEL", "str"),
     ("server", "admin_token", "MYRIAD_ADMIN_TOKEN", "str"),
     ("kubernetes", "kubeconfig", "KUBECONFIG", "str"),
+    ("kubernetes", "server_role_arn", "MYRIAD_SERVER_ROLE_ARN", "str"),
+    ("kubernetes", "store_secret", "MYRIAD_STORE_SECRET", "str"),
     ("observe", "prometheus_url", "MYRIAD_PROMETHEUS_URL", "str"),
     ("kubernetes", "in_cluster", "KUBERNETES_SERVICE_HOST", "present"),
 )

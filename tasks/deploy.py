@@ -22,7 +22,7 @@ from serving.runtimes import (
     get_runtime,
     read_deployment,
 )
-from serving.runtimes.base import HostRuntime, StartEach
+from serving.runtimes.base import HostRuntime, StartEach, deploy_options
 from tasks.documents import open_plan
 from tasks.policy import PERSISTED, network_retries
 
@@ -44,9 +44,7 @@ def deploy(
     their node (ignored by the other runtimes). ``images`` per processor, else the tags
     ``myriad build`` gives (under ``registry``). ``options``: all of these as one struct
     (with the Kubernetes store access too), instead of the arguments before it."""
-    options = options or DeployOptions(
-        name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
-    )
+    options = options or deploy_options(name, store_uri, engine, images, registry)
     settings = {"catalog": catalog} if runtime == "kubernetes" else {}
     return get_runtime(runtime, **settings).deploy(load(plan_path, Plan), plan_path, options)
 
@@ -63,9 +61,7 @@ def redeploy(
     """Move the running deployment ``name`` to the plan at ``plan_path``, in its own runtime
     (its record from ``store_uri`` when the store holds it, else from this machine)."""
     running = read_deployment(name, store_uri)
-    options = options or DeployOptions(
-        name=name, store_uri=store_uri, engine=engine, images=images or {}, registry=registry
-    )
+    options = options or deploy_options(name, store_uri, engine, images, registry)
     return get_runtime(running.runtime).redeploy(running, load(plan_path, Plan), plan_path, options)
 
 
@@ -164,7 +160,7 @@ def deploy_servers(
     if not isinstance(host, HostRuntime):
         return deploy_plan(plan_uri, store_uri, runtime, name, engine, images)
     plan = open_plan(plan_uri)
-    options = DeployOptions(name=name, store_uri=store_uri, engine=engine, images=images or {})
+    options = deploy_options(name, store_uri, engine, images)
     # The runtime writes the copy its servers read (``begin``); no other local copy is needed.
     deployment = host.deploy(plan, Path(), options, start_each=_task_run_per_server(runtime))
     return msgspec.to_builtins(deployment)

@@ -102,3 +102,21 @@ def test_a_bad_setting_is_one_line_at_the_cli(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "MYRIAD_TRACE_WORKERS='two'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_deploy_options_take_what_was_left_out_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.runtimes.base import deploy_options
+
+    monkeypatch.setenv("MYRIAD_STORE", "s3://from-env/prefix")
+    monkeypatch.setenv("MYRIAD_SERVER_ROLE_ARN", "arn:aws:iam::123456789012:role/servers")
+    monkeypatch.setenv("MYRIAD_REGISTRY", "registry.example/myriad")
+    options = deploy_options("myriad", role_arn=None, store_secret=None)
+    assert options.store_uri == "s3://from-env/prefix"
+    assert options.role_arn == "arn:aws:iam::123456789012:role/servers"
+    assert options.registry == "registry.example/myriad"
+    # What the caller gives wins, and a Secret given keeps the settings' role out.
+    given = deploy_options("myriad", "s3://given/p", store_secret="creds")
+    assert given.store_uri == "s3://given/p"
+    assert given.store_secret == "creds" and given.role_arn is None

@@ -14,6 +14,7 @@ import msgspec
 
 from packing.contracts import ENGINE_PRECISIONS, Plan, PlannedServer
 from packing.io import write_atomic
+from serving import settings
 from serving.deployments import (
     DeployError,
     Deployment,
@@ -59,6 +60,31 @@ class DeployOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Values to render into that Secret (default name myriad-store-credentials); without them
     # the Secret named by store_secret must exist in the namespace.
     store_credentials: dict[str, str] = {}
+
+
+def deploy_options(
+    name: str,
+    store_uri: str | None = None,
+    engine: str | None = None,
+    images: dict[str, str] | None = None,
+    registry: str | None = None,
+    **fields: object,
+) -> DeployOptions:
+    """DeployOptions with what the caller left out taken from the settings: the store, the
+    registry, and a Kubernetes server role or store Secret (so a flow run whose job has
+    ``MYRIAD_STORE`` deploys servers that read that store)."""
+    current = settings.current()
+    if not fields.get("role_arn") and not fields.get("store_secret"):
+        fields["role_arn"] = current.kubernetes.server_role_arn
+        fields["store_secret"] = current.kubernetes.store_secret
+    return DeployOptions(
+        name=name,
+        store_uri=store_uri or current.store.uri,
+        engine=engine,
+        images=images or {},
+        registry=registry or current.build.registry,
+        **fields,
+    )
 
 
 class ServerStatus(msgspec.Struct, kw_only=True):
