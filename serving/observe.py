@@ -19,13 +19,13 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from packing.errors import MyriadError
+from serving.dataplane.metrics import UNKNOWN_MODEL
 from serving.deployments import Deployment, targets_path
 from serving.store import latest_observation_key, observation_key, open_store
 
 SCHEMA_VERSION = 1
 REQUESTS = "myriad_requests_total"
 LATENCY = "myriad_request_seconds_bucket"
-UNKNOWN_MODEL = "(unknown)"
 
 
 class ObserveError(MyriadError):

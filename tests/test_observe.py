@@ -34,7 +34,7 @@ FAST = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
 METRICS = """# TYPE myriad_requests counter
 myriad_requests_total{model="a",status="200"} 7.0
 myriad_requests_total{model="a",status="503"} 2.0
-myriad_requests_total{model="(unknown)",status="404"} 5.0
+myriad_requests_total{model="_unknown",status="404"} 5.0
 # TYPE myriad_request_seconds histogram
 myriad_request_seconds_bucket{le="0.01",model="a"} 2.0
 myriad_request_seconds_bucket{le="0.1",model="a"} 6.0
