@@ -48,7 +48,7 @@ def with_traffic(
 ) -> Problem:
     """``problem`` with each model's traffic set from ``observed`` (requests/s by model id;
     a model absent from it was seen idle), and replicas added to a model that one replica on
-    its fastest device cannot serve within the compute limit."""
+    its most cost-effective device cannot serve within the compute limit."""
     if window_s < settings.min_window_s:
         raise TrafficError(
             f"the observation covers {window_s:.0f} s, less than the {settings.min_window_s:.0f} s "
@@ -62,15 +62,13 @@ def with_traffic(
         # A model busier than one replica can serve gets the replicas it needs (never fewer
         # than it had), counted on the device that serves its requests for the least money:
         # counted on the fastest device instead, a hot model could only go there, however dear.
-        device_seconds = min(
-            (
-                instance_type.price(problem.price) / instance_type.devices * seconds,
-                seconds,
-            )
-            for instance_type in problem.catalog.instance_types
-            if (profile := model.profile_for(instance_type)) is not None
-            and (seconds := profile.seconds_per_request / instance_type.compute_capacity)
-        )[1]
+        # Per device it can run on: (price per device-hour, device-seconds per request).
+        devices = [
+            (t.price(problem.price) / t.devices, profile.seconds_per_request / t.compute_capacity)
+            for t in problem.catalog.instance_types
+            if (profile := model.profile_for(t)) is not None
+        ]
+        _, device_seconds = min(devices, key=lambda d: (d[0] * d[1], d[1]))
         needed = math.ceil(rate * device_seconds / cap - 1e-9) if rate > 0 else 1
         replicas = max(model.replicas, needed)
         models.append(msgspec.structs.replace(model, traffic_rps=rate, replicas=replicas))

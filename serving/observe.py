@@ -16,16 +16,18 @@ from datetime import UTC, datetime
 
 import httpx
 import msgspec
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from packing.errors import MyriadError
+from serving.dataplane.dashboard import LATENCY as LATENCY_SECONDS
+from serving.dataplane.dashboard import REQUESTS
 from serving.dataplane.metrics import UNKNOWN_MODEL
 from serving.deployments import Deployment, targets_path
 from serving.store import latest_observation_key, observation_key, open_store
 
 SCHEMA_VERSION = 1
-REQUESTS = "myriad_requests_total"
-LATENCY = "myriad_request_seconds_bucket"
+LATENCY = f"{LATENCY_SECONDS}_bucket"
 
 
 class ObserveError(MyriadError):
@@ -118,13 +120,8 @@ def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 
 def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The ``q`` quantile of ``values``, linear between samples; 0 for none."""
+    return float(np.quantile(values, q)) if values else 0.0
 
 
 def scrape(client: httpx.Client, url: str) -> Sample | None:
