@@ -9,8 +9,6 @@ observed compute passed its planned share, is what starts a rebalance."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import msgspec
 
 from packing.contracts import Catalog, Fleet, Plan, Problem
@@ -20,11 +18,11 @@ from packing.problems import build_problem
 from packing.repack import Move, pack
 from packing.traffic import Misplanned, TrafficSettings, misplanned, with_traffic
 from serving.build.tracing import stored_profiles
-from serving.deployments import Deployment, deployments_dir
-from serving.observe import Observation
+from serving.deployments import Deployment, deployments_dir, read_deployment
+from serving.observe import Observation, latest_observation
 from serving.runtimes import get_runtime
 from serving.runtimes.base import DeployOptions, RedeployResult
-from serving.store import open_store, plan_problem_key, publish_plan
+from serving.store import open_store, plan_problem_key, publish_plan, read_document
 
 
 class RebalanceError(MyriadError):
@@ -139,8 +137,7 @@ def plan_rebalance(
             f"more than {settings.tolerance:.0%} above a fresh solve "
             f"(${repacked.fresh_cost_per_hour:.4f}/h): raise --max-moves or --tolerance"
         )
-    before = {s.id: sorted(s.model_ids) for s in current.servers}
-    kept_sets = {tuple(models) for models in before.values()}
+    kept_sets = {tuple(sorted(s.model_ids)) for s in current.servers}
     changed = sorted(s.id for s in plan.servers if tuple(sorted(s.model_ids)) not in kept_sets)
     rows = misplanned(problem, observed)
     busiest = sorted(rows, key=lambda r: (-r.observed_rps, r.model_id))[:top]
@@ -171,9 +168,6 @@ def rebalance_running(
 ) -> tuple[Deployment, Rebalance, str | None]:
     """The rebalance of running deployment ``name`` for its latest observation: (its record,
     the rebalance, the store it uses). What ``myriad rebalance`` and the flow both run."""
-    from serving.deployments import read_deployment
-    from serving.observe import latest_observation
-
     deployment = read_deployment(name, store_uri)
     store_uri = store_uri or deployment.store_uri
     observation = latest_observation(name, store_uri)
@@ -181,21 +175,13 @@ def rebalance_running(
         raise RebalanceError(
             f"no observation of {name} in the store: run `myriad observe --name {name}` first"
         )
-    plan_uri = deployment.plan_uri or deployment.plan_path or ""
-    current = decode(_read(plan_uri), Plan, plan_uri)
+    current = read_document(deployment.plan_uri or deployment.plan_path or "", Plan)
     problem = running_problem(current, store_uri, fleet, catalog, engine)
     return (
         deployment,
         plan_rebalance(deployment, current, problem, observation, settings),
         store_uri,
     )
-
-
-def _read(uri: str) -> bytes:
-    if uri.startswith("s3://"):
-        parent, _, key = uri.rpartition("/")
-        return open_store(parent).get_bytes(key)
-    return Path(uri.removeprefix("file://")).read_bytes()
 
 
 # ------------------------------------------------------------------------------------- drift

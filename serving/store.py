@@ -12,15 +12,16 @@ import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from packing.errors import MyriadError
-from packing.io import to_json, write_atomic
+from packing.io import ContractError, decode, load, to_json, write_atomic
 from serving import settings
 
 MANIFEST_NAME = "manifest.json"
+T = TypeVar("T")
 _TEMP_MARK = ".tmp-"
 
 
@@ -238,6 +239,27 @@ def open_store(uri: str | None = None) -> ArtifactStore:
     if "://" in uri:
         raise StoreError(f"store URI {uri!r}: unsupported scheme; use file:// or s3://")
     return FileStore(Path(uri))
+
+
+def read_document(uri: str, kind: type[T]) -> T:
+    """Decode the YAML or JSON document at ``uri`` into ``kind`` (ContractError if it is not
+    there or does not validate; the message names the URI and the field)."""
+    if uri.startswith("s3://"):
+        parent, _, name = uri.rpartition("/")
+        if not name or parent == "s3:/":
+            raise ContractError(f"{uri}: an s3:// URI must name an object (s3://bucket/key)")
+        try:
+            data = open_store(parent).get_bytes(name)
+        except StoreError as exc:
+            if "no object" in str(exc):
+                raise ContractError(f"{uri}: no such object") from None
+            raise
+        return decode(data, kind, uri)
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    elif "://" in uri:
+        raise ContractError(f"{uri}: unsupported URI scheme; use a path, file:// or s3://")
+    return load(Path(uri), kind)
 
 
 def _write_local_atomic(dest: Path, fill: Any, durable: bool = False) -> None:

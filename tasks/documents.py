@@ -5,35 +5,11 @@ Prefect database holds a short string, not a plan."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
 
 from packing.contracts import Plan
-from packing.io import ContractError, decode, load
+from serving.store import read_document
 
-T = TypeVar("T")
-
-
-def read_document(uri: str, kind: type[T]) -> T:
-    """Decode the YAML or JSON document at ``uri`` into ``kind`` (ContractError if it is not
-    there or does not validate; the message names the URI and the field)."""
-    if uri.startswith("s3://"):
-        from serving.store import StoreError, open_store
-
-        parent, _, name = uri.rpartition("/")
-        if not name or parent == "s3:/":
-            raise ContractError(f"{uri}: an s3:// URI must name an object (s3://bucket/key)")
-        try:
-            data = open_store(parent).get_bytes(name)
-        except StoreError as exc:
-            if "no object" in str(exc):
-                raise ContractError(f"{uri}: no such object") from None
-            raise
-        return decode(data, kind, uri)
-    if uri.startswith("file://"):
-        uri = uri.removeprefix("file://")
-    elif "://" in uri:
-        raise ContractError(f"{uri}: unsupported URI scheme; use a path, file:// or s3://")
-    return load(Path(uri), kind)
+__all__ = ["base_dir", "local_path", "open_plan", "read_document"]
 
 
 def base_dir(uri: str) -> Path | None:
