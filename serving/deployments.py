@@ -12,8 +12,13 @@ import msgspec
 from packing.contracts import Plan
 from packing.errors import MyriadError
 from packing.io import load, write_atomic
-from serving import settings
-from serving.store import data_dir, deployment_key, deployment_prefix, open_store
+from serving.store import (
+    data_dir,
+    deployment_key,
+    deployment_plan_key,
+    deployment_prefix,
+    open_store,
+)
 
 
 class DeployError(MyriadError, RuntimeError):
@@ -81,7 +86,7 @@ def write_deployment(deployment: Deployment, plan: Plan | None = None) -> Deploy
     if deployment.store_uri is not None:
         store = open_store(deployment.store_uri)
         if plan is not None:
-            key = f"{deployment_prefix(deployment.name)}{plan.plan_id}.plan.json"
+            key = deployment_plan_key(deployment.name, plan.plan_id)
             store.put_bytes(key, msgspec.json.encode(plan))
             deployment = msgspec.structs.replace(deployment, plan_uri=store.url_for(key))
         store.put_bytes(deployment_key(deployment.name), msgspec.json.encode(deployment))
@@ -109,7 +114,7 @@ def forget_deployment(deployment: Deployment) -> None:
 
 
 def targets_path(name: str, home: Path | None = None) -> Path:
-    return (home or settings.current().data_dir) / "prometheus" / f"{name}.json"
+    return (home or data_dir()) / "prometheus" / f"{name}.json"
 
 
 def scrape_targets(deployment: Deployment) -> list[dict]:

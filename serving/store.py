@@ -445,6 +445,11 @@ def publish_problem(problem: Any, store_uri: str | None) -> str:
     return store.url_for(key)
 
 
+def deployment_plan_key(name: str, plan_id: str) -> str:
+    """The copy of a plan a deployment ran, kept with its record."""
+    return f"{deployment_prefix(name)}{plan_id}.plan.json"
+
+
 def observation_key(name: str, stamp: str) -> str:
     """An observation of a deployment's traffic (serving.observe), kept beside its record."""
     return f"{deployment_prefix(name)}observations/{stamp}.json"

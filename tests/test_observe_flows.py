@@ -11,14 +11,11 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from packing.contracts import ModelSpec
 from packing.io import save
-from packing.solver import solve
-from serving.build.tracing import TraceSettings, trace_to_store
-from serving.store import open_store, publish_plan
+from serving.store import open_store
 from tasks.deploy import deploy, read_deployment, teardown
 from tests.test_observe import _send
-from tests.test_rebalance import MODELS, guessed_problem
+from tests.test_rebalance import MODELS, traced_plan
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +32,7 @@ def test_observe_finds_drift_and_rebalance_follows_it(
     from flows.observe import observe, rebalance
 
     monkeypatch.setenv("MYRIAD_HOME", str(tmp_path / "home"))
-    store = f"file://{tmp_path}/store"
-    fast = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
-    for model_id in MODELS:
-        spec = ModelSpec(id=model_id, source="synthetic:bert-tiny", max_length=16)
-        trace_to_store(spec, "cpu", open_store(store), fast)
+    store, _, plan = traced_plan(tmp_path)
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(
         yaml.safe_dump(
@@ -50,9 +43,6 @@ def test_observe_finds_drift_and_rebalance_follows_it(
             }
         )
     )
-    problem = guessed_problem()
-    plan = solve(problem, time_limit_s=5)
-    publish_plan(plan, store, problem)
     deployment = deploy(save(plan, tmp_path / "plan.json"), store, "local", "flowed")
     try:
         one_server = {m: [plan.servers[0].id] for m in MODELS}

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from packing.contracts import Catalog, ModelSpec, Problem, ProblemModel, Profile
+from packing.contracts import Catalog, ModelSpec, Plan, Problem, ProblemModel, Profile
 from packing.io import load, save
 from packing.solver import solve
 from packing.traffic import TrafficError, TrafficSettings, misplanned, with_traffic
@@ -44,6 +44,20 @@ def guessed_problem(rps: float = 1.0) -> Problem:
         catalog=CATALOG,
         models=[ProblemModel(id=m, traffic_rps=rps, profiles=[profile]) for m in MODELS],
     )
+
+
+def traced_plan(root: Path) -> tuple[str, Problem, Plan]:
+    """MODELS traced into a store under ``root``, and the plan for the guessed traffic
+    published there with its problem: (store URI, problem, plan)."""
+    store = f"file://{root}/store"
+    fast = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
+    for model_id in MODELS:
+        spec = ModelSpec(id=model_id, source="synthetic:bert-tiny", max_length=16)
+        trace_to_store(spec, "cpu", open_store(store), fast)
+    problem = guessed_problem()
+    plan = solve(problem, time_limit_s=5)
+    publish_plan(plan, store, problem)
+    return store, problem, plan
 
 
 def observation(plan_id: str, rates: dict[str, float], window_s: float = 120.0) -> Observation:
@@ -166,15 +180,8 @@ def test_a_rebalance_under_load_through_the_gateway_fails_no_request(
     from tests.test_observe import _send
 
     monkeypatch.setenv("MYRIAD_HOME", str(tmp_path / "home"))
-    store = f"file://{tmp_path}/store"
-    fast = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
-    for model_id in MODELS:
-        spec = ModelSpec(id=model_id, source="synthetic:bert-tiny", max_length=16)
-        trace_to_store(spec, "cpu", open_store(store), fast)
-    problem = guessed_problem()
-    plan = solve(problem, time_limit_s=5)
+    store, problem, plan = traced_plan(tmp_path)
     assert len(plan.servers) == 1
-    publish_plan(plan, store, problem)
     from tasks.deploy import deploy, teardown
 
     deployment = deploy(save(plan, tmp_path / "plan.json"), store, "local", "rb")
