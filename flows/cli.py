@@ -285,15 +285,13 @@ def serve(
     and an error when none could be loaded."""
     from packing.contracts import Plan
     from packing.io import load
-    from serving.http.server import ServerOptions, planned_figures, run_server, server_models
+    from serving.http.server import ServerOptions, plan_server, run_server
 
     planned = None
     if plan is not None:
         if not server:
             _fail("--plan needs --server ID (a server of the plan)")
-        plan_spec = load(plan, Plan)
-        model_ids, processor = server_models(plan_spec, server)
-        planned = planned_figures(plan_spec, server)
+        model_ids, processor, planned = plan_server(load(plan, Plan), server)
     elif models:
         model_ids = [m for m in models.split(",") if m]
     else:

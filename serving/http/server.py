@@ -22,19 +22,9 @@ SERVER_PORT_DEFAULT = 8080
 BACKENDS = ("torchscript", "cross-model")
 
 
-def planned_figures(plan: Plan, server_id: str) -> dict:
-    """What the plan expects of one server: its compute and its share of the instance price."""
-    server = plan.server(server_id)
-    instance = next(i for i in plan.instances if i.id == server.instance)
-    siblings = sum(1 for s in plan.servers if s.instance == server.instance)
-    return {
-        "server": server_id,
-        "compute_utilization": server.compute_utilization,
-        "cost_per_hour": instance.price_per_hour / max(1, siblings),
-    }
-
-
-def server_models(plan: Plan, server_id: str) -> tuple[list[str], str]:
+def plan_server(plan: Plan, server_id: str) -> tuple[list[str], str, dict]:
+    """One server of a plan: its model ids, its processor, and what the plan expects of it
+    (its compute and its share of the instance price, exported in its metrics)."""
     try:
         server = plan.server(server_id)
     except KeyError:
@@ -42,7 +32,14 @@ def server_models(plan: Plan, server_id: str) -> tuple[list[str], str]:
         raise ServerNotInPlan(
             f"plan {plan.plan_id} has no server {server_id!r}; its servers: {ids}"
         ) from None
-    return list(server.model_ids), server.processor
+    instance = next(i for i in plan.instances if i.id == server.instance)
+    siblings = sum(1 for s in plan.servers if s.instance == server.instance)
+    planned = {
+        "server": server_id,
+        "compute_utilization": server.compute_utilization,
+        "cost_per_hour": instance.price_per_hour / max(1, siblings),
+    }
+    return list(server.model_ids), server.processor, planned
 
 
 class ServerNotInPlan(MyriadError):
@@ -324,9 +321,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
     if args.plan:
         if not args.server:
             parser.error("--plan needs --server")
-        plan = load(args.plan, Plan)
-        model_ids, processor = server_models(plan, args.server)
-        planned = planned_figures(plan, args.server)
+        model_ids, processor, planned = plan_server(load(args.plan, Plan), args.server)
     elif args.models:
         model_ids, processor = [m for m in args.models.split(",") if m], args.processor
     else:
