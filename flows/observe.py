@@ -55,7 +55,7 @@ def observe(
     for; on drift, emit ``myriad.traffic.drifted`` for this deployment."""
     logger = get_run_logger()
     check_positive(window_s=window_s, interval_s=interval_s)
-    record, current, store_uri = _running(deployment, store)
+    _, current, store_uri = _running(deployment, store)
     url = prometheus_url or settings.current().observe.prometheus_url
     observed = observe_traffic(deployment, store, window_s, interval_s, quantile, url)
     observation = msgspec.convert(observed["observation"], Observation)
@@ -156,10 +156,8 @@ def rebalance(
         "stopped": moved.stopped if moved else [],
     }
     if moved is not None and duration_s > 0:
-        from serving.store import open_store, plan_key
-
         load = loadtest(
-            plan=open_store(store_uri).url_for(plan_key(result.plan.plan_id)),
+            plan=moved.deployment.plan_uri or moved.deployment.plan_path,
             deployment=deployment,
             store=store_uri,
             duration_s=duration_s,
