@@ -210,6 +210,10 @@ class Profile(_Contract, kw_only=True):
     # Profiles measured on a particular instance type apply only there; None means any
     # instance type of the processor.
     instance_types: list[str] | None = None
+    # Seconds to load the model into a server from its local cache, and from the store (the
+    # cold start an on-demand model costs); None in profiles traced before they were measured.
+    load_seconds: NonNegativeFloat | None = None
+    store_load_seconds: NonNegativeFloat | None = None
 
     @property
     def host_bytes(self) -> int:
@@ -243,11 +247,24 @@ class ProblemModel(_Contract, kw_only=True):
         return fallback
 
 
+class OnDemandLimits(_Contract, kw_only=True):
+    """The on-demand tier: a server may hold models it loads on their first request and evicts
+    under its memory budget. The packer chooses which models are resident and how much memory
+    each server keeps for the rest, so that the expected fraction of requests that meet a cold
+    start stays within ``max_cold_fraction`` and no cold start takes longer than
+    ``max_cold_start_seconds`` (a model whose measured load is slower stays resident)."""
+
+    max_cold_fraction: Annotated[float, Meta(ge=0, le=1)] = 0.01
+    max_cold_start_seconds: PositiveFloat = 5.0
+
+
 class Limits(_Contract, kw_only=True):
     max_memory_fraction: Fraction = 0.9
     max_compute_utilization: Fraction = 0.83
     # Upper bound on the number of instances of a type (account quotas).
     instance_quotas: dict[str, NonNegativeInt] = {}
+    # None: every model is resident (plans as before the tier existed).
+    on_demand: OnDemandLimits | None = None
 
 
 class Problem(_Contract, kw_only=True):
@@ -299,6 +316,13 @@ class PlannedServer(_Contract, kw_only=True):
     compute_utilization: NonNegativeFloat
     # Host memory the server takes: its base and its models' (0 in plans made before).
     host_memory_bytes: NonNegativeInt = 0
+    # The on-demand tier (empty and 0 without it): the models of ``model_ids`` loaded on their
+    # first request rather than at start, the memory kept for them (part of ``memory_bytes``,
+    # on the server's device), and the expected fraction of this server's requests that meet
+    # a cold start.
+    on_demand_model_ids: list[ModelId] = []
+    cache_memory_bytes: NonNegativeInt = 0
+    cold_fraction: NonNegativeFloat = 0.0
 
 
 class SolvePoint(_Contract, kw_only=True):
@@ -325,6 +349,10 @@ class Plan(_Contract, kw_only=True):
     solve_seconds: NonNegativeFloat
     # How cost and bound improved over the solve (the solve record; empty for older plans).
     solve_trajectory: list[SolvePoint] = []
+    # The on-demand tier's promise (0 without it): the expected fraction of all requests that
+    # meet a cold start, and the longest cold start (seconds) any on-demand model can take.
+    cold_fraction: NonNegativeFloat = 0.0
+    cold_start_seconds: NonNegativeFloat = 0.0
 
     def __post_init__(self) -> None:
         instance_ids = {i.id for i in self.instances}
@@ -335,6 +363,9 @@ class Plan(_Contract, kw_only=True):
             if server.id in server_ids:
                 raise ValueError(f"server id {server.id} appears more than once")
             server_ids.add(server.id)
+            stray = sorted(set(server.on_demand_model_ids) - set(server.model_ids))
+            if stray:
+                raise ValueError(f"server {server.id}: on-demand models {stray[:5]} not hosted")
 
     def server(self, server_id: str) -> PlannedServer:
         for server in self.servers:
