@@ -67,6 +67,41 @@ def test_trace_writes_a_verified_artifact_with_profile(tmp_path: Path) -> None:
     assert profile["parity_max_abs_error"] <= FAST.parity_atol_fp32
 
 
+LOAD_KEYS = ("load_seconds", "store_load_seconds", "engine_load_seconds")
+
+
+def test_the_profile_records_load_times(tmp_path: Path) -> None:
+    """The cold start a server pays, measured with its own loaders: from a file store (read in
+    place, so the same load) and, below, from S3 (fetched into an empty cache first)."""
+    store = open_store(f"file://{tmp_path}/store")
+    result = trace_to_store(tiny(), "cpu", store, FAST)
+    profile = json.loads(store.get_bytes("models/tiny-a/cpu/profile.json"))
+    assert profile == result.profile
+    assert all(profile[key] > 0 for key in LOAD_KEYS)
+    assert profile["store_load_seconds"] == profile["load_seconds"]
+    # The profile the packer reads is the committed one: the manifest verifies it.
+    from serving.store import materialize
+
+    materialize(store, "models/tiny-a/cpu")
+
+
+def test_the_load_from_s3_is_measured_through_an_empty_cache(
+    s3_store_uri: str, tmp_path: Path
+) -> None:
+    from serving.store import materialize
+
+    store = open_store(s3_store_uri)
+    result = trace_to_store(tiny(), "cpu", store, FAST)
+    profile = json.loads(store.get_bytes("models/tiny-a/cpu/profile.json"))
+    assert profile == result.profile
+    assert all(profile[key] > 0 for key in (*LOAD_KEYS, "engine_store_load_seconds"))
+    manifest = read_manifest(store, "models/tiny-a/cpu")
+    assert manifest is not None and manifest.metadata["trace_key"] == result.trace_key
+    # The profile rewritten after the fact verifies against the manifest.
+    materialize(store, "models/tiny-a/cpu", tmp_path / "cache")
+    assert trace_to_store(tiny(), "cpu", store, FAST).cached
+
+
 def test_second_trace_is_served_from_the_store_and_changes_retrace(tmp_path: Path) -> None:
     store = open_store(f"file://{tmp_path}/store")
     first = trace_to_store(tiny(), "cpu", store, FAST)

@@ -10,7 +10,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,11 @@ from serving.build import sources
 from serving.build.modeling import EagerModel, configure_tokenizer, encode, load_eager, tensor_bytes
 from serving.process import resident_bytes
 from serving.store import (
+    MANIFEST_NAME,
     ArtifactStore,
+    FileStore,
     artifact_prefix,
+    build_manifest,
     open_store,
     put_artifact,
     read_manifest,
@@ -34,6 +37,10 @@ from serving.store import (
 
 # Bump when the traced artifact would differ for the same source and settings.
 TRACE_FORMAT_VERSION = 1
+
+# At most this many loads per load figure (fewer when ``profile_repeats`` is lower); the profile
+# keeps their median. Not a TraceSettings field: that would change every trace key.
+LOAD_TRIES = 3
 
 PARITY_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -116,7 +123,11 @@ def trace_to_store(
     device = _device_for(processor)
     eager = load_eager(spec, source)
     with tempfile.TemporaryDirectory(prefix=f"myriad-trace-{spec.id}-") as tmp:
-        out = Path(tmp)
+        # The artifact is written where a file store rooted at ``scratch`` holds it, so that a
+        # server's own loader can load it from there (see :func:`measure_load`).
+        scratch = FileStore(Path(tmp) / "store")
+        out = scratch.root / prefix
+        out.mkdir(parents=True)
         precision = settings.precision_for(processor)
         traced = _trace(spec, processor, eager, precision, device, settings)
         torch.jit.save(traced, str(out / "model.ts"))
@@ -126,7 +137,6 @@ def trace_to_store(
         max_error = parity_check(spec, eager, traced, precision, device, settings)
         profile = profile_artifact(out / "model.ts", spec, processor, eager, device, settings)
         profile["parity_max_abs_error"] = max_error
-        (out / "profile.json").write_text(json.dumps(profile, indent=2))
         metadata = {
             "trace_key": key,
             "model_id": spec.id,
@@ -138,7 +148,26 @@ def trace_to_store(
             "source": spec.source,
             "source_hash": source.content_hash,
         }
+        tries = max(1, min(settings.profile_repeats, LOAD_TRIES))
+        (out / "profile.json").write_text(json.dumps(profile, indent=2))
+        (out / MANIFEST_NAME).write_bytes(msgspec.json.encode(build_manifest(out, metadata)))
+        engine = profile["engine_bytes"] is not None
+        loaded = measure_load(scratch, spec.id, processor, tries, engine=engine)
+        profile.update(loaded)
+        remote = store.local_path(prefix) is None
+        if not remote:
+            # Servers read a file store's artifact in place: no fetch, so a load from the store
+            # is the load from the cache.
+            profile.update(_from_store(loaded))
+        (out / "profile.json").write_text(json.dumps(profile, indent=2))
         put_artifact(store, prefix, out, metadata)
+        if remote:
+            fetched = measure_load(
+                store, spec.id, processor, tries, engine=engine, fresh_cache=True
+            )
+            profile.update(_from_store(fetched))
+            (out / "profile.json").write_text(json.dumps(profile, indent=2))
+            _recommit_profile(store, prefix, out, metadata)
     seconds = time.perf_counter() - started
     return TraceResult(spec.id, processor, prefix, key, False, seconds, profile)
 
@@ -313,6 +342,71 @@ def profile_artifact(
             "seconds_per_request": timings[best_batch] / int(best_batch),
             "seconds_per_request_batch1": timings[str(min(settings.profile_batch_sizes))],
         }
+
+
+def measure_load(
+    store: ArtifactStore,
+    model_id: str,
+    processor: Processor,
+    tries: int = LOAD_TRIES,
+    *,
+    engine: bool = False,
+    fresh_cache: bool = False,
+) -> dict[str, float]:
+    """Seconds to load the committed artifact of ``model_id`` from ``store`` with a server's own
+    loaders, the median of ``tries``: ``load_seconds`` for the TorchScript backend (verify,
+    tokenizer, ``torch.jit.load``, the warm-up calls), and with ``engine`` also
+    ``engine_load_seconds`` for the cross-model engine (verify, rebuild, extract the weights;
+    writing them into the engine's weight bank is not counted).
+
+    With ``fresh_cache`` each try starts from an empty local cache, so a remote store's
+    artifact is fetched first, as on a server that never held it.
+    """
+    from serving.backends.contract import ModelState, ServingModel
+    from serving.backends.crossmodel import CrossModel
+    from serving.backends.torchscript import TorchScriptModel
+
+    prefix = artifact_prefix(model_id, processor)
+    makers: dict[str, Callable[[], ServingModel]] = {
+        "load_seconds": lambda: TorchScriptModel(model_id, processor, prefix)
+    }
+    if engine:
+        makers["engine_load_seconds"] = lambda: CrossModel(model_id, processor)
+    figures = {}
+    # Servers compute with one intra-op thread on a CPU (as profile_artifact measures).
+    with _intra_op_threads(1 if processor == "cpu" else torch.get_num_threads()):
+        for key, make in makers.items():
+            samples = []
+            for _ in range(tries):
+                with tempfile.TemporaryDirectory(prefix="myriad-load-") as cache:
+                    model = make()
+                    started = time.perf_counter()
+                    model.load(store, Path(cache) if fresh_cache else None)
+                    samples.append(time.perf_counter() - started)
+                    if model.state is ModelState.FAILED:
+                        raise TraceError(
+                            f"model {model_id}: a server could not load the traced artifact: "
+                            f"{model.reason}"
+                        )
+                    del model
+            figures[key] = statistics.median(samples)
+    return figures
+
+
+def _from_store(figures: dict[str, float]) -> dict[str, float]:
+    """Load figures under the names of loads from the store: ``store_load_seconds`` and
+    ``engine_store_load_seconds``."""
+    return {key.replace("load_seconds", "store_load_seconds"): v for key, v in figures.items()}
+
+
+def _recommit_profile(store: ArtifactStore, prefix: str, out: Path, metadata: dict) -> None:
+    """Replace the committed artifact's profile.json with ``out``'s, under put_artifact's
+    protocol (the manifest goes first and comes back last), without uploading the unchanged
+    files again."""
+    manifest = build_manifest(out, metadata)
+    store.delete(f"{prefix}/{MANIFEST_NAME}")
+    store.put_file(f"{prefix}/profile.json", out / "profile.json")
+    store.put_bytes(f"{prefix}/{MANIFEST_NAME}", msgspec.json.encode(manifest))
 
 
 @contextmanager
