@@ -146,3 +146,132 @@ def test_binary_outputs_follow_the_json_header() -> None:
         v2.encode_response(
             v2.InferRequest(inputs=[], outputs=[v2.RequestedOutput(name="nope")]), "m", outputs
         )
+
+
+TEXT = {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hi"]}
+
+
+def _request(**fields: object) -> bytes:
+    return json.dumps({"inputs": [TEXT], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # KServe's Python SDK (InferRequest.to_rest): a uuid id and the model's name.
+        {"id": "0b9c", "model_name": "m"},
+        {"model_name": "m", "model_version": "1"},
+        # Optional fields as null, as a pydantic client writes them.
+        {"id": None, "parameters": None, "outputs": None, "model_version": None},
+        # Parameters this server does not know are ignored (Triton's sequence and priority
+        # parameters, a client's own), whatever their value.
+        {"parameters": {"sequence_id": 3, "priority": 1, "timeout": 100, "mine": "x"}},
+        {"outputs": [{"name": "logits", "parameters": {"binary_data": False, "x": 1}}]},
+        {"outputs": [{"name": "logits", "parameters": None}]},
+    ],
+)
+def test_what_clients_send_beside_the_tensors_is_accepted(fields: dict) -> None:
+    request, (tensor,) = v2.decode_request(_request(**fields), None, "m", "1")
+    assert tensor.values == [b"hi"]
+    assert request.model_name == fields.get("model_name")
+
+
+def test_input_parameters_besides_binary_size_are_ignored() -> None:
+    entry = {**TEXT, "parameters": {"content_type": "str", "binary_data_size": None}}
+    _, (tensor,) = v2.decode_request(json.dumps({"inputs": [entry]}).encode(), None)
+    assert tensor.values == [b"hi"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model_name": "other"}, "model_name 'other' in the body does not match the model 'm'"),
+        ({"model_version": "7"}, "model_version '7' in the body does not match the version '1'"),
+        ({"parameters": {"binary_data_output": "yes"}}, "binary_data_output must be true or"),
+        (
+            {"outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]},
+            "output logits: parameter binary_data must be true or false",
+        ),
+        (
+            {"outputs": [{"name": "logits", "parameters": {"classification": 2}}]},
+            "output logits: parameter classification: .* classification extension",
+        ),
+        ({"outputs": [{"name": "a"}, {"name": "a"}]}, r"outputs named more than once: \['a'\]"),
+        ({"model": "m"}, "unknown field `model`"),
+        ({"inputs": [TEXT, TEXT]}, r"inputs named more than once: \['text'\]"),
+        (
+            {
+                "inputs": [
+                    {
+                        **TEXT,
+                        "data": None,
+                        "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8},
+                    }
+                ]
+            },
+            "input text: parameter shared_memory_region: .* shared memory extension",
+        ),
+        (
+            {"inputs": [{**TEXT, "parameters": {"binary_data_size": "4"}}]},
+            "binary_data_size must be an integer",
+        ),
+    ],
+)
+def test_what_the_server_cannot_honour_is_refused_by_name(fields: dict, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        v2.decode_request(_request(**fields), None, "m", "1")
+
+
+def test_a_body_naming_the_model_is_only_checked_against_a_path() -> None:
+    # In-process callers that decode without a path (gRPC carries the name in the message).
+    request, _ = v2.decode_request(_request(model_name="any", model_version="9"), None)
+    assert (request.model_name, request.model_version) == ("any", "9")
+
+
+METADATA = {
+    "name": "m",
+    "versions": ["1"],
+    "platform": "myriad",
+    "inputs": [
+        {"name": "text", "datatype": "BYTES", "shape": [-1]},
+        {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+    ],
+    "outputs": [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, -1]},
+        {"name": "ok", "datatype": "BOOL", "shape": [-1]},
+    ],
+}
+
+
+def test_model_config_is_a_triton_model_config() -> None:
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import json_format
+
+    config = v2.model_config(
+        METADATA,
+        max_batch_size=64,
+        backend="torchscript",
+        instance_kind="KIND_CPU",
+        optional_inputs=["input_ids"],
+        parameters={"task": "sequence-classification"},
+    )
+    # Every field is one of Triton's ModelConfig message: its gRPC form parses from this.
+    message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    assert message.max_batch_size == 64 and message.backend == "torchscript"
+    text, ids = config["input"]
+    assert text == {
+        "name": "text",
+        "data_type": "TYPE_STRING",
+        "dims": [1],
+        "reshape": {"shape": []},
+    }
+    assert ids == {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1], "optional": True}
+    assert [o["data_type"] for o in config["output"]] == ["TYPE_FP32", "TYPE_BOOL"]
+    assert config["parameters"] == {"task": {"string_value": "sequence-classification"}}
+    unbatched = v2.model_config(METADATA, max_batch_size=0, backend="b", instance_kind="KIND_GPU")
+    assert unbatched["input"][1]["dims"] == [-1, -1]
+    assert {v2.config_type(name) for name in ("BYTES", "FP16", "UINT8")} == {
+        "TYPE_STRING",
+        "TYPE_FP16",
+        "TYPE_UINT8",
+    }

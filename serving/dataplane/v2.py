@@ -11,6 +11,7 @@ naming the input and what is wrong with it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -45,24 +46,30 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     pass
 
 
+# What a request may carry: the protocol's fields, each optional one also as null (KServe's own
+# server, pydantic, takes null for them), and the model's name and version that KServe's SDK and
+# the gRPC form of the protocol put in the body. Parameters are free-form per the protocol: the
+# ones this server honours are checked (see :func:`_check_request`), the others ignored.
 class RequestInput(_Wire, kw_only=True):
     name: str
     datatype: str
     shape: list[int]
     data: Any = None
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] | None = None
 
 
 class RequestedOutput(_Wire, kw_only=True):
     name: str
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] | None = None
 
 
 class InferRequest(_Wire, kw_only=True):
     id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
     inputs: list[RequestInput]
     outputs: list[RequestedOutput] | None = None
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] | None = None
 
 
 class ResponseOutput(_Wire, kw_only=True):
@@ -188,8 +195,79 @@ def _binary_values(entry: RequestInput, raw: bytes, count: int) -> np.ndarray | 
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[Tensor]]:
-    """The request and its inputs as checked tensors, from JSON or the binary extension."""
+# Parameters of Triton's extensions this server does not implement: ignoring them would answer
+# something other than what was asked (data left in a shared-memory region, top-k classes), so
+# they are refused by name.
+UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory",
+    "shared_memory_byte_size": "shared memory",
+    "shared_memory_offset": "shared memory",
+    "classification": "classification",
+}
+
+
+def _parameter(parameters: dict[str, Any] | None, key: str, kind: type, where: str) -> Any:
+    """A parameter this server honours, checked to be of ``kind`` (bool or int); None if
+    absent."""
+    value = (parameters or {}).get(key)
+    if value is not None and (
+        not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+    ):
+        expected = "true or false" if kind is bool else "an integer"
+        raise InvalidInput(f"{where}: parameter {key} must be {expected}, got {value!r}")
+    return value
+
+
+def _refuse_unsupported(parameters: dict[str, Any] | None, where: str) -> None:
+    for key in parameters or {}:
+        if key in UNSUPPORTED_PARAMETERS:
+            raise InvalidInput(
+                f"{where}: parameter {key}: this server does not implement the "
+                f"{UNSUPPORTED_PARAMETERS[key]} extension (see GET /v2 for the ones it does)"
+            )
+
+
+def _check_request(request: InferRequest, model_id: str | None, version: str | None) -> None:
+    """What the body says beside its tensors: the model it names agrees with the path, input
+    and output names are distinct, and the parameters this server honours are well-typed."""
+    if model_id is not None and request.model_name and request.model_name != model_id:
+        raise InvalidInput(
+            f"model_name {request.model_name!r} in the body does not match the model "
+            f"{model_id!r} in the path"
+        )
+    if version is not None and request.model_version and request.model_version != version:
+        raise InvalidInput(
+            f"model_version {request.model_version!r} in the body does not match the version "
+            f"{version!r} the path addresses"
+        )
+    if not request.inputs:
+        raise InvalidInput("no inputs")
+    for kind, names in (
+        ("input", [entry.name for entry in request.inputs]),
+        ("output", [entry.name for entry in request.outputs or []]),
+    ):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InvalidInput(f"{kind}s named more than once: {repeated}")
+    _parameter(request.parameters, "binary_data_output", bool, "request")
+    _refuse_unsupported(request.parameters, "request")
+    for entry in request.inputs:
+        _refuse_unsupported(entry.parameters, f"input {entry.name}")
+    for output in request.outputs or []:
+        _parameter(output.parameters, "binary_data", bool, f"output {output.name}")
+        _refuse_unsupported(output.parameters, f"output {output.name}")
+
+
+def decode_request(
+    body: bytes,
+    header_length: str | None,
+    model_id: str | None = None,
+    version: str | None = None,
+) -> tuple[InferRequest, list[Tensor]]:
+    """The request and its inputs as checked tensors, from JSON or the binary extension.
+
+    ``model_id`` and ``version``: what the path addresses (the version the server resolves
+    when the path names none); a ``model_name`` or ``model_version`` in the body must agree."""
     if header_length is not None:
         try:
             length = int(header_length)
@@ -201,8 +279,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferRequest
     else:
         header, binary = body, b""
     request = decode_json(header, InferRequest)
-    if not request.inputs:
-        raise InvalidInput("no inputs")
+    _check_request(request, model_id, version)
     tensors = []
     offset = 0
     for entry in request.inputs:
@@ -212,9 +289,9 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferRequest
                 + ", ".join(DATATYPES)
             )
         count = _count(entry.shape, entry.name)
-        size = entry.parameters.get("binary_data_size")
+        size = _parameter(entry.parameters, "binary_data_size", int, f"input {entry.name}")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if size < 0 or offset + size > len(binary):
                 raise InvalidInput(
                     f"input {entry.name}: binary_data_size {size!r} runs past the body"
                 )
@@ -232,6 +309,55 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferRequest
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input")
     return request, tensors
+
+
+def config_type(datatype: str) -> str:
+    """A v2 datatype as Triton's model configuration spells it (BYTES is ``TYPE_STRING``)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def model_config(
+    metadata: dict[str, Any],
+    *,
+    max_batch_size: int,
+    backend: str,
+    instance_kind: str,
+    optional_inputs: Collection[str] = (),
+    parameters: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Triton model configuration (the JSON form of Triton's ``ModelConfig`` message, as its
+    ``GET /v2/models/{m}/config`` answers and its clients read) from a model's v2 metadata.
+
+    With ``max_batch_size`` > 0 every tensor is batched along its first dimension, which
+    Triton leaves out of ``dims``; a tensor that is only a batch of scalars is ``dims [1]``
+    reshaped to ``[]``, as Triton writes it."""
+
+    def tensor(entry: dict[str, Any]) -> dict[str, Any]:
+        dims = list(entry["shape"][1:] if max_batch_size > 0 else entry["shape"])
+        config: dict[str, Any] = {
+            "name": entry["name"],
+            "data_type": config_type(entry["datatype"]),
+            "dims": dims or [1],
+        }
+        if not dims:
+            config["reshape"] = {"shape": []}
+        return config
+
+    inputs = [tensor(entry) for entry in metadata["inputs"]]
+    for entry in inputs:
+        if entry["name"] in optional_inputs:
+            entry["optional"] = True
+    return {
+        "name": metadata["name"],
+        "platform": metadata["platform"],
+        "backend": backend,
+        "version_policy": {"specific": {"versions": [int(v) for v in metadata["versions"]]}},
+        "max_batch_size": max_batch_size,
+        "input": inputs,
+        "output": [tensor(entry) for entry in metadata["outputs"]],
+        "instance_group": [{"name": metadata["name"], "kind": instance_kind, "count": 1}],
+        "parameters": {key: {"string_value": value} for key, value in (parameters or {}).items()},
+    }
 
 
 def _binary_bytes(tensor: Tensor) -> bytes:
@@ -255,13 +381,13 @@ def encode_response(
     names none); those asked for with ``binary_data`` (or all, with the request's
     ``binary_data_output``) follow the JSON header as raw bytes."""
     by_name = {o.name: o for o in outputs}
-    binary_all = bool(request.parameters.get("binary_data_output", False))
+    binary_all = bool((request.parameters or {}).get("binary_data_output", False))
     if request.outputs:
         unknown = [o.name for o in request.outputs if o.name not in by_name]
         if unknown:
             raise InvalidInput(f"unknown outputs {unknown}; this model has {sorted(by_name)}")
         wanted = [
-            (by_name[o.name], bool(o.parameters.get("binary_data", binary_all)))
+            (by_name[o.name], bool((o.parameters or {}).get("binary_data", binary_all)))
             for o in request.outputs
         ]
     else:
