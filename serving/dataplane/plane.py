@@ -112,12 +112,26 @@ class DataPlane:
     async def infer(
         self, model_id: str, body: bytes, header_length: str | None, version: str | None = None
     ) -> tuple[bytes, dict[str, str]]:
-        """A KServe v2 inference: a BYTES input of texts, or INT64/INT32 ``input_ids`` (and
-        ``attention_mask``) the client tokenised itself; JSON or binary tensors both ways."""
+        """A KServe v2 inference over REST: the body decoded (JSON or binary tensors), run by
+        :meth:`infer_tensors`, and the answer encoded as the request asks."""
         try:
             request, tensors = v2.decode_request(body, header_length)
-            named = {t.name: t for t in tensors}
-            texts_input = next((t for t in tensors if t.datatype == "BYTES"), None)
+        except InvalidInput as exc:
+            self.refuse(model_id, exc)
+            raise
+        outputs = await self.infer_tensors(model_id, tensors, version)
+        return v2.encode_response(request, model_id, outputs, MODEL_VERSION if version else None)
+
+    async def infer_tensors(
+        self, model_id: str, inputs: list[v2.Tensor], version: str | None = None
+    ) -> list[v2.Tensor]:
+        """A KServe v2 inference on decoded inputs, whatever the wire (REST, gRPC): a BYTES
+        input of texts, or INT64/INT32 ``input_ids`` (and ``attention_mask``) the client
+        tokenised itself; returns every output of the model (the caller picks those asked for).
+        """
+        try:
+            named = {t.name: t for t in inputs}
+            texts_input = next((t for t in inputs if t.datatype == "BYTES"), None)
             if texts_input is not None:
                 try:
                     texts = [v.decode("utf-8") for v in texts_input.values]
@@ -140,9 +154,7 @@ class DataPlane:
                 call=lambda m: m.predict_ids(input_ids, attention_mask, raw=True),
                 version=version,
             )
-        return v2.encode_response(
-            request, model_id, output_tensors(results), MODEL_VERSION if version else None
-        )
+        return output_tensors(results)
 
     # ------------------------------------------------------------------ metadata
 
