@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from packing.errors import MyriadError
+from serving.backends.ondemand import OnDemandSettings, OnDemandTier, expected_bytes
 from serving.build.modeling import configure_tokenizer
-from serving.errors import DeadlineExceeded, InvalidInput, ModelNotFound
+from serving.errors import DeadlineExceeded, InvalidInput, ModelNotFound, NotSupported
 from serving.store import ArtifactStore, StoreError, materialize
 
 
@@ -27,6 +29,8 @@ class ModelState(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    # On demand: the artifact is verified in the local cache, the model is not in memory.
+    UNLOADED = "unloaded"
 
 
 # Sequence lengths are cut to a multiple of this past each batch's longest text.
@@ -70,6 +74,7 @@ class ServingModel(abc.ABC):
 
     model_id: str
     processor: str
+    prefix: str
     state: ModelState
     reason: str | None
     task: str
@@ -167,9 +172,18 @@ def claim(queued: list) -> list:
     return live
 
 
+class UnknownOnDemandModel(MyriadError, ValueError):
+    """``--on-demand`` names a model the server does not serve."""
+
+
 class ModelRepository(abc.ABC):
     """Owns the models of one server, all run by one backend: loads them in parallel, reports
-    each one's state, and owns the backend's scheduler (``start``, ``queue_depth``, ``close``)."""
+    each one's state, and owns the backend's scheduler (``start``, ``queue_depth``, ``close``).
+
+    With ``on_demand`` settings, the models it names are only verified into the local cache at
+    start and loaded on their first request, under the budget of :meth:`budget_bytes`, by the
+    :class:`serving.backends.ondemand.OnDemandTier` in ``tier`` (the backend supplies
+    :meth:`load_on_demand` and :meth:`unload_on_demand`)."""
 
     def __init__(
         self,
@@ -178,6 +192,7 @@ class ModelRepository(abc.ABC):
         processor: str = "cpu",
         cache_dir: Path | None = None,
         load_workers: int = 2,
+        on_demand: OnDemandSettings | None = None,
     ) -> None:
         self.store = store
         self.cache_dir = cache_dir
@@ -185,6 +200,36 @@ class ModelRepository(abc.ABC):
         self.processor = processor
         self.models = models
         self._loaded = threading.Event()
+        # The metrics (anything with model_loaded / model_evicted), set by the server.
+        self.observer: Any = None
+        self.on_demand = on_demand or OnDemandSettings()
+        self.tier: OnDemandTier | None = None
+        if self.on_demand.model_ids:
+            unknown = sorted(self.on_demand.model_ids - set(models))
+            if unknown:
+                raise UnknownOnDemandModel(
+                    f"on-demand models {unknown[:5]} are not among this server's models"
+                )
+            self.tier = OnDemandTier(
+                models,
+                self.on_demand,
+                self.budget_bytes(),
+                self.load_on_demand,
+                self.unload_on_demand,
+            )
+
+    def budget_bytes(self) -> int | None:
+        """The bytes the tier's ledger may hold: the device's budget (host memory on CPU)."""
+        return self.on_demand.memory_budget_bytes
+
+    def load_on_demand(self, model_id: str) -> int:
+        """Load one on-demand model now (in a tier's loader thread); return the bytes it holds,
+        or raise with the reason it could not load."""
+        raise NotSupported(f"{type(self).__name__} has no on-demand models")
+
+    def unload_on_demand(self, model_id: str) -> None:
+        """Drop one on-demand model (no work of it is in flight)."""
+        raise NotSupported(f"{type(self).__name__} has no on-demand models")
 
     @abc.abstractmethod
     def start(self, workers: int = 1, on_batch: Any = None, **batching: Any) -> None:
@@ -211,15 +256,53 @@ class ModelRepository(abc.ABC):
         except KeyError:
             raise ModelNotFound(model_id) from None
 
+    def is_on_demand(self, model_id: str) -> bool:
+        return self.tier is not None and self.tier.manages(model_id)
+
     def load_models(self) -> None:
+        """Load the resident models; verify the on-demand ones' artifacts into the cache."""
+
+        def start(model: ServingModel) -> None:
+            if self.is_on_demand(model.model_id):
+                self.verify(model)
+            else:
+                model.load(self.store, self.cache_dir)
+
         # A few workers bound peak memory (one artifact being read per worker) while still
         # overlapping store I/O with deserialisation.
         with ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="load") as pool:
-            list(pool.map(lambda m: m.load(self.store, self.cache_dir), self.models.values()))
+            list(pool.map(start, self.models.values()))
+
+    def verify(self, model: ServingModel) -> None:
+        """An on-demand model's artifact fetched and checked into the local cache: UNLOADED, or
+        FAILED with the reason (its first request tries again)."""
+        assert self.tier is not None
+        try:
+            _, manifest = materialize(self.store, model.prefix, self.cache_dir)
+        except LOAD_ERRORS as exc:
+            model.state, model.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+            self.tier.verified(model.model_id, 0, model.reason)
+            return
+        model.state, model.reason = ModelState.UNLOADED, None
+        self.tier.verified(model.model_id, expected_bytes(manifest))
+
+    def finish_loading(self) -> None:
+        """After the start's loads: the resident models' bytes into the ledger and their load
+        times to the metrics; on-demand loads may begin."""
+        for model in self.models.values():
+            if self.is_on_demand(model.model_id) or not model.ready:
+                continue
+            if self.tier is not None:
+                self.tier.resident_loaded(model.model_id, model.memory_bytes)
+            if self.observer is not None:
+                self.observer.model_loaded(model.model_id, model.load_seconds)
+        if self.tier is not None:
+            self.tier.residents_in()
+        self._loaded.set()
 
     def load_all(self) -> None:
         self.load_models()
-        self._loaded.set()
+        self.finish_loading()
 
     @property
     def loaded(self) -> bool:
@@ -228,7 +311,16 @@ class ModelRepository(abc.ABC):
 
     @property
     def ready(self) -> bool:
-        return self._loaded.is_set() and all(m.ready for m in self.models.values())
+        """Every resident model loaded and every on-demand model's artifact verified."""
+        if not self._loaded.is_set():
+            return False
+        if self.tier is not None and not self.tier.ready:
+            return False
+        return all(m.ready for m in self.models.values() if not self.is_on_demand(m.model_id))
+
+    def close_tier(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
 
     def failed(self) -> list[ServingModel]:
         return [m for m in self.models.values() if m.state is ModelState.FAILED]

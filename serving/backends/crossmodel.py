@@ -32,6 +32,7 @@ from serving.backends.contract import (
     describe,
     open_artifact,
 )
+from serving.backends.ondemand import ColdLoadFailed, OnDemandSettings
 from serving.backends.weightbank import (
     BertShape,
     CrossModelError,
@@ -123,6 +124,14 @@ class CrossModelEngine:
             assert self.pool is not None
             self.pool.add(model_id, weights)
             self.members[model_id] = _Member(tokenizer, labels, max_length)
+
+    def remove(self, model_id: str) -> None:
+        """An on-demand model leaves the engine: its slot and its host-tier weights are freed.
+        The caller holds no request of it (see :class:`serving.backends.ondemand.OnDemandTier`)."""
+        with self._lock:
+            self.members.pop(model_id, None)
+            if self.pool is not None:
+                self.pool.remove(model_id)
 
     # --------------------------------------------------------------------------- requests
 
@@ -336,9 +345,10 @@ class CrossModelRepository(ModelRepository):
         processor: str = "cpu",
         cache_dir: Path | None = None,
         settings: CrossModelSettings | None = None,
+        on_demand: OnDemandSettings | None = None,
     ) -> None:
         models = {m: CrossModel(m, processor) for m in model_ids}
-        super().__init__(store, models, processor, cache_dir)  # type: ignore[arg-type]
+        super().__init__(store, models, processor, cache_dir, on_demand=on_demand)  # type: ignore[arg-type]
         # transformers' lazy module is not safe to import from several loader threads at once.
         from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: F401
 
@@ -346,6 +356,56 @@ class CrossModelRepository(ModelRepository):
         if processor == "gpu":
             self.settings.device = "cuda"
         self.engines: dict[BertShape, CrossModelEngine] = {}
+        self._engines_lock = threading.Lock()
+
+    def budget_bytes(self) -> int | None:
+        """The ledger counts the models joined to the engines: their weights in the engines'
+        host tier. It is bounded by the host budget, and on a CPU server (where the device is
+        host memory) by the device budget too. The weight bank's slots are a fixed area sized
+        at start (:meth:`slots_for`)."""
+        budgets = [self.on_demand.host_memory_budget_bytes]
+        if self.processor == "cpu" or self.on_demand.host_memory_budget_bytes is None:
+            budgets.append(self.on_demand.memory_budget_bytes)
+        given = [b for b in budgets if b is not None]
+        return min(given) if given else None
+
+    def slots_for(self, residents: int) -> int:
+        """Slots of an engine with ``residents`` resident members: ``--slots``, else one per
+        resident model and one per on-demand model the budget holds at once (swaps beyond)."""
+        on_demand = 0
+        if self.tier is not None:
+            ids = self.tier.on_demand_ids()
+            largest = max((self.tier.entries[m].expected_bytes for m in ids), default=0)
+            budget = self.tier.budget_bytes
+            fit = len(ids) if budget is None or not largest else budget // largest
+            on_demand = min(len(ids), max(1, fit))
+        wanted = residents + on_demand
+        return max(1, min(self.settings.slots, wanted) if self.settings.slots else wanted)
+
+    def load_on_demand(self, model_id: str) -> int:
+        model = self.models[model_id]
+        assert isinstance(model, CrossModel)
+        model.load(self.store, self.cache_dir)
+        if model.state is ModelState.FAILED or model.shape is None:
+            raise ColdLoadFailed(model_id, model.reason or "did not load")
+        with self._engines_lock:
+            engine = self.engines.get(model.shape)
+            if engine is None:
+                engine = CrossModelEngine(replace(self.settings, slots=self.slots_for(0)))
+                self.engines[model.shape] = engine
+        model.join(engine)
+        if not model.ready:
+            raise ColdLoadFailed(model_id, model.reason or "did not join its engine")
+        model.reason = None
+        return model.memory_bytes
+
+    def unload_on_demand(self, model_id: str) -> None:
+        model = self.models[model_id]
+        assert isinstance(model, CrossModel)
+        if model.engine is not None:
+            model.engine.remove(model_id)
+        model.engine = None
+        model.state = ModelState.UNLOADED
 
     def start(self, workers: int = 1, on_batch: object = None, **batching: object) -> None:
         """Nothing to start: each engine is its models' scheduler (it starts with the engine)."""
@@ -354,6 +414,7 @@ class CrossModelRepository(ModelRepository):
         return sum(engine.queue.qsize() for engine in self.engines.values())
 
     def close(self) -> None:
+        self.close_tier()
         for engine in self.engines.values():
             engine.close()
 
@@ -370,9 +431,8 @@ class CrossModelRepository(ModelRepository):
             if model.shape is not None and model.state is ModelState.LOADING:
                 by_shape.setdefault(model.shape, []).append(model)  # type: ignore[arg-type]
         for shape, members in by_shape.items():
-            slots = self.settings.slots or len(members)
-            engine = CrossModelEngine(replace(self.settings, slots=min(slots, len(members))))
+            engine = CrossModelEngine(replace(self.settings, slots=self.slots_for(len(members))))
             self.engines[shape] = engine
             for model in members:
                 model.join(engine)
-        self._loaded.set()
+        self.finish_loading()

@@ -36,8 +36,9 @@ from serving.backends.contract import (
     claim,
     open_artifact,
 )
+from serving.backends.ondemand import ColdLoadFailed, OnDemandSettings
 from serving.build.modeling import encode, tensor_bytes
-from serving.errors import InvalidInput, ModelNotReady, Overloaded
+from serving.errors import InvalidInput, ModelNotReady, NotSupported, Overloaded
 from serving.store import ArtifactStore, artifact_prefix
 
 
@@ -314,12 +315,13 @@ class TorchScriptRepository(ModelRepository):
         cache_dir: Path | None = None,
         load_workers: int = 2,
         optimise: bool = False,
+        on_demand: OnDemandSettings | None = None,
     ) -> None:
         self.optimise = optimise
         models: dict[str, ServingModel] = {
             model_id: self._model(model_id, processor) for model_id in model_ids
         }
-        super().__init__(store, models, processor, cache_dir, load_workers)
+        super().__init__(store, models, processor, cache_dir, load_workers, on_demand)
         self.batcher: Batcher | None = None
 
     def _model(self, model_id: str, processor: str) -> TorchScriptModel:
@@ -337,12 +339,32 @@ class TorchScriptRepository(ModelRepository):
         return self.batcher.waiting if self.batcher is not None else 0
 
     def close(self) -> None:
+        self.close_tier()
         if self.batcher is not None:
             self.batcher.close()
 
+    def load_on_demand(self, model_id: str) -> int:
+        model = self.models[model_id]
+        model.load(self.store, self.cache_dir)
+        if not model.ready:
+            raise ColdLoadFailed(model_id, model.reason or "did not load")
+        model.reason = None
+        return model.memory_bytes
+
+    def unload_on_demand(self, model_id: str) -> None:
+        model = self.models[model_id]
+        assert isinstance(model, TorchScriptModel)
+        # Its tokenizer goes too: the next load reads both from the cache again.
+        model.module, model.tokenizer = None, None
+        model.state = ModelState.UNLOADED
+
     def load_model(self, model_id: str) -> TorchScriptModel:
         """(Re)load one model from the store in the background; the old copy, if any, keeps
-        answering until the new one is ready. Returns the copy being loaded."""
+        answering until the new one is ready. Returns the copy being loaded. An on-demand model
+        is loaded by its tier (under the budget), in place."""
+        if self.tier is not None and self.tier.manages(model_id):
+            self.tier.preload(model_id)
+            return self.models[model_id]  # type: ignore[return-value]
         fresh = self._model(model_id, self.processor)
         fresh.scheduler = self.batcher
         previous = self.models.get(model_id)
@@ -359,4 +381,9 @@ class TorchScriptRepository(ModelRepository):
 
     def unload_model(self, model_id: str) -> None:
         self.get(model_id)
+        if self.tier is not None and self.tier.manages(model_id):
+            # An on-demand model stays served: it leaves memory and loads on its next request.
+            if not self.tier.evict(model_id) and self.models[model_id].ready:
+                raise NotSupported(f"model {model_id} has requests in flight; unload it later")
+            return
         del self.models[model_id]

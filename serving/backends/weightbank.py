@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from packing.contracts import ENGINE_PRECISIONS
 from packing.errors import MyriadError
+from serving.backends.ondemand import Demand
 
 LINEARS = ("query", "key", "value", "attention_out", "intermediate", "output")
 
@@ -433,8 +434,9 @@ class PoolFull(RuntimeError):
 class ModelPool:
     """Models beyond the device's slots wait in host memory and swap in on demand.
 
-    Eviction weighs each resident model's demand (requests per second, decayed) against its
-    reload cost (bytes over the measured copy bandwidth): the one whose eviction costs least
+    Eviction weighs each resident model's demand (requests per second, decayed: the rule of
+    :class:`serving.backends.ondemand.Demand`, which the on-demand tier evicts by too) against
+    its reload cost (bytes over the measured copy bandwidth): the one whose eviction costs least
     expected reload time goes. A model in use by a running batch is never evicted, and a slot
     is published only after its copy completes, so no forward sees half-written weights.
     """
@@ -445,8 +447,7 @@ class ModelPool:
         self.resident: dict[str, int] = {}
         self.slot_owner: dict[int, str] = {}
         self.in_use: dict[int, int] = {}
-        self.demand: dict[str, float] = {}
-        self.seen_at: dict[str, float] = {}
+        self.demand = Demand(half_life_s)
         self.half_life_s = half_life_s
         self.swaps = 0
         self.swap_seconds = 0.0
@@ -474,6 +475,7 @@ class ModelPool:
                 del self.resident[model_id]
                 del self.slot_owner[slot]
             self.host.pop(model_id, None)
+            self.demand.forget(model_id)
 
     def acquire(self, model_ids: list[str]) -> list[int]:
         """Slots for ``model_ids`` (in order), swapping in what is not resident; hold them
@@ -487,7 +489,7 @@ class ModelPool:
         with self._lock:
             now = time.monotonic()
             for model_id in model_ids:
-                self._touch(model_id, now)
+                self.demand.touch(model_id, now)
             for model_id in wanted:
                 if model_id not in self.resident:
                     slot = self._free_slot(set(wanted))
@@ -509,24 +511,13 @@ class ModelPool:
             for slot in set(slots):
                 self.in_use[slot] -= 1
 
-    def _touch(self, model_id: str, now: float) -> None:
-        last = self.seen_at.get(model_id, now)
-        decay = 0.5 ** ((now - last) / self.half_life_s)
-        self.demand[model_id] = self.demand.get(model_id, 0.0) * decay + 1.0
-        self.seen_at[model_id] = now
-
     def _free_slot(self, keep: set[str]) -> int:
         for slot in range(self.bank.slots):
             if slot not in self.slot_owner:
                 return slot
         now = time.monotonic()
         candidates = [
-            (
-                self.demand.get(m, 0.0)
-                * 0.5 ** ((now - self.seen_at.get(m, now)) / self.half_life_s),
-                m,
-                slot,
-            )
+            (self.demand.score(m, now), m, slot)
             for m, slot in self.resident.items()
             if m not in keep and not self.in_use.get(slot)
         ]

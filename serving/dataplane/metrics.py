@@ -14,6 +14,7 @@ from serving.process import resident_bytes
 UNKNOWN_MODEL = "_unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServerMetrics:
@@ -43,10 +44,36 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self.load_seconds = Gauge(
+        self.load_seconds = Histogram(
             "myriad_model_load_seconds",
-            "Seconds the last load of each model took",
+            "Seconds each load of a model took (at start, and every on-demand load)",
             ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.loads = Counter(
+            "myriad_model_loads", "Loads of each model", ["model"], registry=self.registry
+        )
+        self.evictions = Counter(
+            "myriad_model_evictions",
+            "On-demand models evicted to keep within the memory budget",
+            ["model"],
+            registry=self.registry,
+        )
+        self.cold_starts = Counter(
+            "myriad_cold_start_requests",
+            "Requests that waited for their on-demand model to load",
+            ["model"],
+            registry=self.registry,
+        )
+        self.loaded_bytes = Gauge(
+            "myriad_models_loaded_bytes",
+            "Bytes of the models in memory now, as the on-demand ledger counts them",
+            registry=self.registry,
+        )
+        self.budget_bytes = Gauge(
+            "myriad_memory_budget_bytes",
+            "The memory budget on-demand models are loaded under (absent: none)",
             registry=self.registry,
         )
         self.models = Gauge("myriad_models", "Models by state", ["state"], registry=self.registry)
@@ -79,6 +106,14 @@ class ServerMetrics:
         # requested).
         self._children: dict[tuple[str, int], tuple[Counter, Histogram | None]] = {}
         self._batch_children: dict[str, Histogram] = {}
+        # Loads, evictions and cold starts are reported by the repository and its tier.
+        if hasattr(repository, "observer"):
+            repository.observer = self
+        tier = getattr(repository, "tier", None)
+        if tier is not None:
+            tier.listener = self
+            if tier.budget_bytes is not None:
+                self.budget_bytes.set(tier.budget_bytes)
 
     def label(self, model_id: str) -> str:
         return model_id if model_id in self.repository.models else UNKNOWN_MODEL  # type: ignore[attr-defined]
@@ -106,15 +141,31 @@ class ServerMetrics:
                 self._batch_children[model_id] = child
         child.observe(texts)
 
+    def model_loaded(self, model_id: str, seconds: float) -> None:
+        label = self.label(model_id)
+        self.loads.labels(label).inc()
+        self.load_seconds.labels(label).observe(seconds)
+
+    def model_evicted(self, model_id: str) -> None:
+        self.evictions.labels(self.label(model_id)).inc()
+
+    def observe_cold_start(self, model_id: str) -> None:
+        self.cold_starts.labels(self.label(model_id)).inc()
+
     def exposition(self) -> bytes:
         """Refresh the gauges read at scrape time and render the text format."""
         states: dict[str, int] = {}
         for model in self.repository.models.values():  # type: ignore[attr-defined]
             states[model.state.value] = states.get(model.state.value, 0) + 1
-            if model.load_seconds:
-                self.load_seconds.labels(model.model_id).set(model.load_seconds)
-        for state in ("pending", "loading", "ready", "failed"):
+        for state in ("pending", "loading", "ready", "failed", "unloaded"):
             self.models.labels(state).set(states.get(state, 0))
+        tier = getattr(self.repository, "tier", None)
+        if tier is not None:
+            self.loaded_bytes.set(tier.loaded_bytes)
+        else:
+            self.loaded_bytes.set(
+                sum(m.memory_bytes for m in self.repository.models.values() if m.ready)  # type: ignore[attr-defined]
+            )
         self.queue_depth.set(self.repository.queue_depth())  # type: ignore[attr-defined]
         self.memory.set(resident_bytes())
         return generate_latest(self.registry)

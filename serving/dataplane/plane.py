@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -34,6 +35,12 @@ from serving.errors import (
 from serving.errors import status_of as error_status
 
 logger = logging.getLogger("myriad.server")
+
+# Set in a request's context when it waited for its model to load (an on-demand model's cold
+# start); the front ends answer it with COLD_START_HEADER. Each front end clears it before the
+# call and reads it after, in the request's own task.
+cold_start: ContextVar[bool] = ContextVar("myriad_cold_start", default=False)
+COLD_START_HEADER = "x-myriad-cold-start"
 
 SERVER_NAME = "myriad"
 # The one version each model has: KServe v2 clients may name it or leave it out.
@@ -77,8 +84,18 @@ class DataPlane:
         worker thread, recording status and latency; an untyped error is logged with its
         traceback."""
         started = time.perf_counter()
+        tier = getattr(self.repository, "tier", None)
+        held = False
         try:
             model = self._model(model_id, version)
+            if tier is not None and tier.manages(model_id):
+                # On demand: wait for its load if it is not in memory, and hold it until the
+                # answers are settled so that no eviction takes it from under its batch.
+                cold = await tier.acquire(model_id)
+                held = True
+                if cold:
+                    cold_start.set(True)
+                    self.metrics.observe_cold_start(model_id)
             if not model.ready:
                 raise ModelNotReady(model_id, model.state, model.reason)
             if texts is not None:
@@ -88,12 +105,18 @@ class DataPlane:
                 if self._limiter is None:
                     self._limiter = anyio.CapacityLimiter(self.workers)
                 result = await anyio.to_thread.run_sync(lambda: call(model), limiter=self._limiter)
-        except Exception as exc:
+        except BaseException as exc:
+            if held:
+                tier.release(model_id)
+            if not isinstance(exc, Exception):
+                raise
             status = error_status(exc)
             self.metrics.observe(model_id, status, time.perf_counter() - started, count)
             if not isinstance(exc, ServingError):
                 logger.exception("internal error serving %s", model_id)
             raise
+        if held:
+            tier.release(model_id)
         self.metrics.observe(model_id, 200, time.perf_counter() - started, count)
         return result
 
@@ -223,6 +246,17 @@ class DataPlane:
         loaded, or raise :class:`LoadFailed` with the reason; else answer at once."""
         if not is_model_id(model_id):
             raise InvalidInput(f"{model_id!r} is not a valid model id")
+        tier = getattr(self.repository, "tier", None)
+        if tier is not None and tier.manages(model_id):
+            # An on-demand model loads through its tier, under the memory budget.
+            loading = tier.preload(model_id)
+            if not wait:
+                return {"name": model_id, "status": "loading"}
+            try:
+                await asyncio.wrap_future(loading)
+            except ServingError as exc:
+                raise LoadFailed(f"model {model_id!r} did not load: {exc}") from None
+            return {"name": model_id, "status": "ready"}
         fresh = self.repository.load_model(model_id)
         if not wait:
             return {"name": model_id, "status": "loading"}

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from serving.dataplane.plane import DataPlane, logger
+from serving.dataplane.plane import COLD_START_HEADER, DataPlane, cold_start, logger
 from serving.dataplane.v2 import decode_json
 from serving.errors import InvalidInput, ServingError
 
@@ -42,6 +42,8 @@ MAX_BODY_BYTES = 1 << 20
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 _encode = msgspec.json.Encoder().encode
+# On an answer whose request waited for its model to load (an on-demand model's cold start).
+COLD_START = {COLD_START_HEADER: "1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +124,10 @@ async def predict_answer(
         except InvalidInput as exc:
             plane.refuse(model_id, exc)
             raise
+        cold_start.set(False)
         results = await plane.predict(model_id, texts, wants_raw(query_string))
-        return Answer(200, _encode(results[0] if single else results), JSON)
+        headers = COLD_START if cold_start.get() else None
+        return Answer(200, _encode(results[0] if single else results), JSON, headers)
     except ServingError as exc:
         return problem(exc.status, exc.title, str(exc), exc.headers)
     except Exception as exc:  # noqa: BLE001 - an answer, never a dropped connection
@@ -136,8 +140,11 @@ async def infer_answer(
 ) -> Answer:
     """``POST /v2/models/{model}[/versions/{v}]/infer``: JSON or binary tensors."""
     try:
+        cold_start.set(False)
         payload, headers = await plane.infer(model_id, body, header_length, version)
         media_type = headers.pop("content-type")
+        if cold_start.get():
+            headers = {**headers, **COLD_START}
         return Answer(200, payload, media_type, headers or None)
     except ServingError as exc:
         return v2_error(exc.status, str(exc), exc.headers)

@@ -15,6 +15,7 @@ from packing.contracts import ENGINE_PRECISIONS, Plan
 from packing.errors import MyriadError
 from packing.io import load
 from serving import settings
+from serving.backends.ondemand import OnDemandSettings, parse_bytes
 
 SERVER_PORT_DEFAULT = 8080
 # How a server runs its models (serving/backends/): one TorchScript module per model, or the
@@ -39,6 +40,11 @@ def plan_server(plan: Plan, server_id: str) -> tuple[list[str], str, dict]:
         "compute_utilization": server.compute_utilization,
         "cost_per_hour": instance.price_per_hour / max(1, siblings),
     }
+    if server.on_demand_model_ids:
+        # The plan's on-demand tier: those models load on first request, and all of them
+        # (resident and cache) fit the server's planned memory (run_server reads these).
+        planned["on_demand_model_ids"] = list(server.on_demand_model_ids)
+        planned["memory_budget_bytes"] = server.memory_bytes
     return list(server.model_ids), server.processor, planned
 
 
@@ -60,8 +66,11 @@ def serve(
     optimise: bool = False,
     report_loading: bool = False,
     planned: dict | None = None,
+    on_demand: OnDemandSettings | None = None,
 ) -> None:
-    """``engine``: None for one TorchScript module per model, or the settings of the
+    """``on_demand``: which models load on their first request, under which memory budgets
+    (:mod:`serving.backends.ondemand`); None: every model resident.
+    ``engine``: None for one TorchScript module per model, or the settings of the
     cross-model engine (:class:`serving.backends.crossmodel.CrossModelSettings` fields) for
     models of one BERT shape.
     ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.http.workers`).
@@ -87,7 +96,12 @@ def serve(
         # requests/s; 2 compute threads of one intra-op thread each, 715).
         torch.set_num_threads(1)
         repository = TorchScriptRepository(
-            open_store(store_uri), model_ids, processor, cache_dir, optimise=optimise
+            open_store(store_uri),
+            model_ids,
+            processor,
+            cache_dir,
+            optimise=optimise,
+            on_demand=on_demand,
         )
         workers = threads
         batching = dict(batch or {})
@@ -100,7 +114,7 @@ def serve(
         # slots 0: as many as the models of each shape (all resident).
         engine_settings = CrossModelSettings(**{"slots": 0, **engine})
         repository = CrossModelRepository(
-            open_store(store_uri), model_ids, processor, cache_dir, engine_settings
+            open_store(store_uri), model_ids, processor, cache_dir, engine_settings, on_demand
         )
         # Requests wait on the event loop for the engine's futures, not on worker threads.
         workers = threads
@@ -250,8 +264,15 @@ class ServerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue: int = 256
     deadline_ms: float = 30_000.0
     report_loading: bool = False
-    # From the plan (--plan/--server): server, compute_utilization, cost_per_hour.
+    # From the plan (--plan/--server): server, compute_utilization, cost_per_hour, and with an
+    # on-demand tier on_demand_model_ids and memory_budget_bytes.
     planned: dict | None = None
+    # The on-demand tier (the plan's, when these are left empty): models loaded on first
+    # request, and the budgets in bytes they are evicted under.
+    on_demand: list[str] = []
+    memory_budget: int | None = None
+    host_memory_budget: int | None = None
+    max_concurrent_loads: int = 2
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -311,7 +332,42 @@ def server_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--queue", type=int, default=256, help="texts waiting per model")
     parser.add_argument("--deadline-ms", type=float, default=30_000.0)
+    parser.add_argument(
+        "--on-demand",
+        nargs="+",
+        default=[],
+        metavar="MODEL_ID",
+        help="models loaded on their first request (artifacts verified into the cache at start) "
+        "and evicted under the memory budget; default: the plan's on-demand models",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=size_argument,
+        metavar="SIZE",
+        help="bytes of models the device may hold (host memory on a CPU server), e.g. 512MiB, "
+        "2GB; default: the plan server's memory with on-demand models, else no limit",
+    )
+    parser.add_argument(
+        "--host-memory-budget",
+        type=size_argument,
+        metavar="SIZE",
+        help="bytes of the cross-model engine's host tier (its models' weights off the device)",
+    )
+    parser.add_argument(
+        "--max-concurrent-loads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="on-demand loads at once (default 2)",
+    )
     return parser
+
+
+def size_argument(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
@@ -345,6 +401,10 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
         deadline_ms=args.deadline_ms,
         report_loading=args.report_loading,
         planned=planned,
+        on_demand=list(args.on_demand),
+        memory_budget=args.memory_budget,
+        host_memory_budget=args.host_memory_budget,
+        max_concurrent_loads=args.max_concurrent_loads,
     )
 
 
@@ -379,6 +439,38 @@ def run_server(options: ServerOptions) -> None:
         optimise=options.optimise,
         report_loading=options.report_loading,
         planned=options.planned,
+        on_demand=on_demand_settings(options),
+    )
+
+
+class OnDemandOptionError(MyriadError):
+    """The on-demand options do not fit the server's models."""
+
+
+def on_demand_settings(options: ServerOptions) -> OnDemandSettings | None:
+    """The server's on-demand tier: ``--on-demand`` and the budgets, else the plan's tier
+    (its on-demand models, under a budget of the server's planned memory); None: all resident."""
+    planned = options.planned or {}
+    given = [m for item in options.on_demand for m in item.split(",") if m]
+    model_ids = given or list(planned.get("on_demand_model_ids", []))
+    if not model_ids:
+        return None
+    unknown = sorted(set(model_ids) - set(options.model_ids))
+    if unknown:
+        raise OnDemandOptionError(
+            f"--on-demand names {', '.join(unknown[:5])}, not among this server's models"
+        )
+    if options.max_concurrent_loads < 1:
+        raise OnDemandOptionError("--max-concurrent-loads must be at least 1")
+    budget = options.memory_budget
+    if budget is None:
+        budget = planned.get("memory_budget_bytes") or None
+    return OnDemandSettings(
+        model_ids=frozenset(model_ids),
+        memory_budget_bytes=budget,
+        host_memory_budget_bytes=options.host_memory_budget,
+        max_concurrent_loads=options.max_concurrent_loads,
+        load_wait_s=options.deadline_ms / 1000,
     )
 
 
