@@ -46,6 +46,16 @@ SERVER_NAME = "myriad"
 # The one version each model has: KServe v2 clients may name it or leave it out.
 MODEL_VERSION = "1"
 MAX_TEXTS_PER_REQUEST = 64
+# Triton's instance kinds by processor; a Neuron core is a device Triton has no kind for, so
+# the model manages it (KIND_MODEL).
+INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+
+def backend_name(model: Any) -> str:
+    """The backend serving ``model``, as ``python -m serving --backend`` names it (the tail of
+    its module's name otherwise)."""
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    return {"crossmodel": "cross-model"}.get(module, module)
 
 
 class DataPlane:
@@ -138,7 +148,9 @@ class DataPlane:
         """A KServe v2 inference over REST: the body decoded (JSON or binary tensors), run by
         :meth:`infer_tensors`, and the answer encoded as the request asks."""
         try:
-            request, tensors = v2.decode_request(body, header_length)
+            request, tensors = v2.decode_request(
+                body, header_length, model_id, version or MODEL_VERSION
+            )
         except InvalidInput as exc:
             self.refuse(model_id, exc)
             raise
@@ -205,6 +217,26 @@ class DataPlane:
             ],
             "outputs": outputs,
         }
+
+    def model_config(self, model_id: str, version: str | None = None) -> dict[str, Any]:
+        """The model's configuration as Triton's clients read it (``GET .../config`` over REST,
+        ``ModelConfig`` over gRPC): its metadata's tensors batched up to
+        :data:`MAX_TEXTS_PER_REQUEST` rows, each input optional (texts or token ids, with or
+        without a mask), the backend and device kind, and the task and sequence length as
+        parameters."""
+        model = self._model(model_id, version)
+        parameters = {"task": model.task or "", "processor": model.processor}
+        if model.max_length:
+            parameters["max_length"] = str(model.max_length)
+        metadata = self.model_metadata(model_id, version)
+        return v2.model_config(
+            metadata,
+            max_batch_size=MAX_TEXTS_PER_REQUEST,
+            backend=backend_name(model),
+            instance_kind=INSTANCE_KINDS.get(model.processor, "KIND_MODEL"),
+            optional_inputs=[entry["name"] for entry in metadata["inputs"]],
+            parameters=parameters,
+        )
 
     def model_ready(self, model_id: str, version: str | None = None) -> bool:
         return self._model(model_id, version).ready

@@ -157,6 +157,19 @@ def model_version_metadata(
     return _plane(state).model_metadata(model_id, version)
 
 
+@get("/models/{model_id:str}/config", sync_to_thread=False)
+def model_config(state: State, model_id: ModelIdPath) -> dict[str, Any]:
+    """The model's configuration in Triton's form (what its clients' get_model_config reads)."""
+    return _plane(state).model_config(model_id)
+
+
+@get("/models/{model_id:str}/versions/{version:str}/config", sync_to_thread=False)
+def model_version_config(
+    state: State, model_id: ModelIdPath, version: VersionPath
+) -> dict[str, Any]:
+    return _plane(state).model_config(model_id, version)
+
+
 def _readiness(state: State, model_id: str, version: str | None) -> Response[dict[str, Any]]:
     is_ready = _plane(state).model_ready(model_id, version)
     return Response({"name": model_id, "ready": is_ready}, status_code=200 if is_ready else 503)
@@ -260,6 +273,8 @@ V2_ROUTES = Router(
         ready,
         model_metadata,
         model_version_metadata,
+        model_config,
+        model_version_config,
         model_ready,
         model_version_ready,
         infer,
