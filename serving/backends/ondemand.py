@@ -109,7 +109,9 @@ class _Entry:
     loading: Future | None = None
     reason: str | None = None
     loads: int = 0
+    # Requests waiting for the load in progress, and those it has handed a hold to.
     waiters: set = field(default_factory=set)
+    granted: set = field(default_factory=set)
 
 
 class OnDemandTier:
@@ -191,6 +193,7 @@ class OnDemandTier:
         :class:`ColdLoadFailed` with the load's reason, or :class:`DeadlineExceeded`."""
         wait_s = self.settings.load_wait_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
+        token = object()
         cold = False
         while True:
             with self._cond:
@@ -202,19 +205,42 @@ class OnDemandTier:
                 if entry.loading is None:
                     entry.loading = self._pool.submit(self._load, entry)
                 future = entry.loading
+                # A load holds the model for each request that waited for it, so none of them
+                # finds it evicted by the next load before it ran (which could go on forever).
+                entry.waiters.add(token)
             cold = True
-            remaining = deadline - time.monotonic()
             try:
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
                 # shield: a request that gives up must not cancel the load others wait for.
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), remaining)
             except TimeoutError:
+                self._leave(entry, token)
                 raise DeadlineExceeded(
                     f"model {model_id!r} was still loading after {wait_s:.1f} s"
                 ) from None
             except ColdLoadFailed as exc:
+                self._leave(entry, token)
                 raise ColdLoadFailed(model_id, exc.reason) from None
+            except BaseException:
+                self._leave(entry, token)
+                raise
+            with self._cond:
+                if token in entry.granted:
+                    entry.granted.discard(token)
+                    self.demand.touch(model_id, time.monotonic())
+                    return cold
+                entry.waiters.discard(token)
+
+    def _leave(self, entry: _Entry, token: object) -> None:
+        """A waiting request gives up: its place among the waiters, or the hold its load gave."""
+        with self._cond:
+            entry.waiters.discard(token)
+            if token in entry.granted:
+                entry.granted.discard(token)
+                entry.in_flight -= 1
+                self._cond.notify_all()
 
     def hold(self, model_id: str) -> None:
         """Hold a loaded model for work not admitted by :meth:`acquire` (tests, scripts)."""
@@ -279,6 +305,9 @@ class OnDemandTier:
                 entry.loaded = entry.verified = True
                 entry.reason = None
                 entry.loads += 1
+                entry.in_flight += len(entry.waiters)
+                entry.granted |= entry.waiters
+                entry.waiters = set()
                 self.loads += 1
                 self._peak()
             if self.listener is not None:
