@@ -13,6 +13,8 @@ Modes:
 Every run is bounded by time and request count, records latencies in HDR histograms (merged
 across processes), breaks errors down by cause, and checks itself: when the generator, not
 the server, was the bottleneck (scheduling lag, a busy core) the result says ``saturated``.
+Answers that met a cold start (the server loaded the model for them and says so in the
+``x-myriad-cold-start`` header) are counted apart, with warm and cold histograms of their own.
 No Prefect here: the tasks and flows wrap it.
 """
 
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 from hdrh.histogram import HdrHistogram
+
+from serving.routing.client import met_cold_start
 
 # Latencies in microseconds, 1 µs to 10 min, three significant digits (0.1% precision).
 _LOWEST_US, _HIGHEST_US, _DIGITS = 1, 600_000_000, 3
@@ -80,6 +84,11 @@ class Recorder:
     """Latencies and errors of one run (or of several, merged)."""
 
     histogram: HdrHistogram = field(default_factory=new_histogram)
+    # Every answered request is in ``histogram`` and in one of these: cold (it met a load of
+    # its model) or warm.
+    warm: HdrHistogram = field(default_factory=new_histogram)
+    cold: HdrHistogram = field(default_factory=new_histogram)
+    cold_per_model: Counter = field(default_factory=Counter)
     per_model: dict[str, HdrHistogram] = field(default_factory=dict)
     per_server: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
@@ -88,9 +97,14 @@ class Recorder:
     cpu_s: float = 0.0
     processes: int = 1
 
-    def record(self, model_id: str, server: str, seconds: float) -> None:
+    def record(self, model_id: str, server: str, seconds: float, cold: bool = False) -> None:
         micros = max(_LOWEST_US, min(int(seconds * 1e6), _HIGHEST_US))
         self.histogram.record_value(micros)
+        if cold:
+            self.cold.record_value(micros)
+            self.cold_per_model[model_id] += 1
+        else:
+            self.warm.record_value(micros)
         model = self.per_model.get(model_id)
         if model is None:
             model = self.per_model[model_id] = new_histogram(_MODEL_DIGITS)
@@ -105,6 +119,9 @@ class Recorder:
     def encode(self) -> dict:
         return {
             "histogram": _b64(self.histogram),
+            "warm": _b64(self.warm),
+            "cold": _b64(self.cold),
+            "cold_per_model": dict(self.cold_per_model),
             "per_model": {m: _b64(h) for m, h in self.per_model.items()},
             "per_server": dict(self.per_server),
             "errors": dict(self.errors),
@@ -115,6 +132,9 @@ class Recorder:
 
     def merge(self, encoded: dict) -> None:
         self.histogram.decode_and_add(encoded["histogram"])
+        self.warm.decode_and_add(encoded["warm"])
+        self.cold.decode_and_add(encoded["cold"])
+        self.cold_per_model.update(encoded["cold_per_model"])
         for model_id, blob in encoded["per_model"].items():
             model = self.per_model.get(model_id)
             if model is None:
@@ -131,6 +151,27 @@ class Recorder:
     @property
     def completed(self) -> int:
         return self.histogram.get_total_count()
+
+    @property
+    def cold_requests(self) -> int:
+        return self.cold.get_total_count()
+
+    def cold_figures(self) -> dict:
+        """Answers that met a cold start apart from the rest: their count, their fraction of
+        the answered requests, and P50/P90/P99 (ms) of the warm and of the cold ones (a side
+        with no answer has no percentiles)."""
+        cold = self.cold_requests
+        figures: dict = {
+            "cold_requests": cold,
+            "warm_requests": self.completed - cold,
+            "cold_fraction": cold / self.completed if self.completed else 0.0,
+        }
+        for side, h in (("warm", self.warm), ("cold", self.cold)):
+            if h.get_total_count():
+                for p in (50, 90, 99):
+                    figures[f"{side}_p{p}_ms"] = h.get_value_at_percentile(p) / 1000
+                figures[f"{side}_max_ms"] = h.get_max_value() / 1000
+        return figures
 
     def saturation(self) -> dict:
         lag_p99 = self.lag.get_value_at_percentile(99) / 1e6 if self.lag.get_total_count() else 0
@@ -172,10 +213,14 @@ class Recorder:
             "error_rate": errors / total if total else 0.0,
             "requests_per_s": completed / self.duration_s if self.duration_s else 0.0,
             **latency,
+            **self.cold_figures(),
             "generator": self.saturation(),
         }
 
     def per_model_ms(self) -> dict[str, dict]:
+        """Per model: answers, min, P50, P90 and max (ms), and, once any answer met a cold
+        start, how many of the model's did."""
+        counted = bool(self.cold_per_model)
         return {
             m: {
                 "count": h.get_total_count(),
@@ -183,18 +228,21 @@ class Recorder:
                 "p50_ms": h.get_value_at_percentile(50) / 1000,
                 "p90_ms": h.get_value_at_percentile(90) / 1000,
                 "max_ms": h.get_max_value() / 1000,
+                **({"cold": self.cold_per_model.get(m, 0)} if counted else {}),
             }
             for m, h in self.per_model.items()
         }
 
-    def cdf_ms(self, points: int = 200) -> list[tuple[float, float]]:
-        """(latency ms, fraction of requests at or below it) for plotting."""
-        if not self.completed:
+    def cdf_ms(self, points: int = 200, side: str = "all") -> list[tuple[float, float]]:
+        """(latency ms, fraction of requests at or below it) for plotting: of every answered
+        request, or of the ``warm`` or the ``cold`` ones."""
+        h = {"all": self.histogram, "warm": self.warm, "cold": self.cold}[side]
+        if not h.get_total_count():
             return []
         return [
-            (self.histogram.get_value_at_percentile(q) / 1000, q / 100)
+            (h.get_value_at_percentile(q) / 1000, q / 100)
             for q in (100 * (1 - 0.5 ** (k / 20)) for k in range(points))
-        ] + [(self.histogram.get_max_value() / 1000, 1.0)]
+        ] + [(h.get_max_value() / 1000, 1.0)]
 
 
 def _b64(histogram: HdrHistogram) -> str:
@@ -245,6 +293,7 @@ async def _send(
         async with http.post(url, json={"text": text}) as response:
             await response.read()
             status = response.status
+            cold = met_cold_start(response.headers)
     except TimeoutError:
         recorder.errors["timeout"] += 1
         return
@@ -255,7 +304,8 @@ async def _send(
         recorder.errors[type(exc).__name__] += 1
         return
     if status == 200:
-        recorder.record(model_id, url.rsplit("/predictions/", 1)[0], time.perf_counter() - started)
+        server = url.rsplit("/predictions/", 1)[0]
+        recorder.record(model_id, server, time.perf_counter() - started, cold)
     else:
         recorder.errors[f"http_{status}"] += 1
 

@@ -1,7 +1,8 @@
 """The load-test report: the reference's results-table columns plus cost per model-hour and
 per million requests, the throughput-latency curve, the latency CDF and the load per server;
 as report.json, report.md and PNGs (:mod:`tasks.report` publishes them to the store and as
-Prefect artifacts)."""
+Prefect artifacts). With an on-demand tier (or once an answer met a cold start) it shows warm
+and cold latencies apart and the cold fraction next to the plan's promise."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def summarize(plan: Plan, load: dict) -> dict:
         "p90_ms": main.get("p90_ms"),
         "p95_ms": main.get("p95_ms"),
         "p99_ms": main.get("p99_ms"),
+        **cold_summary(plan, main),
         "error_rate": main.get("error_rate"),
         "errors": main.get("errors", {}),
         "duration_s": main.get("duration_s"),
@@ -60,8 +62,36 @@ def summarize(plan: Plan, load: dict) -> dict:
     }
 
 
+COLD_KEYS = (
+    "cold_requests",
+    "warm_requests",
+    "cold_fraction",
+    *(f"{side}_{q}_ms" for side in ("warm", "cold") for q in ("p50", "p90", "p99", "max")),
+)
+
+
+def has_on_demand_tier(plan: Plan) -> bool:
+    return plan.cold_fraction > 0 or any(s.on_demand_model_ids for s in plan.servers)
+
+
+def cold_summary(plan: Plan, main: dict) -> dict:
+    """The main run's answers that met a cold start apart from the warm ones (count, fraction,
+    P50/P90/P99 and the slowest), beside the plan's promise (``plan_cold_fraction``, the
+    expected fraction of requests that meet a cold start; ``plan_cold_start_seconds``, the
+    longest load of an on-demand model). Empty for a plan without an on-demand tier whose
+    answers met none, so those reports keep their columns."""
+    if not main.get("cold_requests") and not has_on_demand_tier(plan):
+        return {}
+    return {
+        **{key: main.get(key) for key in COLD_KEYS},
+        "plan_cold_fraction": plan.cold_fraction,
+        "plan_cold_start_seconds": plan.cold_start_seconds,
+    }
+
+
 def results_row(summary: dict) -> dict:
-    """The reference's results table, one row."""
+    """The reference's results table, one row; with cold figures (see :func:`cold_summary`)
+    the warm and cold P50/P90/P99 and the cold fraction against the plan's."""
 
     def span(low: float | None, high: float | None) -> str:
         return "-" if low is None else f"{low:.1f}-{high:.1f} ms"
@@ -73,10 +103,62 @@ def results_row(summary: dict) -> dict:
         "random latency": span(summary["random_ms_min"], summary["random_ms_max"]),
         "throughput (requests/s)": format_value(summary["requests_per_s"]),
         "P90": "-" if summary["p90_ms"] is None else f"{summary['p90_ms']:.1f} ms",
+        **_cold_columns(summary),
         f"{summary['price'].replace('_', '-')} cost per hour": f"${summary['cost_per_hour']:.2f}",
         "cost per model-hour": _money(summary["cost_per_model_hour"]),
         "cost per million requests": _money(summary["cost_per_million_requests"]),
     }
+
+
+def _cold_columns(summary: dict) -> dict:
+    if "cold_requests" not in summary:
+        return {}
+
+    def spread(side: str) -> str:
+        values = [summary.get(f"{side}_p{p}_ms") for p in (50, 90, 99)]
+        if values[0] is None:
+            return "-"
+        return " / ".join(f"{v:.1f}" for v in values) + " ms"
+
+    fraction = summary.get("cold_fraction") or 0.0
+    return {
+        "warm P50 / P90 / P99": spread("warm"),
+        "cold P50 / P90 / P99": spread("cold"),
+        "cold fraction (plan)": f"{fraction:.2%} ({summary['plan_cold_fraction']:.2%})",
+    }
+
+
+def cold_rows(summary: dict) -> list[dict]:
+    """Warm answers, cold answers and the plan's promise, one row each, for a table; empty
+    without cold figures."""
+    if "cold_requests" not in summary:
+        return []
+    fraction = summary.get("cold_fraction") or 0.0
+    rows = []
+    for side in ("warm", "cold"):
+        rows.append(
+            {
+                "answers": side,
+                "count": summary.get(f"{side}_requests"),
+                "fraction": f"{fraction if side == 'cold' else 1.0 - fraction:.2%}",
+                **{f"P{p} ms": summary.get(f"{side}_p{p}_ms") for p in (50, 90, 99)},
+                "slowest ms": summary.get(f"{side}_max_ms"),
+            }
+        )
+    cold_start = summary.get("plan_cold_start_seconds") or 0.0
+    rows.append(
+        {
+            "answers": "plan's promise",
+            "count": None,
+            "fraction": f"{summary.get('plan_cold_fraction') or 0.0:.2%}",
+            "P50 ms": None,
+            "P90 ms": None,
+            "P99 ms": None,
+            # The plan bounds the load; a cold answer adds its wait and forward to it.
+            "slowest ms": f"load <= {cold_start * 1000:.0f}" if cold_start else None,
+        }
+    )
+    return rows
 
 
 def _money(value: float | None) -> str:
@@ -113,6 +195,17 @@ def to_markdown(summary: dict, load: dict | None = None) -> str:
             "Use more --processes or a bigger machine.",
             "",
         ]
+    if "cold_requests" in summary:
+        lines += [
+            "## Cold starts",
+            "",
+            "Answers that met a cold start (the server loaded their model for them), apart "
+            "from the warm ones, beside what the plan promised: the fraction it expects "
+            "under the fleet's traffic (a test drawn another way, as by --zipf, meets "
+            "another) and the longest load of an on-demand model.",
+            "",
+        ]
+        lines += _table(cold_rows(summary)) + [""]
     lines += ["## Figures", "", "| figure | value |", "|---|---|"]
     lines += [f"| {key} | {format_value(value)} |" for key, value in summary.items()]
     if load and load.get("sweep"):
@@ -286,17 +379,33 @@ def _percentile_ms(load: dict, percentile: float) -> float | None:
 def latency_cdf_figure(load: dict):  # noqa: ANN201 - a matplotlib Figure
     """The latency distribution of the main run with its tail stretched out: the y axis is the
     fraction of requests slower than x on a log scale, labelled by percentile (50% ... 99.9%),
-    so P99 sits as far from P90 as P90 from P50; P50, P90 and P99 marked with their values."""
+    so P99 sits as far from P90 as P90 from P50; P50, P90 and P99 marked with their values.
+    Where answers met cold starts, the warm and the cold ones are drawn apart too (dashed)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
+
     # Fractions slower than each latency; the last point (the maximum, none slower) cannot
     # sit on a log scale and is marked on its own at the top.
-    points = [(ms, 1.0 - fraction) for ms, fraction in load["cdf_ms"] if fraction < 1.0]
-    top = min([1 - CDF_PERCENTILES[-1] / 100, *(y for _, y in points)]) / 2
+    def slower(cdf: list) -> list[tuple[float, float]]:
+        return [(ms, 1.0 - fraction) for ms, fraction in cdf if fraction < 1.0]
+
+    points = slower(load["cdf_ms"])
+    sides = {side: slower(load.get(f"cdf_ms_{side}") or []) for side in ("warm", "cold")}
+    everything = points + sides["warm"] + sides["cold"]
+    top = min([1 - CDF_PERCENTILES[-1] / 100, *(y for _, y in everything)]) / 2
     if points:
         axis.plot(*zip(*points, strict=True), color="tab:blue", label="latency distribution")
+    for (side, side_points), colour in zip(sides.items(), ("tab:cyan", "tab:purple"), strict=True):
+        if side_points:
+            count = _main_summary(load).get(f"{side}_requests")
+            axis.plot(
+                *zip(*side_points, strict=True),
+                color=colour,
+                linestyle="--",
+                label=f"{side} answers" + (f" ({count:,})" if count is not None else ""),
+            )
     slowest = max(ms for ms, _ in load["cdf_ms"])
     axis.plot([slowest], [top], "^", color="black", label=f"slowest {slowest:.1f} ms")
     colours = {50: "tab:green", 90: "tab:orange", 99: "tab:red"}

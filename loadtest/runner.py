@@ -86,7 +86,8 @@ def run_load_test(
     progress: Callable[[str, float], None] | None = None,
 ) -> dict:
     """Every requested mode in order; returns their summaries, the sweep curve, per-model and
-    per-server figures and the latency CDF of the main run (closed, else rate, else random)."""
+    per-server figures and the latency CDF of the main run (closed, else rate, else random),
+    with the CDFs of its warm and its cold answers apart once any answer met a cold start."""
     targets = targets_for(plan, deployment)
     shape = loadgen.Shape(zipf=settings.zipf, tokens=settings.tokens, seed=settings.seed)
     bounds = loadgen.Bounds(
@@ -143,6 +144,9 @@ def run_load_test(
         chosen = recorders[main]
         figures["main"] = main
         figures["cdf_ms"] = chosen.cdf_ms()
+        if chosen.cold_requests:
+            figures["cdf_ms_warm"] = chosen.cdf_ms(side="warm")
+            figures["cdf_ms_cold"] = chosen.cdf_ms(side="cold")
         figures["per_server_requests"] = by_server_id(plan, deployment, chosen.per_server)
         slowest = sorted(chosen.per_model_ms().items(), key=lambda kv: -kv[1]["p90_ms"])
         figures["slowest_models"] = dict(slowest[:10])

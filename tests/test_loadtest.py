@@ -26,10 +26,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = [f"m{i}" for i in range(10)]
 
 
-def start(*latency_ms: float) -> Iterator[str]:
+def start(
+    *latency_ms: float, cold_models: tuple[str, ...] = (), cold_ms: float = 0
+) -> Iterator[str]:
     port = free_port()
+    cold = (
+        ["--cold-models", ",".join(cold_models), "--cold-ms", str(cold_ms)] if cold_models else []
+    )
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/sleep_server.py"), str(port), *map(str, latency_ms)]
+        [
+            sys.executable,
+            str(ROOT / "tests/sleep_server.py"),
+            str(port),
+            *map(str, latency_ms),
+            *cold,
+        ]
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,6 +68,15 @@ def uniform_server() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def fast_server() -> Iterator[str]:
     yield from start()
+
+
+# Models m0 and m1 meet a cold start on every request: 200 ms more, and the header says so.
+COLD_MODELS = ("m0", "m1")
+
+
+@pytest.fixture(scope="module")
+def cold_server() -> Iterator[str]:
+    yield from start(10, 50, cold_models=COLD_MODELS, cold_ms=200)
 
 
 def targets(url: str) -> loadgen.Targets:
@@ -216,8 +236,12 @@ def test_bad_settings_are_refused(settings: dict, message: str) -> None:
         msgspec.convert(settings, LoadSettings)
 
 
-def test_every_mode_and_the_report_files(uniform_server: str, tmp_path: Path) -> None:
-    plan = Plan(
+def one_server_plan(**tier: object) -> Plan:
+    """A plan of one c5.large server holding every model; ``tier``: the on-demand tier's
+    fields (the plan's ``cold_fraction``, ``cold_start_seconds``, the server's
+    ``on_demand_model_ids``)."""
+    on_demand = tier.pop("on_demand_model_ids", [])
+    return Plan(
         plan_id="plan-load",
         created_at="2026-11-27T00:00:00Z",
         problem="load",
@@ -236,6 +260,7 @@ def test_every_mode_and_the_report_files(uniform_server: str, tmp_path: Path) ->
                 memory_bytes=1,
                 memory_capacity_bytes=2,
                 compute_utilization=0.1,
+                on_demand_model_ids=on_demand,  # type: ignore[arg-type]
             )
         ],
         cost_per_hour=0.085,
@@ -243,10 +268,19 @@ def test_every_mode_and_the_report_files(uniform_server: str, tmp_path: Path) ->
         gap=0.0,
         solver_status="optimal",
         solve_seconds=0.1,
+        **tier,  # type: ignore[arg-type]
     )
-    deployment = Deployment(
-        name="t", plan_id="plan-load", runtime="local", servers={"i000-c5-large-d0": uniform_server}
+
+
+def deployment_at(url: str) -> Deployment:
+    return Deployment(
+        name="t", plan_id="plan-load", runtime="local", servers={"i000-c5-large-d0": url}
     )
+
+
+def test_every_mode_and_the_report_files(uniform_server: str, tmp_path: Path) -> None:
+    plan = one_server_plan()
+    deployment = deployment_at(uniform_server)
     settings = LoadSettings(
         modes=["sequential", "random", "closed", "sweep", "rate"],
         duration_s=0.6,
@@ -286,6 +320,122 @@ def test_every_mode_and_the_report_files(uniform_server: str, tmp_path: Path) ->
     ):
         assert column in markdown
     assert summary["models"] == len(MODELS) and summary["load_mode"] == "closed"
+    # No on-demand tier and no answer met a cold start: the report keeps its old columns.
+    assert "cold" not in markdown and "cold_requests" not in summary
+    assert "cdf_ms_cold" not in figures
     assert summary["cost_per_million_requests"] == pytest.approx(
         0.085 / (summary["requests_per_s"] * 3600) * 1e6
     )
+
+
+def test_cold_answers_are_counted_apart(cold_server: str) -> None:
+    """m0 and m1 meet a cold start on every request (200 ms more, and the header): their
+    answers, and only theirs, count as cold, with percentiles of their own."""
+    bounds = loadgen.Bounds(duration_s=3.0)
+    recorder = asyncio.run(
+        loadgen.closed_loop(targets(cold_server), loadgen.Shape(), bounds, concurrency=8)
+    )
+    summary = recorder.summary("closed")
+    assert summary["errors"] == {}
+    per_model = recorder.per_model_ms()
+    cold = sum(per_model[m]["count"] for m in COLD_MODELS)
+    assert summary["cold_requests"] == cold > 20
+    assert summary["warm_requests"] == summary["completed"] - cold > 100
+    assert {m: v["cold"] for m, v in per_model.items() if v["cold"]} == {
+        m: per_model[m]["count"] for m in COLD_MODELS
+    }
+    # Two models of ten, drawn uniformly whatever their latency: a fifth of the requests.
+    assert summary["cold_fraction"] == pytest.approx(cold / summary["completed"])
+    assert 0.1 < summary["cold_fraction"] < 0.3
+    # Warm: uniform on [10, 50] ms; cold: 200 ms more. The round trip adds a few ms (more on
+    # a busy machine), never less; the tails, of a few answers each, only on their side of
+    # the 200 ms gap.
+    for side, low in (("warm", 10), ("cold", 210)):
+        for p in (50, 90):
+            expected = low + 40 * p / 100
+            got = summary[f"{side}_p{p}_ms"]
+            assert expected - 6 <= got <= expected + 10, (side, p, summary)
+        assert low + 40 * 0.9 - 6 <= summary[f"{side}_p99_ms"], (side, summary)
+    assert summary["warm_p99_ms"] < 200
+    assert summary["cold_p50_ms"] >= 210
+
+
+def test_cold_counts_merge_across_processes_exactly() -> None:
+    halves = [loadgen.Recorder(), loadgen.Recorder()]
+    for ms in range(1, 1001):
+        halves[ms % 2].record(f"m{ms % 4}", "s", ms / 1000, cold=ms % 4 == 0)
+    merged = loadgen.Recorder()
+    for half in halves:
+        merged.merge(json.loads(json.dumps(half.encode())))
+    figures = merged.cold_figures()
+    assert figures["cold_requests"] == 250 and figures["warm_requests"] == 750
+    assert figures["cold_fraction"] == 0.25
+    assert merged.cold_per_model == Counter({"m0": 250})
+    # Cold: 4, 8, ..., 1000 ms; its median is 500 ms, its 90th percentile 900 ms.
+    assert figures["cold_p50_ms"] == pytest.approx(500, rel=1e-2)
+    assert figures["cold_p90_ms"] == pytest.approx(900, rel=1e-2)
+    assert figures["warm_p50_ms"] == pytest.approx(500, rel=1e-2)
+
+
+@pytest.mark.parametrize("tiered", [True, False])
+def test_the_report_shows_cold_answers_beside_the_plans_promise(
+    cold_server: str, tmp_path: Path, tiered: bool
+) -> None:
+    """With an on-demand tier the report shows warm and cold figures and the plan's promise;
+    without one it shows them too once an answer met a cold start (the promise then 0)."""
+    tier = (
+        {"cold_fraction": 0.2, "cold_start_seconds": 0.25, "on_demand_model_ids": list(COLD_MODELS)}
+        if tiered
+        else {}
+    )
+    plan = one_server_plan(**tier)
+    settings = LoadSettings(modes=["sequential", "closed"], duration_s=1.0, concurrency=4)
+    figures = run_load_test(plan, deployment_at(cold_server), settings)
+    assert figures["sequential"]["cold_requests"] == len(COLD_MODELS)
+    assert figures["cdf_ms_cold"] and figures["cdf_ms_warm"]
+    summary = write_report(plan, figures, tmp_path)
+    closed = figures["closed"]
+    assert summary["cold_requests"] == closed["cold_requests"] > 0
+    assert summary["cold_fraction"] == closed["cold_fraction"]
+    assert summary["cold_p90_ms"] == closed["cold_p90_ms"] > summary["warm_p90_ms"]
+    assert summary["plan_cold_fraction"] == (0.2 if tiered else 0.0)
+    assert summary["plan_cold_start_seconds"] == (0.25 if tiered else 0.0)
+    markdown = (tmp_path / "report.md").read_text()
+    promised = "20.00%" if tiered else "0.00%"
+    assert f"{closed['cold_fraction']:.2%} ({promised})" in markdown
+    for text in ("warm P50 / P90 / P99", "cold P50 / P90 / P99", "## Cold starts"):
+        assert text in markdown
+    assert ("load <= 250" in markdown) is tiered
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["summary"]["cold_requests"] == closed["cold_requests"]
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 0
+
+
+def test_a_tiered_plan_shows_cold_columns_before_any_cold_answer(
+    uniform_server: str, tmp_path: Path
+) -> None:
+    plan = one_server_plan(cold_fraction=0.01, cold_start_seconds=2.0, on_demand_model_ids=["m9"])
+    settings = LoadSettings(modes=["closed"], duration_s=0.5, concurrency=2)
+    summary = write_report(
+        plan, run_load_test(plan, deployment_at(uniform_server), settings), tmp_path
+    )
+    assert summary["cold_requests"] == 0 and summary["cold_fraction"] == 0.0
+    assert summary["cold_p90_ms"] is None and summary["warm_p90_ms"] > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "0.00% (1.00%)" in markdown and "| cold | 0 |" in markdown
+
+
+def test_the_gateway_passes_the_cold_start_header_on(cold_server: str) -> None:
+    """A load test through the gateway counts cold answers as one sent straight to the server."""
+    from litestar.testing import TestClient
+
+    from serving.routing.client import met_cold_start
+    from serving.routing.gateway import create_gateway
+
+    plan = one_server_plan()
+    with TestClient(create_gateway(plan, deployment_at(cold_server))) as gateway:
+        cold = gateway.post("/predictions/m0", json={"text": "x"})
+        warm = gateway.post("/predictions/m5", json={"text": "x"})
+    assert cold.status_code == warm.status_code == 200
+    assert met_cold_start(cold.headers) and not met_cold_start(warm.headers)
+    assert "x-myriad-cold-start" not in warm.headers

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -55,6 +55,16 @@ class Router:
 
 
 RETRYABLE_STATUS = {502, 503, 504}
+
+# A server sets this header to "1" on an answer that waited for its model to load (a cold
+# start of an on-demand model); it is absent on every other answer.
+COLD_START_HEADER = "x-myriad-cold-start"
+
+
+def met_cold_start(headers: Mapping[str, str]) -> bool:
+    """Whether an answer met a cold start, from its headers (any case-insensitive mapping:
+    httpx's, aiohttp's)."""
+    return headers.get(COLD_START_HEADER) == "1"
 
 
 def failover_reason(

@@ -35,7 +35,7 @@ from packing.contracts import Plan
 from packing.io import ContractError, load
 from serving import settings
 from serving.deployments import Deployment
-from serving.routing.client import Router, RoutingError, failover_reason
+from serving.routing.client import COLD_START_HEADER, Router, RoutingError, failover_reason
 
 ModelIdPath = Annotated[str, Parameter(description="Model id, as in the plan")]
 # The binary tensor extension puts the JSON header's length in a header of its own.
@@ -71,11 +71,14 @@ async def _forward(
             failures.append(reason)
             continue
         length = answer.headers.get("inference-header-content-length")
+        passed = {"Inference-Header-Content-Length": length} if length else {}
+        if cold := answer.headers.get(COLD_START_HEADER):
+            passed[COLD_START_HEADER] = cold  # so load tests behind the gateway count it
         return Response(
             answer.content,
             status_code=answer.status_code,
             media_type=answer.headers.get("content-type", "application/json"),
-            headers={"Inference-Header-Content-Length": length} if length else None,
+            headers=passed or None,
         )
     if retry_on_new_routes and state.watcher is not None and state.watcher.refresh():
         # The record moved on under us (a redeploy): try the new plan's replicas once.
