@@ -66,6 +66,7 @@ def serve(
     optimise: bool = False,
     report_loading: bool = False,
     planned: dict | None = None,
+    grpc_port: int | None = None,
     on_demand: OnDemandSettings | None = None,
 ) -> None:
     """``on_demand``: which models load on their first request, under which memory budgets
@@ -76,6 +77,8 @@ def serve(
     ``front_ends`` > 1: that many HTTP processes in front of this one (:mod:`serving.http.workers`).
     ``optimise``: TorchScript modules frozen and optimised on CPU
     (:func:`serving.backends.torchscript.optimised`, a trade of resident memory for CPU).
+    ``grpc_port``: also answer KServe v2 over gRPC on ``host:grpc_port``
+    (:mod:`serving.grpc`), in this process (the engine process with front ends).
     ``report_loading``: print the address and each model's state as it loads (a failure with
     its reason), and stop with :class:`NothingLoaded` when no model could be loaded; for a
     person at a terminal (``myriad serve``), where a server that answers 503 forever helps no
@@ -119,9 +122,17 @@ def serve(
         # Requests wait on the event loop for the engine's futures, not on worker threads.
         workers = threads
     log_level = settings.current().server.log_level
+    grpc_start, grpc_stop = grpc_hooks(host, grpc_port)
     if front_ends <= 1:
         app = serving_app(
-            create_app(repository, workers=workers, batching=batching, planned=planned)
+            create_app(
+                repository,
+                workers=workers,
+                batching=batching,
+                planned=planned,
+                on_startup=grpc_start,
+                on_shutdown=grpc_stop,
+            )
         )
         server = uvicorn.Server(
             uvicorn.Config(
@@ -136,6 +147,8 @@ def serve(
         reporter = None
         if report_loading:
             print(f"serving {len(model_ids)} models on http://{host}:{port}", flush=True)
+            if grpc_port is not None:
+                print(f"KServe v2 over gRPC on {host}:{grpc_port}", flush=True)
             reporter = LoadReporter(repository, stop=lambda: setattr(server, "should_exit", True))
             reporter.start()
         server.run()
@@ -146,8 +159,27 @@ def serve(
             )
         return
     serve_behind_front_ends(
-        repository, workers, batching, host, port, front_ends, log_level, planned
+        repository,
+        workers,
+        batching,
+        host,
+        port,
+        front_ends,
+        log_level,
+        planned,
+        grpc_hooks=(grpc_start, grpc_stop),
     )
+
+
+def grpc_hooks(host: str, port: int | None) -> tuple[list, list]:
+    """The app's startup and shutdown hooks that run the gRPC service on ``port`` (none for
+    None): grpc is imported only by a server that answers it."""
+    if port is None:
+        return [], []
+    from serving.grpc.service import grpc_hooks as hooks
+
+    start, stop = hooks(host, port)
+    return [start], [stop]
 
 
 class NothingLoaded(MyriadError):
@@ -196,9 +228,11 @@ def serve_behind_front_ends(
     front_ends: int,
     log_level: str,
     planned: dict | None = None,
+    grpc_hooks: tuple[list, list] = ([], []),
 ) -> None:
     """This process owns the models and serves on a private loopback port; ``front_ends``
-    processes answer ``host:port`` and hand it the hot routes over ZeroMQ."""
+    processes answer ``host:port`` and hand it the hot routes over ZeroMQ. ``grpc_hooks``:
+    this process answers gRPC itself (its RPCs go straight to the data plane)."""
     import functools
 
     import uvicorn
@@ -217,7 +251,8 @@ def serve_behind_front_ends(
 
     async def start(app: object) -> None:
         nonlocal endpoint
-        endpoint = EngineEndpoint(functools.partial(answer_call, app.state.dataplane), address)
+        plane = app.state.dataplane
+        endpoint = EngineEndpoint(functools.partial(answer_call, plane), address, plane)
         await endpoint.start()
         processes.start()
 
@@ -230,8 +265,8 @@ def serve_behind_front_ends(
         repository,
         workers=workers,
         batching=batching,
-        on_startup=[start],
-        on_shutdown=[stop],
+        on_startup=[start, *grpc_hooks[0]],
+        on_shutdown=[*grpc_hooks[1], stop],
         planned=planned,
     )
     config = uvicorn.Config(
@@ -252,6 +287,8 @@ class ServerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     store_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = SERVER_PORT_DEFAULT
+    # KServe v2 over gRPC on this port too (None: HTTP only).
+    grpc_port: int | None = None
     threads: int = 1
     workers: int = 1
     backend: str = "torchscript"  # or cross-model
@@ -286,6 +323,13 @@ def server_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=SERVER_PORT_DEFAULT)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also answer KServe v2 over gRPC (inference.GRPCInferenceService) on this port, in "
+        "the process that owns the models (8081 in containers); default: HTTP only",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -388,6 +432,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
         store_uri=args.store,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         threads=args.threads,
         workers=args.workers,
         backend=args.backend,
@@ -439,6 +484,7 @@ def run_server(options: ServerOptions) -> None:
         optimise=options.optimise,
         report_loading=options.report_loading,
         planned=options.planned,
+        grpc_port=options.grpc_port,
         on_demand=on_demand_settings(options),
     )
 

@@ -1,5 +1,6 @@
 """The local runtime (the embedded default): each plan server is a process on a 127.0.0.1
-port, under a supervisor that restarts it if it dies."""
+port, under a supervisor that restarts it if it dies. Each answers KServe v2 over gRPC too, on
+a second port (:meth:`LocalRuntime.grpc_target`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,16 @@ def stop_process(pid: int, grace_s: float = 40.0) -> None:
         pass
 
 
+def _grpc_port(server_args: list[str]) -> int | None:
+    """The gRPC port the deployment's own server flags set, if they do."""
+    for index, arg in enumerate(server_args):
+        if arg == "--grpc-port" and index + 1 < len(server_args):
+            return int(server_args[index + 1])
+        if arg.startswith("--grpc-port="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
 class LocalRuntime(HostRuntime):
     name = "local"
 
@@ -79,9 +90,16 @@ class LocalRuntime(HostRuntime):
         """``log_dir``: where each server's log goes (default: the deployment's own folder)."""
         self.log_dir = log_dir
         self._logs: dict[str, Path] = {}
+        self._grpc_ports: dict[str, int] = {}
 
     def log_file(self, handle: str) -> Path:
         return self._logs[handle].with_suffix(".log")
+
+    def grpc_target(self, handle: str) -> str:
+        """Where the server started as ``handle`` answers gRPC (``host:port``, what gRPC
+        clients take), as long as this runtime object lives: the deployment record holds the
+        HTTP URLs only."""
+        return f"127.0.0.1:{self._grpc_ports[handle]}"
 
     def start_server(
         self, server: PlannedServer, plan_file: Path, options: DeployOptions
@@ -93,12 +111,16 @@ class LocalRuntime(HostRuntime):
         stem = f"{server.id}-{port}"
         status = log_dir / f"{stem}.status.json"
         status.unlink(missing_ok=True)
+        grpc_port = _grpc_port(options.server_args)
         command = [
             sys.executable,
             "-m",
             "serving",
             *server_arguments(server.id, str(plan_file), port, options),
         ]
+        if grpc_port is None:
+            grpc_port = free_port()
+            command += ["--grpc-port", str(grpc_port)]
         if options.store_uri:
             command += ["--store", options.store_uri]
         log = (log_dir / f"{stem}.log").open("ab")
@@ -114,6 +136,7 @@ class LocalRuntime(HostRuntime):
         log.close()
         handle = str(process.pid)
         self._logs[handle] = log_dir / stem
+        self._grpc_ports[handle] = grpc_port
         return f"http://127.0.0.1:{port}", handle
 
     def exit_reason(self, handle: str) -> str | None:
