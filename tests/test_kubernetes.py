@@ -234,6 +234,29 @@ def test_servers_pinned_sized_and_locked_down(options: DeployOptions) -> None:
         assert d["spec"]["template"]["spec"]["serviceAccountName"] == "myriad-server"
 
 
+def test_servers_answer_grpc_on_their_service(options: DeployOptions) -> None:
+    """Each server listens for KServe v2 over gRPC on 8081 (a containerPort named grpc), and its
+    Service publishes it beside HTTP; the server flags the deployment adds cannot move it."""
+    plan = example_plan()
+    objects = render(plan, CATALOG, _replace(options, server_args=["--grpc-port", "9"]), IMAGES)
+    services = {s["metadata"]["name"]: s for s in _by_kind(objects, "Service")}
+    for d in _by_kind(objects, "Deployment"):
+        container = d["spec"]["template"]["spec"]["containers"][0]
+        args = container["args"]
+        assert args[-2:] == ["--grpc-port", "8081"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert ports == {"http": 8080, "grpc": 8081}
+        service = services[d["metadata"]["name"]]
+        assert {
+            port["name"]: (port["port"], port["targetPort"]) for port in service["spec"]["ports"]
+        } == {
+            "http": (8080, "http"),
+            "grpc": (8081, "grpc"),
+        }
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+
+
 def test_every_model_is_routed_to_a_service_whose_pods_serve_it(options: DeployOptions) -> None:
     plan = example_plan()
     objects = render(plan, CATALOG, options, IMAGES)
@@ -342,6 +365,7 @@ def test_pod_manifests_for_podman_kube_play(tmp_path: Path) -> None:
     assert "namespace" not in deployment["metadata"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["ports"][0]["hostPort"] == 18080
+    assert container["ports"][1] == {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}
     store = options.store_uri.removeprefix("file://")
     assert {"name": "store", "mountPath": store, "readOnly": True} in container["volumeMounts"]
     for document in documents:
@@ -362,6 +386,7 @@ def test_pod_manifests_for_podman_kube_play(tmp_path: Path) -> None:
     container = pod["containers"][0]
     assert pod["hostNetwork"] is True
     assert container["args"][container["args"].index("--port") + 1] == "18081"
+    assert "--grpc-port" not in container["args"]  # one port for every pod on the host: none
     assert "ports" not in container
     assert container["readinessProbe"]["httpGet"]["port"] == 18081
     kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
@@ -650,7 +675,7 @@ def test_network_policy_admits_only_ingress_gateway_metrics_and_orchestrator(
             spec["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]
         )
     (rule,) = spec["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 8081}]
     peers = rule["from"]
     namespaces = [
         p.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")

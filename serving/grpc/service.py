@@ -40,8 +40,6 @@ from serving.grpc.grpc_service_pb2_grpc import (
 
 logger = logging.getLogger("myriad.grpc")
 
-# KServe's port for gRPC beside 8080 for HTTP: what the containers and Kubernetes use.
-GRPC_PORT_DEFAULT = 8081
 # Triton's clients lift gRPC's 4 MiB limits; a request here holds at most 64 texts or rows of
 # ids, so 4 MiB each way keeps a stray client from making the server buffer more.
 MAX_MESSAGE_BYTES = 4 << 20

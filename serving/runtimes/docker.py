@@ -1,6 +1,6 @@
 """The Docker runtime: one container per plan server from its processor's image, with docker
-or podman (whichever answers). Ports are published on loopback; the engine's restart policy
-brings back a server that dies."""
+or podman (whichever answers). Ports (HTTP, and gRPC: :meth:`DockerRuntime.grpc_target`) are
+published on loopback; the engine's restart policy brings back a server that dies."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from packing.contracts import PlannedServer
 from serving.deployments import DeployError
+from serving.grpc import GRPC_PORT
 from serving.runtimes.base import (
     SERVER_PORT,
     DeployOptions,
@@ -54,6 +55,7 @@ class DockerRuntime(HostRuntime):
                 )
             engine = engine_command(found)
         self.engine = engine
+        self._grpc_ports: dict[str, int] = {}
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([*self.engine, *args], capture_output=True, text=True)
@@ -73,6 +75,7 @@ class DockerRuntime(HostRuntime):
                 f"`myriad build --processor {server.processor}` first"
             )
         port = free_port()
+        grpc_port = free_port()
         name = container_name(options.name, server.id, port)
         argv = [
             "run", "--detach", "--name", name,
@@ -81,6 +84,7 @@ class DockerRuntime(HostRuntime):
             "--restart", "on-failure",
             "--read-only", *self._scratch("/tmp"), *self._scratch("/var/lib/myriad"),
             "--publish", f"127.0.0.1:{port}:{SERVER_PORT}",
+            "--publish", f"127.0.0.1:{grpc_port}:{GRPC_PORT}",
             "--volume", f"{plan_file}:{PLAN_IN_CONTAINER}:ro",
         ]  # fmt: skip
         store = open_store(options.store_uri)
@@ -96,8 +100,15 @@ class DockerRuntime(HostRuntime):
         argv += self._device_arguments(server)
         argv += [image]
         argv += server_arguments(server.id, PLAN_IN_CONTAINER, SERVER_PORT, options, "0.0.0.0")
+        argv += ["--grpc-port", str(GRPC_PORT)]  # last: the port published above
         self._run(*argv)
+        self._grpc_ports[name] = grpc_port
         return f"http://127.0.0.1:{port}", name
+
+    def grpc_target(self, handle: str) -> str:
+        """Where the container ``handle`` answers gRPC (``host:port``), as long as this runtime
+        object lives: the deployment record holds the HTTP URLs only."""
+        return f"127.0.0.1:{self._grpc_ports[handle]}"
 
     def _scratch(self, path: str) -> list[str]:
         """A tmpfs the server's user (uid 10001) can write: podman's ``U`` chowns it to the

@@ -51,6 +51,7 @@ import yaml
 
 from packing.contracts import Catalog, InstanceType, Plan, PlannedServer
 from packing.io import to_json, write_atomic
+from serving.grpc import GRPC_PORT
 from serving.runtimes.base import (
     SERVER_PORT,
     DeployError,
@@ -480,7 +481,15 @@ def server_network_policy(
         "spec": {
             "podSelector": {"matchLabels": {INSTANCE: deployment_name, COMPONENT: "server"}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": SERVER_PORT}]}],
+            "ingress": [
+                {
+                    "from": peers,
+                    "ports": [
+                        {"protocol": "TCP", "port": SERVER_PORT},
+                        {"protocol": "TCP", "port": GRPC_PORT},
+                    ],
+                }
+            ],
         },
     }
 
@@ -547,7 +556,9 @@ def _server_objects(
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "serving"],
-        "args": server_arguments(server.id, PLAN_FILE, SERVER_PORT, options, host="0.0.0.0"),
+        # KServe v2 over gRPC beside HTTP, last: the port the container and Service name.
+        "args": server_arguments(server.id, PLAN_FILE, SERVER_PORT, options, host="0.0.0.0")
+        + ["--grpc-port", str(GRPC_PORT)],
         "env": env,
     }
     secret = store_secret_name(options)
@@ -556,7 +567,10 @@ def _server_objects(
     period = 10
     container.update(
         {
-            "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"},
+                {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            ],
             "resources": server_resources(server, instance_type, servers_on_instance),
             # Loading hundreds of models takes minutes: the startup probe allows the whole
             # window before liveness takes over; ready means every model of the server loaded.
@@ -651,7 +665,8 @@ def _server_objects(
                 "type": "ClusterIP",
                 "selector": selector,
                 "ports": [
-                    {"name": "http", "port": SERVER_PORT, "targetPort": "http", "protocol": "TCP"}
+                    {"name": "http", "port": SERVER_PORT, "targetPort": "http", "protocol": "TCP"},
+                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
                 ],
             },
         },
@@ -975,6 +990,8 @@ def pod_manifests(
                     pod["hostNetwork"] = True
                     args = container["args"]
                     args[args.index("--port") + 1] = str(port)
+                    # Every pod on the host's network would take the same gRPC port: HTTP only.
+                    del args[args.index("--grpc-port") : args.index("--grpc-port") + 2]
                     del container["ports"]
                     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                         container[probe]["httpGet"]["port"] = port
