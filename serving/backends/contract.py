@@ -96,6 +96,11 @@ class ServingModel(abc.ABC):
     ) -> list[dict]:
         raise InvalidInput(f"model {self.model_id} takes text; send a BYTES input")
 
+    def forward_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Rows a front end tokenised: the output rows as float32 (blocking). A backend with a
+        scheduler for ids offers ``submit_ids`` instead, as the cross-model engine does."""
+        raise InvalidInput(f"model {self.model_id} takes text; send a BYTES input")
+
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
@@ -112,12 +117,13 @@ def answers(task: str, labels: list[str], output: torch.Tensor, raw: bool) -> li
 
 
 def answer_rows(
-    task: str, output: torch.Tensor, labels: Sequence[list[str]], raw: Sequence[bool]
+    task: str, output: torch.Tensor | np.ndarray, labels: Sequence[list[str]], raw: Sequence[bool]
 ) -> list[dict]:
     """:func:`answers` for a batch whose rows may belong to different models (``labels[i]``)
     and ask for different forms (``raw[i]``): one softmax over the whole batch in numpy, one
     conversion to Python floats, no tensor op per row."""
-    values = output.float().numpy()
+    # A front end's rows arrive as numpy (serving.http.frontend); a backend's as a tensor.
+    values = output if isinstance(output, np.ndarray) else output.float().numpy()
     if task == "embedding":
         return [{"embedding": row} for row in values.tolist()]
     shifted = np.exp(values - values.max(axis=-1, keepdims=True))

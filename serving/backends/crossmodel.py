@@ -75,6 +75,9 @@ class _Request:
     raw: bool
     deadline: float
     future: Future = field(default_factory=Future)
+    # Pre-tokenised (submit_ids): one row of ids and its 0/1 mask; the answer is the output row.
+    ids: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
 
 class CrossModelEngine:
@@ -151,6 +154,39 @@ class CrossModelEngine:
                 ) from None
         return [r.future for r in requests]
 
+    def submit_ids(
+        self, model_id: str, input_ids: np.ndarray, attention_mask: np.ndarray
+    ) -> list[Future]:
+        """Rows a front end (or a client) tokenised: a future per row, each settled with that
+        row's output as a 1 x width float32 array. Ids outside the vocabulary or rows past the
+        position table are refused here, so they never fail the batch they would join."""
+        if model_id not in self.members:
+            raise ModelNotReady(model_id, ModelState.PENDING, "not in the engine")
+        assert self.shape is not None
+        rows, cols = input_ids.shape
+        longest, vocab = self.members[model_id].max_length, self.shape.vocab
+        if cols > longest:
+            raise InvalidInput(f"{cols} tokens; model {model_id} takes at most {longest}")
+        if input_ids.size and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise InvalidInput(
+                f"input_ids must lie in [0, {vocab}): the vocabulary of model {model_id}"
+            )
+        deadline = time.monotonic() + self.settings.deadline_s
+        requests = [
+            _Request(model_id, "", True, deadline, ids=input_ids[row], mask=attention_mask[row])
+            for row in range(rows)
+        ]
+        for request in requests:
+            try:
+                self.queue.put_nowait(request)
+            except queue.Full:
+                for queued in requests:
+                    queued.future.cancel()
+                raise Overloaded(
+                    f"{self.settings.max_queue} requests are waiting; retry shortly"
+                ) from None
+        return [r.future for r in requests]
+
     def predict(self, model_id: str, texts: list[str], raw: bool = False) -> list[dict]:
         futures = self.submit(model_id, texts, raw)
         return [f.result(timeout=self.settings.deadline_s + 5) for f in futures]
@@ -214,9 +250,12 @@ class CrossModelEngine:
         # One tokenizer call per model in the chunk (the texts of a model go through it as a
         # batch), then the rows are laid out in the chunk's order.
         by_model: dict[str, list[int]] = {}
+        encoded: list = [[] for _ in chunk]
         for row, request in enumerate(chunk):
-            by_model.setdefault(request.model_id, []).append(row)
-        encoded: list[list[int]] = [[] for _ in chunk]
+            if request.ids is not None:
+                encoded[row] = request.ids  # tokenised by a front end
+            else:
+                by_model.setdefault(request.model_id, []).append(row)
         for model_id, rows in by_model.items():
             tokenizer = self.members[model_id].tokenizer
             texts = [chunk[r].text for r in rows]
@@ -229,7 +268,8 @@ class CrossModelEngine:
         attention_mask = np.zeros((len(chunk), length), dtype=np.int64)
         for row, ids in enumerate(encoded):
             input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
+            mask = chunk[row].mask
+            attention_mask[row, : len(ids)] = 1 if mask is None else mask
         slots = self.pool.acquire([r.model_id for r in chunk])
         try:
             output = self.executor.forward(
@@ -239,13 +279,27 @@ class CrossModelEngine:
             self.pool.release(slots)
         self.batches += 1
         self.batched_texts += len(chunk)
+        if not by_model:
+            # Every row pre-tokenised: the answers are the output rows, formatted elsewhere.
+            values = output.float().cpu().numpy()
+            for row, request in enumerate(chunk):
+                request.future.set_result(values[row : row + 1])
+            return
+        texts_only = all(r.ids is None for r in chunk)
+        if not texts_only:
+            values = output.float().cpu().numpy()
+            for row, request in enumerate(chunk):
+                if request.ids is not None:
+                    request.future.set_result(values[row : row + 1])
+        text_rows = [row for row, r in enumerate(chunk) if r.ids is None]
+        text_chunk = chunk if texts_only else [chunk[row] for row in text_rows]
         results = answer_rows(
             self.shape.task,
-            output,
-            [self.members[r.model_id].labels for r in chunk],
-            [r.raw for r in chunk],
+            output if texts_only else output[text_rows],
+            [self.members[r.model_id].labels for r in text_chunk],
+            [r.raw for r in text_chunk],
         )
-        for request, result in zip(chunk, results, strict=True):
+        for request, result in zip(text_chunk, results, strict=True):
             request.future.set_result(result)
 
 
@@ -312,6 +366,14 @@ class CrossModel(ServingModel):
 
     def predict_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False):
         raise InvalidInput("the cross-model engine takes text; send a BYTES input")
+
+    def submit_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[Future]:
+        """Pre-tokenised rows (see :meth:`CrossModelEngine.submit_ids`)."""
+        if not self.ready or self.engine is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        if not len(input_ids):
+            raise InvalidInput("no text given")
+        return self.engine.submit_ids(self.model_id, input_ids, attention_mask)
 
     def describe(self) -> dict:
         return {**describe(self), "engine": "cross-model"}

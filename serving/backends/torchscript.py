@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -276,6 +277,26 @@ class TorchScriptModel(ServingModel):
         with torch.inference_mode():
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
         return answers(self.task, self.labels, output.float().cpu(), raw)
+
+    def forward_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Rows a front end tokenised (any integer dtype): the output rows as float32, checked as
+        :meth:`predict_ids` checks; blocking, for a worker thread."""
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if not self.ready or self.module is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        if ids.shape[1] > self.max_length:
+            raise InvalidInput(
+                f"{ids.shape[1]} tokens; model {self.model_id} takes at most {self.max_length}"
+            )
+        vocab = self.tokenizer.get_vocab_size() if self.tokenizer is not None else None
+        if int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab):
+            raise InvalidInput(
+                f"input_ids must lie in [0, {vocab}): the vocabulary of model {self.model_id}"
+            )
+        with torch.inference_mode():
+            output = self.module(ids.to(self.device), mask.to(self.device))
+        return output.float().cpu().numpy()
 
 
 def optimised(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:

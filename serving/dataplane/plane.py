@@ -89,10 +89,12 @@ class DataPlane:
         texts: tuple[list[str], bool] | None = None,
         call: Callable[[Any], list[dict]] | None = None,
         version: str | None = None,
-    ) -> list[dict]:
+        submit: Callable[[Any], list[Future]] | None = None,
+    ) -> list[Any]:
         """Submit ``texts`` (and ``raw``) to the model's own scheduler, or run ``call`` on a
         worker thread, recording status and latency; an untyped error is logged with its
-        traceback."""
+        traceback. ``submit``: queue the work on the model's scheduler some other way (token
+        ids, :meth:`run_ids`) and wait for its futures."""
         started = time.perf_counter()
         tier = getattr(self.repository, "tier", None)
         held = False
@@ -108,7 +110,9 @@ class DataPlane:
                     self.metrics.observe_cold_start(model_id)
             if not model.ready:
                 raise ModelNotReady(model_id, model.state, model.reason)
-            if texts is not None:
+            if submit is not None:
+                result = await settled(submit(model))
+            elif texts is not None:
                 # The backend's scheduler computes; this request waits on the loop, not a thread.
                 result = await settled(model.submit(*texts))
             else:
@@ -137,6 +141,34 @@ class DataPlane:
             self.refuse(model_id, exc)
             raise
         return await self._run(model_id, len(texts), (texts, raw))
+
+    async def run_ids(
+        self,
+        model_id: str,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        version: str | None = None,
+    ) -> np.ndarray:
+        """Rows tokenised by a front end (:mod:`serving.http.frontend`): the model's output rows
+        (logits or embeddings) as one float32 array, through the same lookup, readiness,
+        on-demand load, deadline and metrics as :meth:`predict`. A backend without a scheduler
+        for ids (``submit_ids``) runs ``forward_ids`` on a worker thread."""
+        model = self.repository.models.get(model_id)
+        if model is not None and not hasattr(model, "submit_ids"):
+            results = await self._run(
+                model_id,
+                len(input_ids),
+                call=lambda m: [m.forward_ids(input_ids, attention_mask)],
+                version=version,
+            )
+        else:
+            results = await self._run(
+                model_id,
+                len(input_ids),
+                version=version,
+                submit=lambda m: m.submit_ids(input_ids, attention_mask),
+            )
+        return results[0] if len(results) == 1 else np.concatenate(results)
 
     def refuse(self, model_id: str, exc: Exception) -> None:
         """Count a request refused before it reached a model (undecodable body)."""

@@ -3,16 +3,19 @@
 One process, the *engine process*, owns the models (and the accelerator): it loads them, runs
 the backends' schedulers and the :class:`serving.dataplane.plane.DataPlane`, and serves the whole
 HTTP API on a private loopback port. N *front-end processes* share the public listening socket
-(the kernel spreads connections over them) and parse HTTP, so HTTP scales with cores while one
-process holds the device:
+(the kernel spreads connections over them) and do the per-request work, so it scales with cores
+while the engine process only batches and runs forwards:
 
-- the hot routes (``POST /predictions/...``, ``POST /v2/models/.../infer``) go to the engine
-  process over ZeroMQ (a DEALER per front end, a ROUTER in the engine process, on a Unix
-  socket): the request's body and headers as read off the wire (a
-  :class:`serving.http.fastpath.Call`), answered with the finished HTTP answer, so errors, metrics
-  and refusals are exactly those of a one-process server;
+- the hot routes (``POST /predictions/...``, ``POST /v2/models/.../infer``) are decoded,
+  tokenised and answered in the front end (:class:`serving.http.frontend.FrontEnd`); it sends
+  the engine process token ids in binary frames (:mod:`serving.http.frames`) over ZeroMQ (a
+  DEALER per front end, a ROUTER in the engine process, on a Unix socket) and gets output rows
+  back. A model the front end has no tokenizer for yet goes to the engine whole (the body and
+  headers as read off the wire, a :class:`serving.http.fastpath.Call`), answered as a
+  one-process server answers it;
 - every other route (health, metadata, repository, metrics) is proxied to the engine
-  process's own HTTP port: one source of truth for state and metrics.
+  process's own HTTP port: one source of truth for state and metrics (the engine's data plane
+  counts every request, including those a front end refused, which it reports in its frames).
 
 The engine process starts the front ends once its HTTP port answers, restarts one that dies,
 and on SIGTERM stops them first (each drains its connections) and then itself.
@@ -38,7 +41,12 @@ from typing import Any
 import msgspec
 
 from serving import settings
+from serving.dataplane.plane import cold_start
+from serving.errors import DeadlineExceeded, ServingError
+from serving.http import frames
 from serving.http.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
+from serving.http.frames import FrameError
+from serving.http.frontend import EngineError, FrontEnd, ModelInfo, describe_model, model_info
 
 logger = logging.getLogger("myriad.workers")
 
@@ -102,17 +110,26 @@ def zmq_socket(kind: int) -> Any:
 
 # ------------------------------------------------------------------------ engine process
 
+# The kinds of message between a front end's DEALER and the engine's ROUTER (first part).
+CALL, DESCRIBE, FRAME, REPLY = b"C", b"D", b"F", b"R"
+
 
 class EngineEndpoint:
-    """The engine process's ROUTER: answers the front ends' calls on its event loop, each
-    as its own task, so slow models do not hold up the others."""
+    """The engine process's ROUTER. Frames of token ids (:mod:`serving.http.frames`) are run
+    through :meth:`DataPlane.run_ids`, one task per request, and their output rows go back
+    coalesced: what finished within one turn of the loop leaves in one reply frame per front
+    end. Whole calls (models a front end cannot tokenise for yet) are answered by
+    ``answer`` as a one-process server answers them."""
 
-    def __init__(self, answer: Any, address: str) -> None:
+    def __init__(self, answer: Any, address: str, plane: Any = None) -> None:
         self.answer = answer
         self.address = address
+        self.plane = plane
         self._socket: Any = None
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        self._replies: dict[bytes, list[bytes]] = {}
+        self._flush_due = False
 
     async def start(self) -> None:
         import zmq
@@ -121,22 +138,72 @@ class EngineEndpoint:
         self._socket.bind(self.address)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     async def _serve(self) -> None:
         while True:
-            identity, request_id, head, body = await self._socket.recv_multipart(copy=True)
-            task = asyncio.get_running_loop().create_task(
-                self._reply(identity, request_id, decode_call(head, body))
+            identity, kind, *parts = await self._socket.recv_multipart(copy=True)
+            try:
+                if kind == FRAME:
+                    self._frame(identity, parts[0])
+                elif kind == CALL:
+                    request_id, head, body = parts
+                    self._spawn(self._reply(identity, request_id, decode_call(head, body)))
+                elif kind == DESCRIBE:
+                    request_id, model_id = parts
+                    described = describe_model(self.plane, model_id.decode())
+                    reply = [identity, DESCRIBE, request_id, _call_encoder.encode(described)]
+                    await self._socket.send_multipart(reply)
+            except (FrameError, ValueError):
+                logger.exception("dropped a malformed message from a front end")
+
+    def _frame(self, identity: bytes, data: bytes) -> None:
+        plane = self.plane
+        for item in frames.decode_request_frame(data):
+            if item.kind == frames.REFUSAL:
+                plane.metrics.observe(item.model_id, item.status, 0.0, 0)
+            else:
+                self._spawn(self._run(identity, item))
+
+    async def _run(self, identity: bytes, item: frames.IdsItem) -> None:
+        cold_start.set(False)
+        try:
+            output = await self.plane.run_ids(
+                item.model_id, item.input_ids, item.attention_mask, item.version
             )
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            encoded = frames.encode_output(item.request_id, output, cold_start.get())
+        except ServingError as exc:
+            encoded = frames.encode_error(
+                item.request_id, exc.status, exc.title, str(exc), exc.headers
+            )
+        except Exception as exc:  # noqa: BLE001 - logged by the data plane; an answer all the same
+            encoded = frames.encode_error(
+                item.request_id, 500, "Internal error", type(exc).__name__
+            )
+        self._replies.setdefault(identity, []).append(encoded)
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        replies, self._replies = self._replies, {}
+        for identity, items in replies.items():
+            # ROUTER sends never block (an unreachable peer's message is dropped).
+            self._socket.send_multipart([identity, REPLY, frames.reply_frame(items)])
 
     async def _reply(self, identity: bytes, request_id: bytes, call: Call) -> None:
         answer = await self.answer(call)  # answer_call never raises: errors are answers
-        await self._socket.send_multipart([identity, request_id, *encode_answer(answer)])
+        await self._socket.send_multipart([identity, CALL, request_id, *encode_answer(answer)])
 
     async def close(self) -> None:
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=30)
+        if self._replies:
+            self._flush()
         if self._task is not None:
             self._task.cancel()
         if self._socket is not None:
@@ -149,13 +216,16 @@ class EngineEndpoint:
 
 
 class EngineClient:
-    """A front end's DEALER: each call gets an id; one reader task settles the answers."""
+    """A front end's DEALER, and its engine (:class:`serving.http.frontend.Engine`): token ids
+    go out coalesced (the requests of one turn of the loop in one frame), whole calls and
+    questions about models one by one; one reader task settles the answers."""
 
     def __init__(self, address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._ids = itertools.count()
-        self._pending: dict[bytes, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, asyncio.Future] = {}
+        self._outgoing: list[bytes] = []
         self._socket: Any = None
         self._reader: asyncio.Task | None = None
 
@@ -168,28 +238,81 @@ class EngineClient:
 
     async def _read(self) -> None:
         while True:
-            request_id, head, body = await self._socket.recv_multipart(copy=True)
-            future = self._pending.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_result(decode_answer(head, body))
+            kind, *parts = await self._socket.recv_multipart(copy=True)
+            if kind == REPLY:
+                for item in frames.decode_reply_frame(parts[0]):
+                    self._settle(item.request_id, item)
+            elif kind == CALL:
+                request_id, head, body = parts
+                self._settle(request_id, decode_answer(head, body))
+            elif kind == DESCRIBE:
+                request_id, described = parts
+                self._settle(request_id, msgspec.msgpack.decode(described))
 
-    async def __call__(self, call: Call) -> Answer:
+    def _settle(self, key: Any, value: Any) -> None:
+        future = self._pending.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(value)
+
+    async def _wait(self, key: Any, send: Any) -> Any:
         loop = asyncio.get_running_loop()
-        request_id = next(self._ids).to_bytes(8, "little")
         future = loop.create_future()
-        self._pending[request_id] = future
+        self._pending[key] = future
         timer = loop.call_later(self.timeout_s, _expire, future)
         try:
-            await self._socket.send_multipart([request_id, *encode_call(call)])
+            send()
             return await future
-        except TimeoutError:
-            message = f"the engine process did not answer within {self.timeout_s:.0f} s"
-            if call.kind == "infer":
-                return v2_error(504, message)
-            return problem(504, "Deadline exceeded", message)
         finally:
             timer.cancel()
-            self._pending.pop(request_id, None)
+            self._pending.pop(key, None)
+
+    def _queue(self, item: bytes) -> None:
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(item)
+
+    def _flush(self) -> None:
+        items, self._outgoing = self._outgoing, []
+        if items:
+            self._socket.send_multipart([FRAME, frames.request_frame(items)])
+
+    async def run_ids(
+        self, model_id: str, version: str | None, input_ids: Any, mask: Any
+    ) -> tuple[Any, bool]:
+        request_id = next(self._ids) & 0xFFFFFFFF
+        item = frames.encode_ids_item(request_id, model_id, version, input_ids, mask)
+        try:
+            reply = await self._wait(request_id, lambda: self._queue(item))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the engine process did not answer within {self.timeout_s:.0f} s"
+            ) from None
+        if reply.status != 200:
+            raise EngineError(reply.status, reply.title, reply.message, reply.headers)
+        return reply.output, reply.cold_start
+
+    def refuse(self, model_id: str, status: int) -> None:
+        self._queue(frames.encode_refusal(0, model_id, status))
+
+    async def describe(self, model_id: str) -> ModelInfo | None:
+        key = next(self._ids).to_bytes(8, "little")
+        message = [DESCRIBE, key, model_id.encode()]
+        described = await self._wait(key, lambda: self._socket.send_multipart(message))
+        return None if described is None else model_info(described)
+
+    async def forward_call(self, call: Call) -> Answer:
+        key = next(self._ids).to_bytes(8, "little")
+        message = [CALL, key, *encode_call(call)]
+        try:
+            return await self._wait(key, lambda: self._socket.send_multipart(message))
+        except TimeoutError:
+            message_text = f"the engine process did not answer within {self.timeout_s:.0f} s"
+            if call.kind == "infer":
+                return v2_error(504, message_text)
+            return problem(504, "Deadline exceeded", message_text)
+
+    # The whole call, as before (tests and callers that hold a client).
+    __call__ = forward_call
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -263,7 +386,7 @@ def run_front_end(fd: int, engine_url: str, engine_address: str) -> None:
     import uvicorn
 
     client = EngineClient(engine_address)
-    app = FastPath(EngineProxy(engine_url, client), client)
+    app = FastPath(EngineProxy(engine_url, client), FrontEnd(client))
     sock = socket.socket(fileno=fd)
     config = uvicorn.Config(
         app,
