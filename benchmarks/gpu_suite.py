@@ -53,6 +53,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -120,19 +121,19 @@ FULL = Config(
     generator_processes=6,
     text_tokens=32,
     start_rate=1000.0,
-    rate_tries=7,
-    rate_seconds=4.0,
+    rate_tries=6,
+    rate_seconds=3.0,
     server_timeout_s=60.0,
     # Under 8 minutes with the wheels' install (gpu_suite.sh) and the steps' process starts.
     total_budget_s=440.0,
     budgets={
         "device": 20,
-        "memory": 30,
-        "accuracy": 45,
-        "engine_bf16": 70,
+        "memory": 25,
+        "accuracy": 40,
+        "engine_bf16": 65,
         "engine_int8": 80,
-        "frontends_bf16": 110,
-        "frontends_int8": 80,
+        "frontends_bf16": 120,
+        "frontends_int8": 90,
     },
 )
 DRY = replace(
@@ -726,21 +727,28 @@ def frontend_plan(config: Config, int8: bool) -> dict:
     shape = loadgen.Shape(zipf=zipf, tokens=config.text_tokens, seed=0)
     targets = loadgen.Targets(routes={m: ["http://unused/predictions/" + m] for m in ids})
     order = loadgen._Chooser(targets, shape, 0).model_ids
-    return {"ids": ids, "slots": slots, "int8": int8, "zipf": zipf, "prefill": order[:slots]}
+    return {"ids": ids, "slots": slots, "int8": int8, "zipf": zipf, "order": order,
+            "prefill": order[:slots]}  # fmt: skip
 
 
-def serve_synthetic(config: Config, plan_path: Path, port: int, marker: Path) -> None:
+def serve_synthetic(
+    config: Config, plan_path: Path, port: int, marker: Path, grpc_port: int | None
+) -> None:
     """The server process of a front-end step: the real engine, data plane and ``--workers``
-    front ends over a repository of synthetic models (see :class:`SyntheticRepository`)."""
+    front ends over a repository of synthetic models (see :class:`SyntheticRepository`), and
+    the gRPC service on ``grpc_port`` when given."""
     import torch
 
-    from serving.http.server import serve_behind_front_ends
+    from serving.http import server
 
     plan = json.loads(plan_path.read_text())
     torch.set_num_threads(config.server_threads)
     repository = synthetic_repository(config, plan, marker)
-    serve_behind_front_ends(
-        repository, 1, None, "127.0.0.1", port, config.front_ends, "warning", None
+    extra = {}
+    if grpc_port is not None:
+        extra["grpc_hooks"] = server.grpc_hooks("127.0.0.1", grpc_port)
+    server.serve_behind_front_ends(
+        repository, 1, None, "127.0.0.1", port, config.front_ends, "warning", None, **extra
     )
 
 
@@ -799,11 +807,13 @@ def synthetic_repository(config: Config, plan: dict, marker: Path):
     return repository
 
 
-def wait_ready(url: str, process: subprocess.Popen, marker: Path, timeout_s: float) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen, marker: Path, timeout_s: float, log: Path
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
+            raise RuntimeError(f"the server exited with {process.returncode}: {_tail(log, 1500)}")
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as answer:
                 if answer.status == 200 and marker.exists():
@@ -854,18 +864,130 @@ def http_point(config: Config, url: str, plan: dict, rate: float, seconds: float
     return recorder.summary("rate", rate=rate)
 
 
-def grpc_support() -> tuple[object | None, str]:
-    """The gRPC front end's entry, or why the step skips it."""
+def grpc_support() -> str | None:
+    """Why the front-end steps cannot measure gRPC, or None when the server has it."""
+    import inspect
+
     if importlib.util.find_spec("serving.grpc") is None:
-        return None, "serving.grpc does not exist: no gRPC front end to measure"
+        return "serving.grpc does not exist: the server has no gRPC front end"
     try:
-        import serving.grpc as grpc_package
-    except Exception as exc:  # noqa: BLE001 - a half-built package is a reason to skip
-        return None, f"serving.grpc does not import: {type(exc).__name__}: {exc}"
-    return None, (
-        f"serving.grpc ({sorted(n for n in vars(grpc_package) if not n.startswith('_'))}) has "
-        "no server entry this suite knows how to start yet"
-    )
+        from serving.grpc import (  # noqa: F401
+            grpc_service_pb2,
+            grpc_service_pb2_grpc,
+            service,  # noqa: F401
+        )
+        from serving.http import server
+    except Exception as exc:  # noqa: BLE001 - a package that does not import is a reason
+        return f"serving.grpc does not import: {type(exc).__name__}: {exc}"
+    if (
+        not hasattr(server, "grpc_hooks")
+        or "grpc_hooks" not in inspect.signature(server.serve_behind_front_ends).parameters
+    ):
+        return "serving.http.server has no grpc_hooks for a server behind front ends"
+    return None
+
+
+async def _grpc_open_loop(job: dict) -> dict:
+    """Poisson arrivals of ModelInfer calls (one BYTES text each) at ``rate``; each latency
+    counts from its scheduled start, as the HTTP generator's do."""
+    import asyncio
+
+    import grpc
+
+    from loadtest.generator import text_of
+    from serving.grpc import grpc_service_pb2 as pb
+    from serving.grpc import grpc_service_pb2_grpc as pb_grpc
+
+    rng = random.Random(f"grpc/{job['stream']}")
+    order, cumulative = job["order"], cumulative_zipf(len(job["order"]), job["zipf"])
+    texts = [text_of(job["tokens"], rng).encode() for _ in range(64)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    in_flight: set = set()
+
+    async def call(stub, model_id: str, text: bytes, scheduled: float) -> None:
+        request = pb.ModelInferRequest(model_name=model_id)
+        entry = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        entry.contents.bytes_contents.append(text)
+        try:
+            await stub.ModelInfer(request, timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+            return
+        latencies.append(time.perf_counter() - scheduled)
+
+    started = time.perf_counter()
+    cpu = time.process_time()
+    async with grpc.aio.insecure_channel(job["target"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        scheduled = started
+        while True:
+            scheduled += rng.expovariate(job["rate"])
+            if scheduled - started > job["seconds"]:
+                break
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if cumulative is None:
+                model_id = rng.choice(order)
+            else:
+                model_id = order[min(bisect_left(cumulative, rng.random()), len(order) - 1)]
+            task = asyncio.create_task(call(stub, model_id, rng.choice(texts), scheduled))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.wait(in_flight)
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "duration_s": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu,
+    }
+
+
+def _grpc_worker(job: dict) -> dict:
+    import asyncio
+
+    return asyncio.run(_grpc_open_loop(job))
+
+
+def grpc_point(config: Config, target: str, plan: dict, rate: float, seconds: float) -> dict:
+    """One open-loop gRPC run at ``rate`` over ``generator_processes`` processes, summarised
+    with the HTTP generator's keys."""
+    import multiprocessing
+
+    import numpy as np
+
+    processes = config.generator_processes
+    jobs = [
+        {"target": target, "order": plan["order"], "zipf": plan["zipf"], "rate": rate / processes,
+         "seconds": seconds, "tokens": config.text_tokens, "stream": stream}
+        for stream in range(processes)
+    ]  # fmt: skip
+    if processes == 1:
+        results = [_grpc_worker(jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = pool.map(_grpc_worker, jobs)
+    latencies = np.array([x for r in results for x in r["latencies"]]) * 1000
+    errors: dict[str, int] = {}
+    for result in results:
+        for code, count in result["errors"].items():
+            errors[code] = errors.get(code, 0) + count
+    duration = max(r["duration_s"] for r in results)
+    completed, failed = len(latencies), sum(errors.values())
+    point = {
+        "rate": rate,
+        "completed": completed,
+        "errors": errors,
+        "error_rate": failed / (completed + failed) if completed + failed else 0.0,
+        "requests_per_s": completed / duration if duration else 0.0,
+        "generator": {"saturated": max(r["cpu_s"] for r in results) > 0.9 * duration},
+    }
+    if completed:
+        for q in (50, 90, 99):
+            point[f"p{q}_ms"] = float(np.percentile(latencies, q))
+    return point
 
 
 def step_frontends(config: Config, out: Path, record: Recorder, int8: bool, logs: Path) -> None:
@@ -877,6 +999,8 @@ def step_frontends(config: Config, out: Path, record: Recorder, int8: bool, logs
     marker.unlink(missing_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    grpc_skipped = grpc_support()
+    grpc_port = None if grpc_skipped else free_port()
     record.detail(
         "setup",
         {"arch": config.arch, "models": len(plan["ids"]), "resident": plan["slots"],
@@ -889,33 +1013,40 @@ def step_frontends(config: Config, out: Path, record: Recorder, int8: bool, logs
                "--port", str(port), "--marker", str(marker), str(out)]  # fmt: skip
     if config.dry_run:
         command.insert(3, "--dry-run")
-    log = (logs / f"{group}-server.log").open("wb")
+    if grpc_port is not None:
+        command[-1:-1] = ["--grpc-port", str(grpc_port)]
+    log_path = logs / f"{group}-server.log"
+    log = log_path.open("wb")
     started = time.perf_counter()
     server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_ready(url, server, marker, config.server_timeout_s)
+        wait_ready(url, server, marker, config.server_timeout_s, log_path)
         record.figure("server_ready_seconds", time.perf_counter() - started, "s")
         # Warm-up: the forward's first shapes, the front ends' connections.
         http_point(config, url, plan, config.start_rate / 2, min(2.0, config.rate_seconds))
 
-        def http() -> None:
-            best, tries = rate_search(
-                config, lambda rate: http_point(config, url, plan, rate, config.rate_seconds)
-            )
-            record.detail("http_tries", tries)
+        def search(protocol: str, point: Callable[[float, float], dict]) -> None:
+            best, tries = rate_search(config, lambda rate: point(rate, config.rate_seconds))
+            record.detail(f"{protocol}_tries", tries)
             record.figure(
-                "http_requests_per_s_at_p90_100ms",
+                f"{protocol}_requests_per_s_at_p90_100ms",
                 best["requests_per_s"] if best else None,
                 "requests/s",
             )
             if best:
-                record.figure("http_p90_ms_at_best", best["p90_ms"], "ms")
-                record.figure("http_p50_ms_at_best", best["p50_ms"], "ms")
+                record.figure(f"{protocol}_p90_ms_at_best", best["p90_ms"], "ms")
+                record.figure(f"{protocol}_p50_ms_at_best", best["p50_ms"], "ms")
 
-        record.attempt("http", http)
-        entry, reason = grpc_support()
-        if entry is None:
-            record.detail("grpc_skipped", reason)
+        record.attempt(
+            "http", lambda: search("http", lambda r, s: http_point(config, url, plan, r, s))
+        )
+        if grpc_port is None:
+            record.detail("grpc_skipped", grpc_skipped)
+        else:
+            target = f"127.0.0.1:{grpc_port}"
+            record.attempt(
+                "grpc", lambda: search("grpc", lambda r, s: grpc_point(config, target, plan, r, s))
+            )
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -1106,13 +1237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--marker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = DRY if args.dry_run else FULL
     if args.budget_s:
         config = replace(config, total_budget_s=args.budget_s)
     logs = args.logs or Path(tempfile.gettempdir()) / "myriad-gpu-suite-logs"
     if args.serve:
-        serve_synthetic(config, args.serve, args.port, args.marker)
+        serve_synthetic(config, args.serve, args.port, args.marker, args.grpc_port)
         return 0
     if args.step:
         run_step(config, args.step, args.out, logs)

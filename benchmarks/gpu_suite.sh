@@ -36,7 +36,10 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="${MYRIAD_WHEELS:-$ROOT/benchmarks/.wheels}"
-PYTHON="${PYTHON:-python3}"
+# The checkout's environment where it has one (here, CI), else the machine's (the device).
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
 
 if [ $# -eq 0 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -47,10 +50,14 @@ fi
 # (CI's dry run) keeps what it has, and wheels built for 3.12 would not load on another Python.
 if ! "$PYTHON" -c 'import litestar, uvicorn, zmq, msgspec, hdrh' 2>/dev/null \
     && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+        echo "gpu_suite.sh: the wheels of $WHEELS are for Python 3.12, $PYTHON is not" >&2
+        exit 1
+    fi
     started=$(date +%s)
     site=/tmp/myriad-site
     if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
-        --disable-pip-version-check --upgrade --target "$site" "$WHEELS"/*.whl; then
+        --disable-pip-version-check --root-user-action=ignore --upgrade --target "$site" "$WHEELS"/*.whl; then
         echo "gpu_suite.sh: installing the wheels of $WHEELS failed" >&2
         exit 1
     fi
