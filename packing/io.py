@@ -12,6 +12,7 @@ from typing import BinaryIO, TypeVar
 import msgspec
 import yaml
 
+from packing import contracts
 from packing.errors import MyriadError
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -64,11 +65,59 @@ def load(path: str | os.PathLike[str], kind: type[T]) -> T:
 
 
 def to_json(value: msgspec.Struct) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n"
+    if _has_tier_fields(value):
+        data = msgspec.json.encode(to_builtins(value))
+    else:
+        data = msgspec.json.encode(value)
+    return msgspec.json.format(data, indent=2) + b"\n"
 
 
 def to_builtins(value: msgspec.Struct) -> dict:
-    return msgspec.to_builtins(value)
+    data = msgspec.to_builtins(value)
+    if _has_tier_fields(value):
+        _drop_tier_defaults(value, data)
+    return data
+
+
+# The on-demand tier's fields are left out of a document while they hold their defaults
+# (contracts encode every other default): a problem or plan without the tier then reads byte
+# for byte as it did before the tier existed, and so keeps its plan id (a digest of the
+# problem's and servers' JSON). Decoding accepts them present or absent.
+_TIER_DEFAULTS: dict[type, dict[str, object]] = {
+    contracts.Profile: {"load_seconds": None, "store_load_seconds": None},
+    contracts.Limits: {"on_demand": None},
+    contracts.PlannedServer: {
+        "on_demand_model_ids": [],
+        "cache_memory_bytes": 0,
+        "cold_fraction": 0.0,
+    },
+    contracts.Plan: {"cold_fraction": 0.0, "cold_start_seconds": 0.0},
+}
+# Where those structs sit inside the documents that hold them.
+_TIER_CHILDREN: dict[type, tuple[str, ...]] = {
+    contracts.Problem: ("limits", "models"),
+    contracts.ProblemModel: ("profiles",),
+    contracts.Plan: ("servers",),
+}
+
+
+def _has_tier_fields(value: object) -> bool:
+    if isinstance(value, list):
+        return bool(value) and _has_tier_fields(value[0])
+    return type(value) in _TIER_DEFAULTS or type(value) in _TIER_CHILDREN
+
+
+def _drop_tier_defaults(value: object, data: object) -> None:
+    if isinstance(value, list):
+        for item, item_data in zip(value, data, strict=True):  # type: ignore[call-overload]
+            _drop_tier_defaults(item, item_data)
+        return
+    assert isinstance(data, dict)
+    for name, default in _TIER_DEFAULTS.get(type(value), {}).items():
+        if name in data and data[name] == default:
+            del data[name]
+    for name in _TIER_CHILDREN.get(type(value), ()):
+        _drop_tier_defaults(getattr(value, name), data[name])
 
 
 def save(value: msgspec.Struct, path: str | os.PathLike[str]) -> Path:

@@ -2,14 +2,19 @@
 
 Everything is recomputed from the problem: which profile applies on each instance type, each
 device's memory and compute, each instance's host memory, replica counts, anti-affinity,
-quotas and the cost from the catalog. Tests run every plan through it; ``myriad pack`` does
+quotas and the cost from the catalog, and with the on-demand tier, each on-demand model's
+cold start against its limit, each server's cache against its on-demand models and the
+expected cold fraction (by the Che approximation of LRU, :mod:`packing.cold`) against the
+plan's limit. Tests run every plan through it; ``myriad pack`` does
 too before writing a plan.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
+from packing.cold import cold_rate, cold_start_seconds, hit_probability
 from packing.contracts import Plan, Problem, repeated
 from packing.errors import MyriadError
 
@@ -50,6 +55,7 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
     per_instance: dict[str, Counter[str]] = {}
     devices_seen: set[tuple[str, int]] = set()
     host_used: Counter[str] = Counter()
+    cold_rps = slowest = 0.0
     for server in plan.servers:
         instance_type = types.get(server.instance)
         if instance_type is None:
@@ -63,8 +69,13 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
         if (server.instance, server.device) in devices_seen:
             found.append(f"server {server.id}: a second server on the same device")
         devices_seen.add((server.instance, server.device))
-        memory = compute = 0.0
+        memory = compute = requests = 0.0
         host = float(instance_type.server_host_base_bytes)
+        on_demand = set(server.on_demand_model_ids)
+        if on_demand and limits.on_demand is None:
+            found.append(f"server {server.id}: on-demand models, but the problem has no tier")
+        # The on-demand models' sizes, rates per replica and host memory.
+        cached: list[tuple[float, float, float]] = []
         for model_id in server.model_ids:
             model = models.get(model_id)
             if model is None:
@@ -78,10 +89,53 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
                 continue
             placements[model_id] += 1
             per_instance.setdefault(server.instance, Counter())[model_id] += 1
-            memory += profile.memory_bytes
-            host += profile.host_bytes
+            rate = model.traffic_rps / model.replicas
+            requests += rate
+            if model_id in on_demand:
+                cached.append((float(profile.memory_bytes), rate, float(profile.host_bytes)))
+                seconds = cold_start_seconds(profile)
+                if limits.on_demand is not None and (
+                    seconds is None or seconds > limits.on_demand.max_cold_start_seconds
+                ):
+                    found.append(
+                        f"server {server.id}: on-demand model {model_id} "
+                        + (
+                            "has no measured load time"
+                            if seconds is None
+                            else f"loads in {seconds} s, past max_cold_start_seconds "
+                            f"{limits.on_demand.max_cold_start_seconds}"
+                        )
+                    )
+                    slowest = max(slowest, seconds or math.inf)
+                else:
+                    slowest = max(slowest, seconds or 0.0)
+            else:
+                memory += profile.memory_bytes
+                host += profile.host_bytes
             # Spelled out rather than ProblemModel.replica_load: the validator checks the solver.
             compute += model.traffic_rps * profile.seconds_per_request / model.replicas
+        # The cache is part of the server's memory; an LRU needs room to load its largest
+        # model beside the others' expected occupancy, which sets its characteristic time.
+        memory += server.cache_memory_bytes
+        if cached:
+            largest = max(size for size, _, _ in cached)
+            if server.cache_memory_bytes < largest:
+                found.append(
+                    f"server {server.id}: a cache of {server.cache_memory_bytes} bytes cannot "
+                    f"load its largest on-demand model ({largest:.0f} bytes)"
+                )
+            t, cold = cold_rate(
+                [c[0] for c in cached], [c[1] for c in cached], server.cache_memory_bytes - largest
+            )
+            cold_rps += cold
+            host += sum(h * hit_probability(r, t) for _, r, h in cached)
+            host += max(h for _, _, h in cached)
+            fraction = cold / requests if requests else 0.0
+            if abs(server.cold_fraction - fraction) > 1e-6:
+                found.append(
+                    f"server {server.id}: reports cold fraction {server.cold_fraction}, its cache "
+                    f"gives {fraction:.6f}"
+                )
         memory_cap = limits.max_memory_fraction * instance_type.device_memory_bytes
         if memory > memory_cap * (1 + _TOLERANCE):
             found.append(
@@ -134,6 +188,23 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
         used = sum(1 for i in plan.instances if i.type == name)
         if used > quota:
             found.append(f"{used} instances of {name} exceed its quota of {quota}")
+
+    total = sum(m.traffic_rps for m in problem.models)
+    cold_fraction = cold_rps / total if total else 0.0
+    if abs(plan.cold_fraction - cold_fraction) > 1e-6:
+        found.append(
+            f"cold_fraction {plan.cold_fraction} but the servers' caches give {cold_fraction:.6f}"
+        )
+    if limits.on_demand is not None and cold_fraction > limits.on_demand.max_cold_fraction + 1e-9:
+        found.append(
+            f"an expected {cold_fraction:.4%} of requests meet a cold start, past "
+            f"max_cold_fraction {limits.on_demand.max_cold_fraction}"
+        )
+    if plan.cold_start_seconds < slowest - 1e-9:
+        found.append(
+            f"cold_start_seconds {plan.cold_start_seconds} but an on-demand model loads in "
+            f"{slowest} s"
+        )
 
     cost = sum(t.price(problem.price) for t in types.values())
     if abs(plan.cost_per_hour - cost) > 1e-4:

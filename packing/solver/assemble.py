@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from packing.contracts import Plan, PlannedInstance, PlannedServer, Problem
 from packing.io import to_json
 from packing.solver.model import Class, Instance
+from packing.solver.tier import Tier, server_tier, with_tier
 
 
 def _deal(classes: list[Class], instances: list[Instance]) -> dict[tuple[int, int], list[str]]:
@@ -38,11 +39,15 @@ def assemble_plan(
     status: str,
     seconds: float,
     plan_id: str | None,
+    tier: Tier | None = None,
 ) -> Plan:
+    """The plan of ``instances``; with ``tier``, each server's on-demand models, cache and
+    expected cold fraction, and the plan's cold-start promise."""
     instances = sorted(instances, key=lambda i: (-i.type.price, i.type.name))
     dealt = _deal(classes, instances)
     planned_instances = []
     servers = []
+    cold_rps = cold_start = 0.0
     for i, instance in enumerate(instances):
         instance_id = f"i{i:03d}-{instance.type.name.replace('.', '-')}"
         planned_instances.append(
@@ -56,23 +61,30 @@ def assemble_plan(
         for d, device in enumerate(instance.devices):
             if not device.load:
                 continue
-            servers.append(
-                PlannedServer(
-                    id=f"{instance_id}-d{d}",
-                    instance=instance_id,
-                    device=d,
-                    processor=instance.type.spec.processor,
-                    model_ids=sorted(dealt[i, d]),
-                    memory_bytes=round(device.memory),
-                    memory_capacity_bytes=round(instance.type.memory_cap),
-                    compute_utilization=round(
-                        device.compute / instance.type.spec.compute_capacity, 6
-                    ),
-                    host_memory_bytes=round(
-                        instance.type.spec.server_host_base_bytes + device.host
-                    ),
-                )
+            # The device's capacity as the plan states it: with the tier, the room each device
+            # kept to load an on-demand model is the cache's, so it counts again.
+            capacity = instance.type.memory_cap
+            if tier is not None:
+                capacity += tier.reserve(instance.type.spec)[0]
+            server = PlannedServer(
+                id=f"{instance_id}-d{d}",
+                instance=instance_id,
+                device=d,
+                processor=instance.type.spec.processor,
+                model_ids=sorted(dealt[i, d]),
+                memory_bytes=round(device.memory),
+                memory_capacity_bytes=round(capacity),
+                compute_utilization=round(device.compute / instance.type.spec.compute_capacity, 6),
+                host_memory_bytes=round(instance.type.spec.server_host_base_bytes + device.host),
             )
+            if tier is not None:
+                part = server_tier(tier, problem, instance.type.spec, server.model_ids)
+                server = with_tier(server, part, instance.type.spec.server_host_base_bytes)
+                cold_rps += part.cold_rps
+                if part.on_demand_model_ids:
+                    cold_start = max(cold_start, part.cold_start_seconds)
+            servers.append(server)
+    requests = sum(m.traffic_rps for m in problem.models)
     # Plans are immutable in the store, so the id names the problem and the placement both.
     digest = hashlib.sha256(to_json(problem) + to_json(servers)).hexdigest()[:12]
     return Plan(
@@ -87,4 +99,6 @@ def assemble_plan(
         gap=round(gap, 6),
         solver_status=status,
         solve_seconds=round(seconds, 3),
+        cold_fraction=round(cold_rps / requests, 9) if tier is not None and requests else 0.0,
+        cold_start_seconds=cold_start,
     )

@@ -4,6 +4,8 @@ counting bounds the later stages share."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from packing.contracts import InstanceType, Problem
 from packing.solver.model import (
     EPS,
@@ -17,7 +19,12 @@ from packing.solver.model import (
 )
 
 
-def types_of(problem: Problem) -> list[Type]:
+def types_of(
+    problem: Problem, reserve: Callable[[InstanceType], tuple[float, float]] | None = None
+) -> list[Type]:
+    """The instance types a plan may use, with each device's capacities; ``reserve`` gives the
+    device and host memory each device of a type keeps out of them (the on-demand tier's room
+    to load a model)."""
     limits = problem.limits
     types = []
     for spec in problem.catalog.instance_types:
@@ -33,6 +40,10 @@ def types_of(problem: Problem) -> list[Type]:
             limits.max_memory_fraction * spec.host_memory_bytes / spec.devices
             - spec.server_host_base_bytes
         )
+        if reserve is not None:
+            kept_device, kept_host = reserve(spec)
+            memory_cap -= kept_device
+            host_cap -= kept_host
         types.append(
             Type(
                 index=len(types),

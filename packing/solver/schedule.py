@@ -26,6 +26,7 @@ from packing.solver.prepare import (
 )
 from packing.solver.progress import SolveProgress, Tracker, TrajectoryPoint
 from packing.solver.realise import downsize, evacuate, start_from_assignment
+from packing.solver.tier import choose_tier
 
 # The search's share of the time limit, and the seconds kept for building the plan after it.
 SEARCH_SHARE = 0.95
@@ -97,9 +98,14 @@ def solve_with_trajectory(
     clock = Clock(deterministic)
     # Leave room for building the plan after the last solve.
     deadline = clock.now() + max(time_limit_s * SEARCH_SHARE - PLAN_SECONDS, 0.1)
-    types = types_of(problem)
-    classes = classes_of(problem, types)
-    check_feasible(problem, types, classes)
+    # With the on-demand tier, the solver packs each on-demand model's expected occupancy on
+    # devices that keep room to load one; without it (or when it saves nothing) the problem
+    # as it is, so that such plans are the ones made before the tier existed.
+    tier = choose_tier(problem)
+    packed = problem if tier is None else tier.problem
+    types = types_of(packed, None if tier is None else tier.reserve)
+    classes = classes_of(packed, types)
+    check_feasible(packed, types, classes)
     types = drop_dominated(types, classes)
 
     exact_size = len(problem.models) * sum(t.devices * instance_bound(t, classes) for t in types)
@@ -134,6 +140,7 @@ def solve_with_trajectory(
         status="optimal" if gap <= 1e-9 else "feasible",
         seconds=time.perf_counter() - started,
         plan_id=plan_id,
+        tier=tier,
     )
     tracker.finish(plan.cost_per_hour, plan.lower_bound_cost_per_hour)
     record = [
