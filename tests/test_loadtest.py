@@ -347,17 +347,21 @@ def test_cold_answers_are_counted_apart(cold_server: str) -> None:
     # Two models of ten, drawn uniformly whatever their latency: a fifth of the requests.
     assert summary["cold_fraction"] == pytest.approx(cold / summary["completed"])
     assert 0.1 < summary["cold_fraction"] < 0.3
-    # Warm: uniform on [10, 50] ms; cold: 200 ms more. The round trip adds a few ms (more on
-    # a busy machine), never less; the tails, of a few answers each, only on their side of
-    # the 200 ms gap.
+    # The cold percentiles are those of m0's and m1's answers, the warm ones of the others'.
+    for side, models in (("cold", COLD_MODELS), ("warm", MODELS[len(COLD_MODELS) :])):
+        alone = loadgen.new_histogram()
+        for m in models:
+            alone.add(recorder.per_model[m])
+        for p in (50, 90, 99):
+            exact = alone.get_value_at_percentile(p) / 1000
+            # Per-model histograms keep two significant digits: 1%.
+            assert summary[f"{side}_p{p}_ms"] == pytest.approx(exact, rel=0.011), (side, p)
+    # Warm: uniform on [10, 50] ms; cold: 200 ms more. The round trip and a busy machine add
+    # to them, nothing takes from them.
     for side, low in (("warm", 10), ("cold", 210)):
         for p in (50, 90):
-            expected = low + 40 * p / 100
-            got = summary[f"{side}_p{p}_ms"]
-            assert expected - 6 <= got <= expected + 10, (side, p, summary)
-        assert low + 40 * 0.9 - 6 <= summary[f"{side}_p99_ms"], (side, summary)
-    assert summary["warm_p99_ms"] < 200
-    assert summary["cold_p50_ms"] >= 210
+            assert summary[f"{side}_p{p}_ms"] >= low + 40 * p / 100 - 6, (side, p, summary)
+    assert summary["cold_p50_ms"] > summary["warm_p50_ms"] + 150
 
 
 def test_cold_counts_merge_across_processes_exactly() -> None:
