@@ -1,10 +1,13 @@
-"""``--workers N``: front-end processes answer HTTP and hand the hot routes to the one engine
-process over ZeroMQ. Real servers on loopback, real (tiny) models: the answers, errors and
-metrics are those of a one-process server, a dead front end is replaced, and no front end
-outlives its engine."""
+"""``--workers N``: front-end processes decode, tokenise and format the hot routes and hand
+the one engine process token ids in binary frames over ZeroMQ. Real servers on loopback, real
+(tiny) models: the answers, errors and metrics are those of a one-process server, a dead front
+end is replaced, and no front end outlives its engine. The frame codec round-trips, and the
+front end's code over the cross-model engine in one process answers as the data plane does."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import time
@@ -12,15 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from loadtest import generator as loadgen
 from packing.contracts import ModelSpec
 from serving.build.tracing import TraceSettings, trace_to_store
+from serving.http import frames
 from serving.store import open_store
 from tests.servers import model_server
-
-pytestmark = pytest.mark.slow
 
 SPECS = [
     ModelSpec(id="wk-0", source="synthetic:bert-tiny", num_labels=3, max_length=32),
@@ -91,6 +94,65 @@ def requests_counted(url: str, model_id: str, status: str = "200") -> float:
     return next((float(x.split()[-1]) for x in lines if x.startswith(prefix)), 0.0)
 
 
+def test_the_frame_codec_round_trips() -> None:
+    ids = np.array([[101, 7592, 102, 0], [101, 2088, 2003, 102]], dtype=np.uint16)
+    mask = (ids != 0).astype(np.uint8)
+    wide = np.array([[101, 70_000]], dtype=np.int32)
+    data = frames.request_frame(
+        [
+            frames.encode_ids_item(7, "wk-0", None, ids, mask),
+            frames.encode_refusal(0, "x" * 300, 400),
+            frames.encode_ids_item(2**32 - 1, "wk-1", "1", wide, np.ones((1, 2), np.uint8)),
+        ]
+    )
+    first, refusal, last = frames.decode_request_frame(data)
+    assert (first.request_id, first.model_id, first.version) == (7, "wk-0", None)
+    assert first.kind == frames.IDS and np.array_equal(first.input_ids, ids)
+    assert np.array_equal(first.attention_mask, mask) and first.input_ids.dtype == np.uint16
+    assert (refusal.kind, refusal.model_id, refusal.status) == (frames.REFUSAL, "x" * 300, 400)
+    assert (last.request_id, last.version) == (2**32 - 1, "1")
+    assert last.input_ids.dtype == np.int32 and np.array_equal(last.input_ids, wide)
+
+    logits = np.array([[0.25, -1.5, 3.0]], dtype=np.float32)
+    reply = frames.reply_frame(
+        [
+            frames.encode_output(7, logits, cold_start=True),
+            frames.encode_error(8, 503, "Overloaded", "retry", {"Retry-After": "1"}),
+        ]
+    )
+    done, refused = frames.decode_reply_frame(reply)
+    assert (done.request_id, done.status, done.cold_start) == (7, 200, True)
+    assert np.array_equal(done.output, logits)
+    assert (refused.status, refused.title, refused.message) == (503, "Overloaded", "retry")
+    assert refused.headers == {"Retry-After": "1"} and not refused.cold_start
+
+    for broken in (data[:-1], data + b"\0", b"XX" + data[2:], b""):
+        with pytest.raises(frames.FrameError):
+            frames.decode_request_frame(broken)
+    with pytest.raises(frames.FrameError):
+        frames.decode_reply_frame(reply[:-3])
+
+
+def binary_infer(inputs: list[tuple[str, str, list[int], bytes]]) -> tuple[bytes, dict]:
+    """A v2 request with every input and output as binary tensor data."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                for n, d, s, b in inputs
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    body = header + b"".join(b for *_, b in inputs)
+    return body, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def texts_bytes(texts: list[str]) -> bytes:
+    return b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts)
+
+
+@pytest.mark.slow
 def test_front_ends_answer_as_one_process_does(store: str, single: str, tmp_path: Path) -> None:
     with model_server(
         store, [s.id for s in SPECS], tmp_path / "server.log", extra_args=("--workers", "2")
@@ -112,9 +174,95 @@ def test_front_ends_answer_as_one_process_does(store: str, single: str, tmp_path
             assert answer.status_code == expected.status_code, (path, answer.text)
             assert answer.headers["content-type"] == expected.headers["content-type"]
             assert answer.json() == expected.json(), path
-        tensors = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": TEXTS}]}
-        expected = httpx.post(f"{single}/v2/models/wk-0/infer", json=tensors).json()
-        assert httpx.post(f"{url}/v2/models/wk-0/infer", json=tensors).json() == expected
+        ids = [[101, 204, 203, 102], [101, 302, 102, 0]]
+        for path, tensors in (
+            (
+                "/v2/models/wk-0/infer",
+                {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": TEXTS}]},
+            ),
+            (
+                "/v2/models/wk-1/versions/1/infer",
+                {
+                    "inputs": [
+                        {"name": "text", "datatype": "BYTES", "shape": [1], "data": TEXTS[:1]}
+                    ]
+                },
+            ),
+            (
+                "/v2/models/wk-0/infer",
+                {
+                    "inputs": [
+                        {"name": "input_ids", "datatype": "INT64", "shape": [2, 4], "data": ids}
+                    ]
+                },
+            ),
+            (
+                "/v2/models/wk-0/infer",  # 400: outside the vocabulary (the engine's message)
+                {
+                    "inputs": [
+                        {
+                            "name": "input_ids",
+                            "datatype": "INT64",
+                            "shape": [1, 2],
+                            "data": [1, 10**9],
+                        }
+                    ]
+                },
+            ),
+            (
+                "/v2/models/wk-0/infer",  # 400: checked in the front end
+                {
+                    "inputs": [
+                        {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}
+                    ]
+                },
+            ),
+            (
+                "/v2/models/wk-0/versions/2/infer",
+                {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+            ),
+            (
+                "/v2/models/nope/infer",
+                {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+            ),
+            ("/predictions/wk-0", {"text": []}),  # 400: no text
+            ("/predictions/wk-1?raw=1", {"text": TEXTS}),
+        ):
+            expected, answer = (
+                httpx.post(single + path, json=tensors),
+                httpx.post(url + path, json=tensors),
+            )
+            assert answer.status_code == expected.status_code, (path, answer.text)
+            assert answer.json() == expected.json(), (path, tensors)
+        raw = httpx.post(f"{url}/predictions/wk-0", content=TEXTS[2].encode())
+        assert (
+            raw.json() == httpx.post(f"{single}/predictions/wk-0", content=TEXTS[2].encode()).json()
+        )
+
+        # The binary extension both ways: the same bytes back, texts and ids.
+        for inputs in (
+            [("text", "BYTES", [3], texts_bytes(TEXTS))],
+            [
+                ("input_ids", "INT32", [1, 4], np.array([[101, 204, 203, 102]], "<i4").tobytes()),
+                ("attention_mask", "INT32", [1, 4], np.array([[1, 1, 1, 0]], "<i4").tobytes()),
+            ],
+        ):
+            body, headers = binary_infer(inputs)
+            expected = httpx.post(f"{single}/v2/models/wk-0/infer", content=body, headers=headers)
+            answer = httpx.post(f"{url}/v2/models/wk-0/infer", content=body, headers=headers)
+            assert expected.status_code == answer.status_code == 200, answer.text
+            assert (
+                answer.headers["inference-header-content-length"]
+                == (expected.headers["inference-header-content-length"])
+            )
+            assert answer.content == expected.content
+
+        # Refusals in the front end are counted in the engine's metrics.
+        refused = requests_counted(url, "wk-0", "400")
+        assert httpx.post(f"{url}/predictions/wk-0", json={"txt": "x"}).status_code == 400
+        wait_for(
+            lambda: requests_counted(url, "wk-0", "400") == refused + 1, what="refusal counted"
+        )
         oversized = httpx.post(f"{url}/predictions/wk-0", content=b"x" * (2 << 20))
         assert oversized.status_code == 413
 
@@ -136,6 +284,7 @@ def test_front_ends_answer_as_one_process_does(store: str, single: str, tmp_path
         assert summary["completed"] > 100 and summary["error_rate"] == 0.0, summary["errors"]
 
 
+@pytest.mark.slow
 def test_a_dead_front_end_is_replaced(store: str, tmp_path: Path) -> None:
     with model_server(
         store, [SPECS[0].id], tmp_path / "server.log", extra_args=("--workers", "2")
@@ -155,6 +304,7 @@ def test_a_dead_front_end_is_replaced(store: str, tmp_path: Path) -> None:
                 assert fresh.post(f"{url}/predictions/wk-0", json={"text": "x"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_no_front_end_outlives_its_engine(store: str, tmp_path: Path) -> None:
     with model_server(
         store, [SPECS[0].id], tmp_path / "server.log", extra_args=("--workers", "2")
@@ -182,3 +332,46 @@ def _answers(url: str) -> bool:
         return True
     except httpx.TransportError:
         return False
+
+
+def test_the_front_end_over_the_cross_model_engine_answers_as_the_data_plane(store: str) -> None:
+    """The front end's code in one process (``LocalEngine``): tokenised in the front end, run
+    by ``CrossModelEngine.submit_ids``, formatted from the output rows; the same answers as the
+    data plane's own path, which tokenises in the engine."""
+    from serving.backends.crossmodel import CrossModelRepository, CrossModelSettings
+    from serving.dataplane.metrics import ServerMetrics
+    from serving.dataplane.plane import DataPlane
+    from serving.http.fastpath import Call, answer_call
+    from serving.http.frontend import FrontEnd, LocalEngine
+
+    repository = CrossModelRepository(
+        open_store(store), [s.id for s in SPECS], settings=CrossModelSettings(slots=0)
+    )
+    repository.load_all()
+    plane = DataPlane(repository, ServerMetrics(repository))
+    front = FrontEnd(LocalEngine(plane))
+    text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": TEXTS}]}
+    calls = [
+        Call("predict", "wk-0", None, json.dumps({"text": TEXTS[0]}).encode(), "application/json"),
+        Call("predict", "wk-0", None, json.dumps(TEXTS).encode(), "application/json", b"raw=1"),
+        Call("predict", "wk-1", None, TEXTS[1].encode(), "text/plain"),
+        Call("predict", "wk-0", None, b'{"txt": "x"}', "application/json"),
+        Call("predict", "nope", None, b'{"text": "x"}', "application/json"),
+        Call("infer", "wk-0", None, json.dumps(text).encode()),
+        Call("infer", "wk-1", "1", json.dumps(text).encode()),
+        Call("infer", "wk-0", "2", json.dumps(text).encode()),
+    ]
+
+    async def answer_both() -> list[tuple]:
+        return [(await front(call), await answer_call(plane, call)) for call in calls]
+
+    try:
+        for call, (new, old) in zip(calls, asyncio.run(answer_both()), strict=True):
+            assert (new.status, new.media_type) == (old.status, old.media_type), call
+            assert json.loads(new.body) == json.loads(old.body), call
+        assert front.infos.keys() == {"wk-0", "wk-1"}  # each asked of the engine once
+        wide = np.array([[1, 10**6]], dtype=np.int32)
+        with pytest.raises(Exception, match="vocabulary"):
+            repository.models["wk-0"].submit_ids(wide, np.ones_like(wide, dtype=np.uint8))
+    finally:
+        repository.close()
