@@ -82,6 +82,24 @@ def _options(
         _state["debug"] = True
 
 
+OnDemandOption = Annotated[
+    bool,
+    typer.Option(
+        "--on-demand",
+        help="let the packer load rarely used models on their first request (the on-demand "
+        "tier), within --max-cold-fraction and --max-cold-start-seconds",
+    ),
+]
+MaxColdFractionOption = Annotated[
+    float,
+    typer.Option(help="with --on-demand: most expected share of requests to meet a cold start"),
+]
+MaxColdStartOption = Annotated[
+    float,
+    typer.Option(help="with --on-demand: a model whose measured load is slower stays resident"),
+]
+
+
 @app.command()
 def run(
     fleet: Annotated[Path, typer.Option(help="fleet file")] = Path("examples/demo.yaml"),
@@ -96,6 +114,9 @@ def run(
     keep_running: Annotated[bool, typer.Option(help="leave the servers up afterwards")] = False,
     engine: EngineOption = None,
     zipf: Annotated[float, typer.Option(help="Zipf exponent of model choice; 0 = uniform")] = 0.0,
+    on_demand: OnDemandOption = False,
+    max_cold_fraction: MaxColdFractionOption = 0.01,
+    max_cold_start_seconds: MaxColdStartOption = 5.0,
 ) -> None:
     """Run the whole pipeline: build, trace, pack, deploy, load test, report."""
     from flows.params import check_catalog, check_fleet
@@ -118,6 +139,9 @@ def run(
         keep_running=keep_running,
         engine=engine,
         zipf=zipf,
+        on_demand=on_demand,
+        max_cold_fraction=max_cold_fraction,
+        max_cold_start_seconds=max_cold_start_seconds,
     )
     print_summary(summary)
 
@@ -196,8 +220,12 @@ def pack(
     png: Annotated[
         Path | None, typer.Option(help="packing figure (default: next to --out, .png)")
     ] = None,
+    on_demand: OnDemandOption = False,
+    max_cold_fraction: MaxColdFractionOption = 0.01,
+    max_cold_start_seconds: MaxColdStartOption = 5.0,
 ) -> None:
     """Pack models onto the cheapest instances and write a plan, its table and figure."""
+    from flows.params import on_demand_limits
     from packing.contracts import Catalog, Fleet, Plan, Problem
     from packing.io import load, save
     from packing.problems import build_problem
@@ -207,12 +235,19 @@ def pack(
     from serving.store import publish_plan
     from tasks.trace import trace_jobs
 
+    tier = on_demand_limits(on_demand, max_cold_fraction, max_cold_start_seconds)
     if problem is not None:
         spec = load(problem, Problem)
         if spot:
             import msgspec
 
             spec = msgspec.structs.replace(spec, price="spot")
+        if tier is not None:
+            import msgspec
+
+            spec = msgspec.structs.replace(
+                spec, limits=msgspec.structs.replace(spec.limits, on_demand=tier)
+            )
     elif fleet is not None:
         fleet_spec = load(fleet, Fleet)
         # The profiles the pack flow reads, by the same function (read-profiles task).
@@ -222,6 +257,7 @@ def pack(
             stored_profiles(jobs, store),
             load(catalog, Catalog),
             price="spot" if spot else "on_demand",
+            on_demand=tier,
         )
     else:
         _fail("give --problem PROBLEM, or --fleet FLEET to pack traced profiles")
@@ -260,6 +296,10 @@ def pack(
         f"cost ${plan.cost_per_hour:.4f}/h, lower bound ${plan.lower_bound_cost_per_hour:.4f}/h, "
         f"gap {plan.gap:.2%}, {plan.solve_seconds:.1f} s → {out}, {figure}, {plan_uri}"
     )
+    if any(server.on_demand_model_ids for server in plan.servers):
+        from packing.report import cold_start_line
+
+        console.print(cold_start_line(spec, plan))
     if repacked is not None:
         moves = out.with_name(f"{out.stem}.moves.json")
         save(repacked.moves, moves)

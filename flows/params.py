@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from packing.contracts import Catalog, EnginePrecision, Fleet, Precision
+from packing.contracts import Catalog, EnginePrecision, Fleet, OnDemandLimits, Precision
+from packing.errors import MyriadError
 from tasks.documents import read_document
 
 Runtime = Literal["local", "docker", "kubernetes"]
@@ -21,6 +22,7 @@ __all__ = [
     "check_catalog",
     "check_fleet",
     "check_positive",
+    "on_demand_limits",
     "trace_settings",
 ]
 
@@ -50,3 +52,21 @@ def trace_settings(precision: str | None, minimal_profile: bool = False) -> dict
         settings["profile_batch_sizes"] = [1]
         settings["profile_repeats"] = 1
     return settings or None
+
+
+def on_demand_limits(
+    on_demand: bool, max_cold_fraction: float = 0.01, max_cold_start_seconds: float = 5.0
+) -> OnDemandLimits | None:
+    """The on-demand tier's limits when ``on_demand`` turns it on (None: every model
+    resident); a bad limit fails with its name."""
+    if not on_demand:
+        return None
+    if not 0 <= max_cold_fraction <= 1:
+        raise MyriadError(f"max_cold_fraction must be within 0 and 1, got {max_cold_fraction}")
+    if not max_cold_start_seconds > 0:
+        raise MyriadError(
+            f"max_cold_start_seconds must be above 0, got {max_cold_start_seconds}"
+        )
+    return OnDemandLimits(
+        max_cold_fraction=max_cold_fraction, max_cold_start_seconds=max_cold_start_seconds
+    )

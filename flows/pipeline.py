@@ -6,7 +6,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.load_test import loadtest
-from flows.params import EnginePrecision, LoadMode, Precision, Runtime, check_catalog, check_fleet
+from flows.params import (
+    EnginePrecision,
+    LoadMode,
+    Precision,
+    Runtime,
+    check_catalog,
+    check_fleet,
+    on_demand_limits,
+)
 from flows.results import result_options
 from flows.stages import pack_profiles, trace_task_runner
 from serving.store import latest_plan_uri
@@ -34,12 +42,19 @@ def pipeline(
     load_modes: list[LoadMode] | None = None,
     zipf: float = 0.0,
     engine: EnginePrecision | None = None,
+    on_demand: bool = False,
+    max_cold_fraction: float = 0.01,
+    max_cold_start_seconds: float = 5.0,
 ) -> dict:
     """``engine`` (fp32, bf16, fp16, int8): serve on the cross-model engine, and pack with its
-    bytes per model and batched cost per request. Stages pass the plan's URI, not its JSON."""
+    bytes per model and batched cost per request. ``on_demand``: let the packer load rarely
+    used models on demand, with at most ``max_cold_fraction`` of requests expected to meet a
+    cold start of at most ``max_cold_start_seconds``. Stages pass the plan's URI, not its
+    JSON."""
     logger = get_run_logger()
     fleet_spec = check_fleet(fleet)
     catalog_spec = check_catalog(catalog)
+    tier = on_demand_limits(on_demand, max_cold_fraction, max_cold_start_seconds)
     builds = [build_image(processor, runtime) for processor in fleet_spec.processors]
     logger.info(
         "environments: %s",
@@ -66,6 +81,7 @@ def pipeline(
         engine,
         current_plan_uri=latest_plan_uri(store) if repack_tolerance is not None else None,
         repack_tolerance=repack_tolerance,
+        on_demand=tier,
     )
     if packed["moves"] is not None:
         logger.info("repacked the running plan: %d replica moves", len(packed["moves"]))

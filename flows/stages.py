@@ -19,7 +19,7 @@ from flows.params import (
     trace_settings,
 )
 from flows.results import result_options
-from packing.contracts import Catalog, Fleet, Limits
+from packing.contracts import Catalog, Fleet, Limits, OnDemandLimits
 from packing.problems import build_problem
 from serving import settings
 from serving.store import publish_problem
@@ -139,12 +139,13 @@ def pack_profiles(
     engine: str | None = None,
     current_plan_uri: str | None = None,
     repack_tolerance: float | None = None,
+    on_demand: OnDemandLimits | None = None,
 ) -> dict:
     """The pack stage of every flow: the problem from the traced profiles, published to the
     store; the pack task over its URI (a fresh solve, or a repack of ``current_plan_uri``);
     the plan's artifacts. Returns the pack task's figures."""
     problem = build_problem(
-        fleet, profiles, catalog, Limits(), "spot" if spot else "on_demand", engine
+        fleet, profiles, catalog, Limits(), "spot" if spot else "on_demand", engine, on_demand
     )
     packed = pack_plan(
         publish_problem(problem, store),

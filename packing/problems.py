@@ -3,11 +3,14 @@ was traced for (the ``profile.json`` of each artifact, in the shape of a trace r
 
 from __future__ import annotations
 
+import msgspec
+
 from packing.contracts import (
     ENGINE_PRECISIONS,
     Catalog,
     Fleet,
     Limits,
+    OnDemandLimits,
     Problem,
     ProblemModel,
     Profile,
@@ -21,6 +24,7 @@ def build_problem(
     limits: Limits | None = None,
     price: str = "on_demand",
     engine: str | None = None,
+    on_demand: OnDemandLimits | None = None,
 ) -> Problem:
     """One packing model per fleet model, with a profile per processor it was traced for.
 
@@ -60,6 +64,8 @@ def build_problem(
                 seconds_per_request=seconds,
                 batch_size=batch,
                 host_memory_bytes=None if host is None else int(host),
+                load_seconds=_seconds(profile.get("load_seconds")),
+                store_load_seconds=_seconds(profile.get("store_load_seconds")),
             )
         )
     models = []
@@ -74,6 +80,11 @@ def build_problem(
                 profiles=profiles[spec.id],
             )
         )
-    return Problem(
-        name=fleet.name, price=price, limits=limits or Limits(), catalog=catalog, models=models
-    )
+    limits = limits or Limits()
+    if on_demand is not None:
+        limits = msgspec.structs.replace(limits, on_demand=on_demand)
+    return Problem(name=fleet.name, price=price, limits=limits, catalog=catalog, models=models)
+
+
+def _seconds(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]

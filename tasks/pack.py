@@ -17,8 +17,9 @@ from tasks.policy import PERSISTED, network_retries
 
 
 def plan_summary(plan: Plan, uri: str) -> dict:
-    """What a pack task returns (and the Prefect database keeps): the plan's URI and figures."""
-    return {
+    """What a pack task returns (and the Prefect database keeps): the plan's URI and figures,
+    with the on-demand tier's promise when the plan uses it."""
+    summary = {
         "plan_uri": uri,
         "plan_id": plan.plan_id,
         "instances": len(plan.instances),
@@ -29,6 +30,12 @@ def plan_summary(plan: Plan, uri: str) -> dict:
         "gap": plan.gap,
         "solver_status": plan.solver_status,
     }
+    on_demand = sum(len(s.on_demand_model_ids) for s in plan.servers)
+    if on_demand:
+        summary["on_demand_replicas"] = on_demand
+        summary["cold_fraction"] = plan.cold_fraction
+        summary["cold_start_seconds"] = plan.cold_start_seconds
+    return summary
 
 
 # Not retried: an infeasible problem or an invalid plan fails the same way every time.
