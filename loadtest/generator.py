@@ -65,6 +65,9 @@ class Shape(msgspec.Struct, kw_only=True, frozen=True):
     zipf: float = 0.0  # 0: uniform over models; > 0: Zipf-skewed with this exponent
     tokens: int = 16
     seed: int = 0
+    # Requests in proportion to these weights (e.g. each model's planned requests/s), in place
+    # of ``zipf``: the traffic a plan was made for, long tail included.
+    weights: dict[str, float] | None = None
 
 
 class Targets(msgspec.Struct, kw_only=True, frozen=True):
@@ -255,12 +258,18 @@ class _Chooser:
         self.rng = random.Random(f"{shape.seed}/{stream}")
         self.model_ids = sorted(targets.routes)
         self.routes = targets.routes
-        if shape.zipf > 0:
+        weights: list[float] | None = None
+        if shape.weights is not None:
+            weights = [max(0.0, shape.weights.get(m, 0.0)) for m in self.model_ids]
+            if not sum(weights) > 0:
+                raise ValueError("traffic weights: no model of the targets has a positive weight")
+        elif shape.zipf > 0:
             # Model rank k gets weight 1 / k^a; ranks are shuffled by the seed, not by name.
             order = list(self.model_ids)
             random.Random(shape.seed).shuffle(order)
             self.model_ids = order
             weights = [1 / (k**shape.zipf) for k in range(1, len(order) + 1)]
+        if weights is not None:
             total = sum(weights)
             self.cumulative = []
             running = 0.0

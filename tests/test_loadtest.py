@@ -188,6 +188,21 @@ def test_zipf_skews_model_choice() -> None:
     assert flat < 0.02
 
 
+def test_weights_spread_requests_as_planned() -> None:
+    """A plan's traffic: requests in proportion to each model's weight, none to a model
+    weighted 0 or left out; weights that leave nothing to send are refused."""
+    routes = loadgen.Targets(routes={f"m{i}": ["http://x"] for i in range(4)})
+    shape = loadgen.Shape(weights={"m0": 6.0, "m1": 3.0, "m2": 1.0, "m3": 0.0}, seed=1)
+    chooser = loadgen._Chooser(routes, shape, 0)
+    draws = 20_000
+    counts = Counter(chooser.next()[0] for _ in range(draws))
+    assert counts["m3"] == 0
+    assert counts["m0"] / draws == pytest.approx(0.6, abs=0.02)
+    assert counts["m2"] / draws == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="positive weight"):
+        loadgen._Chooser(routes, loadgen.Shape(weights={"other": 1.0}), 0)
+
+
 def test_text_length_follows_tokens() -> None:
     import random
 
