@@ -995,8 +995,12 @@ def pod_manifests(
                     del container["ports"]
                     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                         container[probe]["httpGet"]["port"] = port
-                elif port is not None:
-                    container["ports"][0]["hostPort"] = port
+                else:
+                    # podman publishes a containerPort that has no hostPort on the same port of
+                    # the host, so every pod would take 8081: gRPC stays inside each pod.
+                    container["ports"] = [p for p in container["ports"] if p["name"] != "grpc"]
+                    if port is not None:
+                        container["ports"][0]["hostPort"] = port
                 if store_path:
                     pod["volumes"].append(
                         {"name": "store", "hostPath": {"path": store_path, "type": "Directory"}}
