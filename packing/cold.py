@@ -47,11 +47,13 @@ def hit_probability(rate: float, characteristic_time: float) -> float:
     return -math.expm1(-rate * characteristic_time)
 
 
-def miss_rate(rate: float, characteristic_time: float) -> float:
-    """Requests per second that meet a cold start (``λ exp(-λT)``)."""
+def miss_rate(rate: float, characteristic_time: float, load_seconds: float = 0.0) -> float:
+    """Requests per second that meet a cold start: the misses (``λ exp(-λT)``), each with the
+    requests that arrive while its load is under way and wait for it (``λ·load`` more on
+    average; Che takes loads as instant)."""
     if rate <= 0 or math.isinf(characteristic_time):
         return 0.0
-    return rate * math.exp(-rate * characteristic_time)
+    return rate * math.exp(-rate * characteristic_time) * (1 + rate * load_seconds)
 
 
 def characteristic_time(sizes: Sequence[float], rates: Sequence[float], capacity: float) -> float:
@@ -82,9 +84,14 @@ def characteristic_time(sizes: Sequence[float], rates: Sequence[float], capacity
 
 
 def cold_rate(
-    sizes: Sequence[float], rates: Sequence[float], capacity: float
+    sizes: Sequence[float],
+    rates: Sequence[float],
+    capacity: float,
+    load_seconds: Sequence[float] | None = None,
 ) -> tuple[float, float]:
-    """A cache of ``capacity`` bytes (room to load a model aside) over these models: its
-    characteristic time and the requests per second that meet a cold start."""
+    """A cache of ``capacity`` bytes (room to load a model aside) over these models (their
+    cold starts taking ``load_seconds``): its characteristic time and the requests per second
+    that meet a cold start."""
     t = characteristic_time(sizes, rates, capacity)
-    return t, sum(miss_rate(r, t) for r in rates)
+    loads = load_seconds if load_seconds is not None else [0.0] * len(rates)
+    return t, sum(miss_rate(r, t, s) for r, s in zip(rates, loads, strict=True))

@@ -74,8 +74,8 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
         on_demand = set(server.on_demand_model_ids)
         if on_demand and limits.on_demand is None:
             found.append(f"server {server.id}: on-demand models, but the problem has no tier")
-        # The on-demand models' sizes, rates per replica and host memory.
-        cached: list[tuple[float, float, float]] = []
+        # The on-demand models' sizes, rates per replica, host memory and cold-start seconds.
+        cached: list[tuple[float, float, float, float]] = []
         for model_id in server.model_ids:
             model = models.get(model_id)
             if model is None:
@@ -92,8 +92,10 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
             rate = model.traffic_rps / model.replicas
             requests += rate
             if model_id in on_demand:
-                cached.append((float(profile.memory_bytes), rate, float(profile.host_bytes)))
                 seconds = cold_start_seconds(profile)
+                cached.append(
+                    (float(profile.memory_bytes), rate, float(profile.host_bytes), seconds or 0.0)
+                )
                 if limits.on_demand is not None and (
                     seconds is None or seconds > limits.on_demand.max_cold_start_seconds
                 ):
@@ -118,18 +120,21 @@ def violations(problem: Problem, plan: Plan) -> list[str]:
         # model beside the others' expected occupancy, which sets its characteristic time.
         memory += server.cache_memory_bytes
         if cached:
-            largest = max(size for size, _, _ in cached)
+            largest = max(c[0] for c in cached)
             if server.cache_memory_bytes < largest:
                 found.append(
                     f"server {server.id}: a cache of {server.cache_memory_bytes} bytes cannot "
                     f"load its largest on-demand model ({largest:.0f} bytes)"
                 )
             t, cold = cold_rate(
-                [c[0] for c in cached], [c[1] for c in cached], server.cache_memory_bytes - largest
+                [c[0] for c in cached],
+                [c[1] for c in cached],
+                server.cache_memory_bytes - largest,
+                [c[3] for c in cached],
             )
             cold_rps += cold
-            host += sum(h * hit_probability(r, t) for _, r, h in cached)
-            host += max(h for _, _, h in cached)
+            host += sum(c[2] * hit_probability(c[1], t) for c in cached)
+            host += max(c[2] for c in cached)
             fraction = cold / requests if requests else 0.0
             if abs(server.cold_fraction - fraction) > 1e-6:
                 found.append(

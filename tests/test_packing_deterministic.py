@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import msgspec
+import pytest
 
 from packing.contracts import Catalog, InstanceType, Limits, Problem, ProblemModel, Profile
 from packing.io import to_json
@@ -101,3 +103,28 @@ def test_deterministic_mode_keeps_the_whole_instance_bound() -> None:
     assert bound > 0
     plan = solve(problem, time_limit_s=1.5, deterministic=True)
     assert plan.lower_bound_cost_per_hour >= bound - 1e-9
+
+
+# sha256 of the blanked plan JSON the code before the on-demand tier (commit b19c527) made for
+# _problem(models, 7) at these budgets: a plan without the tier must stay the same to the byte.
+GOLDEN = {
+    (100, 1.5): "43ce249261d77009ba33fa9bc76fd760660c2680cd91b77c4e879986200a4ada",
+    (1000, 3.0): "8113eea20b34c33876d55b1cd29e9bb3ccdd79075704d304d4115ad2a6487f57",
+    (3000, 5.0): "a2b7ca33d5e4017461f1e4b2f2439b7ea936fdb1dabedc62f915de7a424575d7",
+}
+
+
+@pytest.mark.parametrize(
+    ("models", "budget"),
+    [
+        (100, 1.5),
+        (1000, 3.0),
+        pytest.param(3000, 5.0, marks=pytest.mark.slow),
+    ],
+)
+def test_plans_without_the_on_demand_tier_are_those_made_before_it(
+    models: int, budget: float
+) -> None:
+    plan = solve(_problem(models, 7), time_limit_s=budget, workers=2, deterministic=True)
+    assert b"on_demand" not in to_json(plan) and b"cold_" not in to_json(plan)
+    assert hashlib.sha256(_blanked(plan)).hexdigest() == GOLDEN[models, budget]

@@ -72,7 +72,13 @@ def choose_tier(problem: Problem) -> Tier | None:
         return None
     total = sum(m.traffic_rps for m in problem.models)
     budget = limits.max_cold_fraction * total * _BUDGET_MARGIN
-    eligible = [m for m in problem.models if _sizes(m, limits)]
+    # A model requested more often than it loads would be loading most of the time (and its
+    # requests would wait on loads in flight): it stays resident.
+    eligible = [
+        m
+        for m in problem.models
+        if _sizes(m, limits) and m.traffic_rps / m.replicas * _load(m, limits) <= 1.0
+    ]
     if not eligible:
         return None
     rate = np.array([m.traffic_rps / m.replicas for m in eligible])
@@ -81,7 +87,11 @@ def choose_tier(problem: Problem) -> Tier | None:
     key = np.where(size > 0, rate / np.maximum(size, 1.0), np.inf)
     order = np.argsort(key, kind="stable")
     ranked = [eligible[i] for i in order]
-    rate, traffic = rate[order], np.array([m.traffic_rps for m in ranked])
+    rate = rate[order]
+    # Cold requests per miss: the one that misses and those that wait on its load.
+    traffic = np.array([m.traffic_rps for m in ranked]) * (
+        1 + rate * [_load(m, limits) for m in ranked]
+    )
 
     estimate = _Estimate(problem, ranked, limits)
     n = len(ranked)
@@ -101,15 +111,17 @@ def choose_tier(problem: Problem) -> Tier | None:
     for k in range(low, high + 1, step):
         if k not in costs:
             costs[k] = cost_of(k)
-    best = min(costs, key=lambda k: (costs[k][0], k))
-    if best == 0 or costs[best][0] >= costs[0][0] * (1 - _MIN_SAVING):
+    cheapest = min(costs, key=lambda k: (costs[k][0], k))
+    if cheapest == 0 or costs[cheapest][0] >= costs[0][0] * (1 - _MIN_SAVING):
         return None
+    # Where another resource binds (compute), more models on demand cost no more by the
+    # estimate; of the prefixes within a hair of the cheapest, the longest leaves the packing
+    # the most room (its cold starts are within the limit all the same).
+    best = max(k for k, (c, _) in costs.items() if c <= costs[cheapest][0] * (1 + _MIN_SAVING))
     t = costs[best][1]
     chosen = ranked[:best]
     on_demand = frozenset(m.id for m in chosen)
-    models = [
-        _with_occupancy(m, limits, t) if m.id in on_demand else m for m in problem.models
-    ]
+    models = [_with_occupancy(m, limits, t) if m.id in on_demand else m for m in problem.models]
     reserves: dict[str, tuple[float, float]] = {}
     for spec in problem.catalog.instance_types:
         device = host = 0.0
@@ -132,6 +144,11 @@ def choose_tier(problem: Problem) -> Tier | None:
 def _sizes(model: ProblemModel, limits: OnDemandLimits) -> list[int]:
     """The memory of each profile on which ``model`` may be on demand."""
     return [p.memory_bytes for p in model.profiles if may_be_on_demand(p, limits)]
+
+
+def _load(model: ProblemModel, limits: OnDemandLimits) -> float:
+    """The slowest cold start of ``model`` where it may be on demand."""
+    return max(cold_start_seconds(p) or 0.0 for p in model.profiles if may_be_on_demand(p, limits))
 
 
 def _characteristic_time(rate: np.ndarray, traffic: np.ndarray, budget: float) -> float:
@@ -285,6 +302,7 @@ def server_tier(
     resident = host = occupied = host_occupied = largest = largest_host = requests = 0.0
     sizes: list[float] = []
     rates: list[float] = []
+    loads: list[float] = []
     slowest = 0.0
     for model_id in model_ids:
         model = models[model_id]
@@ -302,12 +320,13 @@ def server_tier(
             largest_host = max(largest_host, float(profile.host_bytes))
             sizes.append(float(profile.memory_bytes))
             rates.append(rate)
-            slowest = max(slowest, cold_start_seconds(profile) or 0.0)
+            loads.append(cold_start_seconds(profile) or 0.0)
+            slowest = max(slowest, loads[-1])
         else:
             resident += profile.memory_bytes
             host += profile.host_bytes
     cache = float(math.ceil(occupied + largest)) if on_demand else 0.0
-    _, cold = cold_rate(sizes, rates, cache - largest)
+    _, cold = cold_rate(sizes, rates, cache - largest, loads)
     return ServerTier(
         on_demand_model_ids=on_demand,
         resident_memory=resident,
