@@ -11,6 +11,15 @@ from /proc per process, so the front ends' share and the engine process's share 
 ``front_end_cores_for_target`` is how many cores the front ends need at ``--target``
 requests/s, ``engine_cores_for_target`` the same for the engine process, which has one core's
 worth of Python (above 1.0 it, not HTTP, caps the node).
+
+The engine process's CPU is split by thread: ``engine_compute_cpu_ms_per_request`` is every
+thread but the main one and libzmq's I/O threads, in effect the cross-model engine's scheduler
+thread (forming batches and running the forward: on a GPU server the forward's CPU side);
+``engine_loop_cpu_ms_per_request`` the rest (its event loop: ZeroMQ, frames, the data plane,
+metrics; with one process also HTTP, tokenising and answers).
+``--server-roots`` runs the servers of other checkouts in the same run (a before and after):
+
+    python -m benchmarks.frontend_cost --workers 2 --server-roots . /tmp/before
 """
 
 from __future__ import annotations
@@ -18,9 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-from benchmarks.serving_vs_baseline import ROOT, measure, start
+import httpx
+
+from benchmarks.serving_vs_baseline import ROOT, TICKS, measure
 from packing.contracts import ModelSpec
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.runtimes.local import free_port
@@ -36,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--target", type=float, default=8000.0, help="requests/s to size for")
     parser.add_argument("--store", default=f"file://{ROOT}/.myriad/bench-frontend-store")
+    parser.add_argument(
+        "--server-roots",
+        nargs="+",
+        type=Path,
+        default=[ROOT],
+        help="checkouts whose server to measure, each in turn within every round",
+    )
     args = parser.parse_args(argv)
 
     store = open_store(args.store)
@@ -47,23 +68,35 @@ def main(argv: list[str] | None = None) -> int:
     logs = ROOT / ".myriad"
     command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", args.store,
                "--backend", "cross-model", "--max-wait-ms", "0.5"]  # fmt: skip
-    runs: dict[int, list[dict]] = {workers: [] for workers in args.workers}
+    runs: dict[tuple[Path, int], list[dict]] = {
+        (root, workers): [] for root in args.server_roots for workers in args.workers
+    }
     for _ in range(args.rounds):
-        for workers in args.workers:
+        for root, workers in runs:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             argv_ = [*command, "--workers", str(workers), "--port", str(port)]
-            process = start(argv_, url, logs / f"bench-frontend-{workers}.log")
+            process = start(argv_, url, logs / f"bench-frontend-{workers}.log", root)
             try:
-                runs[workers].append(measure(url, process.pid, ids, args.clients, args.seconds))
+                before = thread_cpu(process.pid)
+                figures = measure(url, process.pid, ids, args.clients, args.seconds)
+                after = thread_cpu(process.pid)
+                compute = sum(after.get(t, 0.0) - before.get(t, 0.0) for t in after)
+                requests = max(1, round(figures["requests_per_s"] * args.seconds))
+                figures["engine_compute_cpu_ms_per_request"] = 1000 * compute / requests
+                figures["engine_loop_cpu_ms_per_request"] = (
+                    figures["engine_cpu_ms_per_request"] - 1000 * compute / requests
+                )
+                runs[(root, workers)].append(figures)
             finally:
                 process.terminate()
                 process.wait(timeout=60)
-    for workers, results in runs.items():
+    for (root, workers), results in runs.items():
         figures = {key: statistics.median(r[key] for r in results) for key in results[0]}
         # One process: its CPU is the front end's and the engine's at once.
         front_end_ms = figures["front_end_cpu_ms_per_request"] if workers > 1 else None
         line = {
+            "server_root": str(root),
             "front_end_processes": workers,
             "models": args.models,
             "clients": args.clients,
@@ -76,6 +109,39 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}))
     return 0
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` but its main thread (the event loop) and
+    libzmq's I/O threads (``ZMQbg/...``): the cross-model engine's scheduler thread (and, on
+    the old path, the threads that tokenised and ran TorchScript batches)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            head, tail = (task / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if int(task.name) == pid or head.split("(", 1)[1].startswith("ZMQbg"):
+            continue
+        fields = tail.split()
+        found[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICKS
+    return found
+
+
+def start(command: list[str], url: str, log: Path, root: Path) -> subprocess.Popen:
+    """The server of the checkout at ``root`` (``python -m serving`` imports from its cwd)."""
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=root)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{command[:4]} did not become ready: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
