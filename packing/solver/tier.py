@@ -5,10 +5,13 @@ The choice is made once for the fleet, before packing, with one characteristic t
 every server's cache (the Che approximation of LRU, :mod:`packing.cold`):
 
 1. Models whose cold start is unmeasured or slower than ``max_cold_start_seconds`` stay
-   resident. The others are ranked by request rate per replica per byte, rarest first: for a
-   given ``T`` an on-demand model saves ``size·exp(-λT)`` bytes and spends ``traffic·exp(-λT)``
-   of the cold-request budget, so the rarest per byte save the most per cold request (the
-   fractional knapsack's order, the same for every ``T``).
+   resident, and so do models requested more often than once per load time (they would be
+   loading most of the time; uniform traffic at the reference's rates is all such). Every
+   miss counts the requests that wait on its load too (``1 + λ·load`` per miss,
+   :func:`packing.cold.miss_rate`). The others are ranked by request rate per replica per
+   byte, rarest first: for a given ``T`` an on-demand model saves ``size·exp(-λT)`` bytes
+   and spends ``traffic·exp(-λT)`` of the cold-request budget, so the rarest per byte save
+   the most per cold request (the fractional knapsack's order, the same for every ``T``).
 2. For each prefix of that ranking (a coarse grid, then every length near the best), ``T`` is
    the smallest for which the prefix's cold requests stay within ``max_cold_fraction`` of all
    requests; each on-demand model then takes ``size·(1 - exp(-λT))`` on expectation. The
