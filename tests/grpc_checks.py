@@ -235,6 +235,33 @@ def check_load_and_unload_need_the_admin_token(
     assert client.is_model_ready("g-emb")
 
 
+def check_status_codes(client: triton.InferenceServerClient, target: str, url: str) -> None:
+    """Every typed error has a status code of its own, never INTERNAL (the server's table; its
+    messages are Triton's, so it loads beside tritonclient here)."""
+    from serving import errors
+    from serving.grpc.service import status_code
+
+    kinds = [
+        kind
+        for kind in vars(errors).values()
+        if isinstance(kind, type) and issubclass(kind, errors.ServingError)
+    ]
+    assert len(kinds) > 5
+    for kind in kinds:
+        if kind is not errors.ServingError:
+            assert status_code(kind.__new__(kind)) != grpc.StatusCode.INTERNAL, kind
+    assert status_code(errors.InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(errors.ModelNotFound("m")) == grpc.StatusCode.NOT_FOUND
+    assert status_code(errors.ModelNotReady("m", "loading", None)) == grpc.StatusCode.UNAVAILABLE
+    assert status_code(errors.DeadlineExceeded("late")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_code(ValueError("a bug")) == grpc.StatusCode.INTERNAL
+
+    class Answered(errors.ServingError):  # an error that carries the status it was given
+        status = 429
+
+    assert status_code(Answered()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def run(name: str, target: str, url: str) -> None:
     """Run ``check_<name>`` against the server with a fresh client."""
     client = triton.InferenceServerClient(target)

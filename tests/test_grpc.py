@@ -114,3 +114,7 @@ def test_many_concurrent_async_infers(client: Client) -> None:
 
 def test_load_and_unload_need_the_admin_token(client: Client) -> None:
     client.check("load_and_unload_need_the_admin_token")
+
+
+def test_every_typed_error_has_a_status_code(client: Client) -> None:
+    client.check("status_codes")

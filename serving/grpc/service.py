@@ -59,11 +59,31 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+# A typed error of another kind (one that carries the status it was answered with) by its
+# HTTP status.
+HTTP_STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
 def status_code(exc: BaseException) -> grpc.StatusCode:
     for kind in type(exc).__mro__:
         code = STATUS_CODES.get(kind)
         if code is not None:
             return code
+    if isinstance(exc, ServingError):
+        status = exc.status
+        if 400 <= status < 500:
+            return HTTP_STATUS_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT)
+        return HTTP_STATUS_CODES.get(status, grpc.StatusCode.INTERNAL)
     return grpc.StatusCode.INTERNAL
 
 
