@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -244,9 +246,6 @@ METADATA = {
 
 
 def test_model_config_is_a_triton_model_config() -> None:
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    from google.protobuf import json_format
-
     config = v2.model_config(
         METADATA,
         max_batch_size=64,
@@ -255,9 +254,21 @@ def test_model_config_is_a_triton_model_config() -> None:
         optional_inputs=["input_ids"],
         parameters={"task": "sequence-classification"},
     )
-    # Every field is one of Triton's ModelConfig message: its gRPC form parses from this.
-    message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
-    assert message.max_batch_size == 64 and message.backend == "torchscript"
+    # Every field is one of Triton's ModelConfig message: its gRPC form parses from this. In a
+    # process of its own: KServe's SDK, imported by other tests, registers protobuf messages
+    # under the same names as Triton's, and the two cannot load in one process.
+    parse = (
+        "import json, sys\n"
+        "from google.protobuf import json_format\n"
+        "from tritonclient.grpc import model_config_pb2\n"
+        "message = json_format.ParseDict(json.load(sys.stdin), model_config_pb2.ModelConfig())\n"
+        "print(message.max_batch_size, message.backend)\n"
+    )
+    parsed = subprocess.run(
+        [sys.executable, "-c", parse], input=json.dumps(config), capture_output=True, text=True
+    )
+    assert parsed.returncode == 0, parsed.stderr
+    assert parsed.stdout.split() == ["64", "torchscript"]
     text, ids = config["input"]
     assert text == {
         "name": "text",
