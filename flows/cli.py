@@ -319,12 +319,24 @@ def serve(
     store: StoreOption = None,
     host: str = "127.0.0.1",
     port: int = 8080,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="also answer KServe v2 over gRPC on this port")
+    ] = None,
     threads: int = 1,
+    on_demand: Annotated[
+        str | None,
+        typer.Option(help="comma-separated model ids loaded on first request (default: plan's)"),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="bytes the models may hold, e.g. 2GiB (default: the plan server's)"),
+    ] = None,
 ) -> None:
     """Run one model server in the foreground: its address, each model's state as it loads,
     and an error when none could be loaded."""
     from packing.contracts import Plan
     from packing.io import load
+    from serving.backends.ondemand import parse_bytes
     from serving.http.server import ServerOptions, plan_server, run_server
 
     planned = None
@@ -336,6 +348,10 @@ def serve(
         model_ids = [m for m in models.split(",") if m]
     else:
         _fail("give --models a,b,c, or --plan PLAN --server ID")
+    try:
+        budget = parse_bytes(memory_budget) if memory_budget else None
+    except ValueError as exc:
+        _fail(f"--memory-budget: {exc}")
     run_server(
         ServerOptions(
             model_ids=model_ids,
@@ -343,9 +359,12 @@ def serve(
             store_uri=store,
             host=host,
             port=port,
+            grpc_port=grpc_port,
             threads=threads,
             report_loading=True,
             planned=planned,
+            on_demand=[m for m in (on_demand or "").split(",") if m],
+            memory_budget=budget,
         )
     )
 

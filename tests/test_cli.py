@@ -69,6 +69,7 @@ def test_trace_twice_traces_once(tmp_path: Path) -> None:
         (("observe", "--name", "ghost"), "no deployment named 'ghost'"),
         (("rebalance", "--name", "ghost"), "no deployment named 'ghost'"),
         (("trace", "--fleet", "examples/demo.yaml", "--store", "ftp://x"), "ftp://x"),
+        (("serve", "--models", "x", "--memory-budget", "lots"), "'lots' is not a size"),
     ],
 )
 def test_errors_exit_2_without_traceback(
