@@ -300,6 +300,12 @@ def pack(
         from packing.report import cold_start_line
 
         console.print(cold_start_line(spec, plan))
+    elif spec.limits.on_demand is not None:
+        # Asked for and not used: say why, or the flag looks ignored.
+        console.print(
+            "on demand: every model resident (no model both rare enough and measured to load "
+            "within the limit, or no saving worth a cold start)"
+        )
     if repacked is not None:
         moves = out.with_name(f"{out.stem}.moves.json")
         save(repacked.moves, moves)
