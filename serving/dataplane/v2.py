@@ -11,7 +11,7 @@ naming the input and what is wrong with it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -167,9 +167,13 @@ def _json_values(entry: RequestInput, count: int) -> np.ndarray | list[bytes]:
     return np.asarray(flat, dtype=dtype)
 
 
-def _binary_values(entry: RequestInput, raw: bytes, count: int) -> np.ndarray | list[bytes]:
-    name = entry.name
-    if entry.datatype == "BYTES":
+def unpack_values(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, count: int, what: str
+) -> np.ndarray | list[bytes]:
+    """A tensor's values from its raw little-endian bytes, as the binary data extension (REST)
+    and ``raw_input_contents`` (gRPC) carry them: BYTES elements each after a 4-byte length,
+    other types packed; ``what`` names the bytes in errors ("binary data", "raw contents")."""
+    if datatype == "BYTES":
         values: list[bytes] = []
         offset = 0
         while offset < len(raw):
@@ -183,14 +187,14 @@ def _binary_values(entry: RequestInput, raw: bytes, count: int) -> np.ndarray | 
             offset += length
         if len(values) != count:
             raise InvalidInput(
-                f"input {name}: shape {entry.shape} holds {count} values, got {len(values)}"
+                f"input {name}: shape {list(shape)} holds {count} values, got {len(values)}"
             )
         return values
-    dtype = DATATYPES[entry.datatype]
+    dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
-            f"input {name}: {len(raw)} bytes of binary data; shape {entry.shape} of "
-            f"{entry.datatype} needs {count * dtype.itemsize}"
+            f"input {name}: {len(raw)} bytes of {what}; shape {list(shape)} of "
+            f"{datatype} needs {count * dtype.itemsize}"
         )
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
 
@@ -297,7 +301,14 @@ def decode_request(
                 )
             if entry.data is not None:
                 raise InvalidInput(f"input {entry.name}: both data and binary_data_size")
-            values = _binary_values(entry, binary[offset : offset + size], count)
+            values = unpack_values(
+                entry.name,
+                entry.datatype,
+                entry.shape,
+                binary[offset : offset + size],
+                count,
+                "binary data",
+            )
             offset += size
         else:
             values = _json_values(entry, count)

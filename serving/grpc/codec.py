@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
+from serving.dataplane import v2
 from serving.dataplane.v2 import DATATYPES, INTEGER_TYPES, Tensor
 from serving.errors import InvalidInput
 from serving.grpc import grpc_service_pb2 as pb
@@ -47,31 +48,7 @@ def _count(name: str, shape: list[int]) -> int:
 
 
 def _raw_values(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray | list:
-    count = _count(name, shape)
-    if datatype == "BYTES":
-        values: list[bytes] = []
-        offset = 0
-        while offset < len(raw):
-            if offset + 4 > len(raw):
-                raise InvalidInput(f"input {name}: truncated BYTES element length")
-            (length,) = struct.unpack_from("<I", raw, offset)
-            offset += 4
-            if offset + length > len(raw):
-                raise InvalidInput(f"input {name}: BYTES element runs past its data")
-            values.append(raw[offset : offset + length])
-            offset += length
-        if len(values) != count:
-            raise InvalidInput(
-                f"input {name}: shape {shape} holds {count} values, got {len(values)}"
-            )
-        return values
-    dtype = DATATYPES[datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(
-            f"input {name}: {len(raw)} bytes of raw contents; shape {shape} of {datatype} "
-            f"needs {count * dtype.itemsize}"
-        )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+    return v2.unpack_values(name, datatype, shape, raw, _count(name, shape), "raw contents")
 
 
 def _typed_values(entry: pb.ModelInferRequest.InferInputTensor) -> np.ndarray | list:
