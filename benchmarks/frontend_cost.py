@@ -5,11 +5,14 @@ needs for a target rate.
     python -m benchmarks.frontend_cost --models 20 --clients 32 --seconds 5 --rounds 3
 
 The models are ``bert-tiny`` (hidden 32, 2 layers) at 16 tokens, batched across models by the
-cross-model engine: a forward of well under 0.1 ms per text, so the figures are the HTTP
-parsing, the hand-off to the engine process, the data plane and the answer. CPU time is read
+cross-model engine: a forward of about 0.1 ms per text on this machine's CPU, so the figures are
+mostly the HTTP parsing, the hand-off to the engine process, the data plane and the answer.
+``--arch bert-micro`` (hidden 8, 1 layer) makes the forward next to nothing, for the engine
+process's own overhead ("a trivial model behind it"): what a GPU server's engine process
+spends in Python per request while the device does the arithmetic. CPU time is read
 from /proc per process, so the front ends' share and the engine process's share are apart:
-``front_end_cores_for_target`` is how many cores the front ends need at ``--target``
-requests/s, ``engine_cores_for_target`` the same for the engine process, which has one core's
+``front_end_cores_for_<target>`` is how many cores the front ends need at each ``--target``
+requests/s, ``engine_cores_for_<target>`` the same for the engine process, which has one core's
 worth of Python (above 1.0 it, not HTTP, caps the node).
 
 The engine process's CPU is split by thread: ``engine_compute_cpu_ms_per_request`` is every
@@ -48,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--target", type=float, default=8000.0, help="requests/s to size for")
+    parser.add_argument(
+        "--target", type=float, nargs="+", default=[8000.0, 20000.0], help="requests/s to size for"
+    )
+    parser.add_argument(
+        "--arch",
+        default="bert-tiny",
+        choices=["bert-tiny", "bert-micro"],
+        help="the models' synthetic architecture (bert-micro: a forward that costs ~nothing)",
+    )
     parser.add_argument("--store", default=f"file://{ROOT}/.myriad/bench-frontend-store")
     parser.add_argument(
         "--server-roots",
@@ -60,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     store = open_store(args.store)
-    ids = [f"tiny-{i:03d}" for i in range(args.models)]
+    ids = [f"{args.arch.removeprefix('bert-')}-{i:03d}" for i in range(args.models)]
     settings = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
     for model_id in ids:  # unchanged models are skipped
-        spec = ModelSpec(id=model_id, source="synthetic:bert-tiny", max_length=16)
+        spec = ModelSpec(id=model_id, source=f"synthetic:{args.arch}", max_length=16)
         trace_to_store(spec, "cpu", store, settings)
     logs = ROOT / ".myriad"
     command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", args.store,
@@ -97,16 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         front_end_ms = figures["front_end_cpu_ms_per_request"] if workers > 1 else None
         line = {
             "server_root": str(root),
+            "arch": args.arch,
             "front_end_processes": workers,
             "models": args.models,
             "clients": args.clients,
             **figures,
-            "target_requests_per_s": args.target,
-            "front_end_cores_for_target": None
-            if front_end_ms is None
-            else args.target * front_end_ms / 1000,
-            "engine_cores_for_target": args.target * figures["engine_cpu_ms_per_request"] / 1000,
         }
+        for target in args.target:
+            rate = f"{target:.0f}"
+            line[f"front_end_cores_for_{rate}"] = (
+                None if front_end_ms is None else target * front_end_ms / 1000
+            )
+            line[f"engine_cores_for_{rate}"] = target * figures["engine_cpu_ms_per_request"] / 1000
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}))
     return 0
 

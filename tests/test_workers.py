@@ -375,3 +375,60 @@ def test_the_front_end_over_the_cross_model_engine_answers_as_the_data_plane(sto
             repository.models["wk-0"].submit_ids(wide, np.ones_like(wide, dtype=np.uint8))
     finally:
         repository.close()
+
+
+@pytest.mark.parametrize("backend", ["cross-model", "torchscript"])
+def test_a_frames_requests_run_as_one_group_and_fail_alone(store: str, backend: str) -> None:
+    """``DataPlane.run_ids_group`` (what the engine process runs per model in a frame): the
+    requests' rows go to the backend stacked, each answer is the one the request gets alone,
+    a request with ids out of the vocabulary or too many tokens fails alone with its own
+    status, an unknown model fails every request, and the metrics count each request."""
+    from serving.backends.crossmodel import CrossModelRepository, CrossModelSettings
+    from serving.backends.torchscript import TorchScriptRepository
+    from serving.dataplane.metrics import ServerMetrics
+    from serving.dataplane.plane import DataPlane
+    from serving.errors import InvalidInput, ModelNotFound
+
+    ids = [s.id for s in SPECS]
+    if backend == "cross-model":
+        repository = CrossModelRepository(
+            open_store(store), ids, settings=CrossModelSettings(slots=0)
+        )
+        repository.load_all()
+    else:
+        repository = TorchScriptRepository(open_store(store), ids)
+        repository.load_all()
+        repository.start()
+    plane = DataPlane(repository, ServerMetrics(repository))
+    short = np.array([[101, 7, 8, 102]], dtype=np.uint16)
+    two = np.array([[101, 9, 102, 0, 0, 0], [101, 5, 6, 7, 8, 102]], dtype=np.uint16)
+    mask = lambda a: (a != 0).astype(np.uint8)  # noqa: E731
+    bad = np.array([[101, 60000, 102]], dtype=np.uint16)
+    long = np.full((1, 40), 5, dtype=np.uint16)
+    items = [(short, mask(short)), (bad, mask(bad)), (two, mask(two)), (long, mask(long))]
+
+    async def run() -> tuple[list, list, list, list]:
+        loop = asyncio.get_running_loop()
+        answers: list = []
+        for model_id in ("wk-0", "nope"):
+            done = loop.create_future()
+            plane.run_ids_group(model_id, None, items, lambda r, c, d=done: d.set_result(r))
+            answers.append(await done)
+        alone = [await plane.run_ids("wk-0", a, m) for a, m in (items[0], items[2])]
+        return answers[0], answers[1], alone, []
+
+    try:
+        grouped, unknown, alone, _ = asyncio.run(run())
+        np.testing.assert_allclose(grouped[0], alone[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grouped[2], alone[1], rtol=1e-4, atol=1e-5)
+        assert grouped[2].shape[0] == 2
+        assert isinstance(grouped[1], InvalidInput) and "vocabulary" in str(grouped[1])
+        assert isinstance(grouped[3], InvalidInput) and "at most 32" in str(grouped[3])
+        assert all(isinstance(r, ModelNotFound) for r in unknown)
+        exposition = plane.metrics.exposition().decode()
+        assert 'myriad_requests_total{model="wk-0",status="200"} 4.0' in exposition
+        assert 'myriad_requests_total{model="wk-0",status="400"} 2.0' in exposition
+        assert 'myriad_requests_total{model="_unknown",status="404"} 4.0' in exposition
+        assert 'myriad_request_seconds_count{model="wk-0"} 4.0' in exposition
+    finally:
+        repository.close()

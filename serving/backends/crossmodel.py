@@ -75,9 +75,12 @@ class _Request:
     raw: bool
     deadline: float
     future: Future = field(default_factory=Future)
-    # Pre-tokenised (submit_ids): one row of ids and its 0/1 mask; the answer is the output row.
+    # Pre-tokenised (submit_ids): rows x cols of ids and their 0/1 mask, one queue entry and one
+    # future for all its rows (a front end's frame holds several requests of one model); the
+    # answer is the rows x width float32 output.
     ids: np.ndarray | None = None
     mask: np.ndarray | None = None
+    rows: int = 1
 
 
 class CrossModelEngine:
@@ -154,38 +157,50 @@ class CrossModelEngine:
                 ) from None
         return [r.future for r in requests]
 
-    def submit_ids(
-        self, model_id: str, input_ids: np.ndarray, attention_mask: np.ndarray
-    ) -> list[Future]:
-        """Rows a front end (or a client) tokenised: a future per row, each settled with that
-        row's output as a 1 x width float32 array. Ids outside the vocabulary or rows past the
-        position table are refused here, so they never fail the batch they would join."""
+    def check_ids(self, model_id: str, input_ids: np.ndarray) -> None:
+        """Refuse ids outside the vocabulary or rows past the position table, so they never
+        fail the batch they would join."""
         if model_id not in self.members:
             raise ModelNotReady(model_id, ModelState.PENDING, "not in the engine")
         assert self.shape is not None
-        rows, cols = input_ids.shape
+        cols = input_ids.shape[1]
         longest, vocab = self.members[model_id].max_length, self.shape.vocab
         if cols > longest:
             raise InvalidInput(f"{cols} tokens; model {model_id} takes at most {longest}")
-        if input_ids.size and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        # uint16 ids (what front ends send for small vocabularies) cannot be negative.
+        if input_ids.size and (
+            (input_ids.dtype.kind == "i" and int(input_ids.min()) < 0)
+            or int(input_ids.max()) >= vocab
+        ):
             raise InvalidInput(
                 f"input_ids must lie in [0, {vocab}): the vocabulary of model {model_id}"
             )
+
+    def submit_ids(
+        self,
+        model_id: str,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        checked: bool = False,
+    ) -> list[Future]:
+        """Rows a front end (or a client) tokenised, as one queue entry: one future, settled
+        with the rows' output as a rows x width float32 array. ``checked``: the caller ran
+        :meth:`check_ids` already."""
+        if not checked:
+            self.check_ids(model_id, input_ids)
+        elif model_id not in self.members:
+            raise ModelNotReady(model_id, ModelState.PENDING, "not in the engine")
         deadline = time.monotonic() + self.settings.deadline_s
-        requests = [
-            _Request(model_id, "", True, deadline, ids=input_ids[row], mask=attention_mask[row])
-            for row in range(rows)
-        ]
-        for request in requests:
-            try:
-                self.queue.put_nowait(request)
-            except queue.Full:
-                for queued in requests:
-                    queued.future.cancel()
-                raise Overloaded(
-                    f"{self.settings.max_queue} requests are waiting; retry shortly"
-                ) from None
-        return [r.future for r in requests]
+        request = _Request(
+            model_id, "", True, deadline, ids=input_ids, mask=attention_mask, rows=len(input_ids)
+        )
+        try:
+            self.queue.put_nowait(request)
+        except queue.Full:
+            raise Overloaded(
+                f"{self.settings.max_queue} requests are waiting; retry shortly"
+            ) from None
+        return [request.future]
 
     def predict(self, model_id: str, texts: list[str], raw: bool = False) -> list[dict]:
         futures = self.submit(model_id, texts, raw)
@@ -210,16 +225,19 @@ class CrossModelEngine:
         except queue.Empty:
             return
         batch = [first]
+        taken = first.rows
         until = time.monotonic() + self.settings.max_wait_s
-        while len(batch) < self.settings.max_batch:
+        while taken < self.settings.max_batch:
             remaining = until - time.monotonic()
             try:
                 if remaining > 0:
-                    batch.append(self.queue.get(timeout=remaining))
+                    request = self.queue.get(timeout=remaining)
                 else:
-                    batch.append(self.queue.get_nowait())
+                    request = self.queue.get_nowait()
             except queue.Empty:
                 break
+            batch.append(request)
+            taken += request.rows
         for chunk in self._chunks(claim(batch)):
             try:
                 self._execute(chunk)
@@ -248,29 +266,48 @@ class CrossModelEngine:
     def _execute(self, chunk: list[_Request]) -> None:
         assert self.pool is not None and self.executor is not None and self.shape is not None
         # One tokenizer call per model in the chunk (the texts of a model go through it as a
-        # batch), then the rows are laid out in the chunk's order.
+        # batch), then the rows are laid out in the chunk's order (a pre-tokenised request
+        # brings a block of rows).
         by_model: dict[str, list[int]] = {}
-        encoded: list = [[] for _ in chunk]
-        for row, request in enumerate(chunk):
+        encoded: list = [None] * len(chunk)
+        longest = 0
+        for index, request in enumerate(chunk):
             if request.ids is not None:
-                encoded[row] = request.ids  # tokenised by a front end
+                longest = max(longest, request.ids.shape[1])  # tokenised by a front end
             else:
-                by_model.setdefault(request.model_id, []).append(row)
-        for model_id, rows in by_model.items():
+                by_model.setdefault(request.model_id, []).append(index)
+        for model_id, indices in by_model.items():
             tokenizer = self.members[model_id].tokenizer
-            texts = [chunk[r].text for r in rows]
-            for row, encoding in zip(rows, encodings_of(tokenizer, texts), strict=True):
+            texts = [chunk[i].text for i in indices]
+            for index, encoding in zip(indices, encodings_of(tokenizer, texts), strict=True):
                 # The tokenizer may pad to max_length itself; keep the real tokens only.
-                encoded[row] = encoding.ids[: sum(encoding.attention_mask)]
-        longest = max(len(ids) for ids in encoded)
+                ids = encoding.ids[: sum(encoding.attention_mask)]
+                encoded[index] = ids
+                longest = max(longest, len(ids))
         length = next((b for b in BUCKETS if b >= longest), longest)
-        input_ids = np.zeros((len(chunk), length), dtype=np.int64)
-        attention_mask = np.zeros((len(chunk), length), dtype=np.int64)
-        for row, ids in enumerate(encoded):
-            input_ids[row, : len(ids)] = ids
-            mask = chunk[row].mask
-            attention_mask[row, : len(ids)] = 1 if mask is None else mask
-        slots = self.pool.acquire([r.model_id for r in chunk])
+        total = sum(r.rows for r in chunk)
+        input_ids = np.zeros((total, length), dtype=np.int64)
+        attention_mask = np.zeros((total, length), dtype=np.int64)
+        starts, row = [], 0
+        for index, request in enumerate(chunk):
+            starts.append(row)
+            if request.ids is not None:
+                assert request.mask is not None
+                rows, cols = request.ids.shape
+                input_ids[row : row + rows, :cols] = request.ids
+                attention_mask[row : row + rows, :cols] = request.mask
+                row += rows
+            else:
+                ids = encoded[index]
+                input_ids[row, : len(ids)] = ids
+                attention_mask[row, : len(ids)] = 1
+                row += 1
+        models = (
+            [r.model_id for r in chunk for _ in range(r.rows)]
+            if total > len(chunk)
+            else [r.model_id for r in chunk]
+        )
+        slots = self.pool.acquire(models)
         try:
             output = self.executor.forward(
                 torch.tensor(slots), torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
@@ -278,21 +315,21 @@ class CrossModelEngine:
         finally:
             self.pool.release(slots)
         self.batches += 1
-        self.batched_texts += len(chunk)
+        self.batched_texts += total
         if not by_model:
             # Every row pre-tokenised: the answers are the output rows, formatted elsewhere.
             values = output.float().cpu().numpy()
-            for row, request in enumerate(chunk):
-                request.future.set_result(values[row : row + 1])
+            for start, request in zip(starts, chunk, strict=True):
+                request.future.set_result(values[start : start + request.rows])
             return
         texts_only = all(r.ids is None for r in chunk)
         if not texts_only:
             values = output.float().cpu().numpy()
-            for row, request in enumerate(chunk):
+            for start, request in zip(starts, chunk, strict=True):
                 if request.ids is not None:
-                    request.future.set_result(values[row : row + 1])
-        text_rows = [row for row, r in enumerate(chunk) if r.ids is None]
-        text_chunk = chunk if texts_only else [chunk[row] for row in text_rows]
+                    request.future.set_result(values[start : start + request.rows])
+        text_chunk = [r for r in chunk if r.ids is None]
+        text_rows = [start for start, r in zip(starts, chunk, strict=True) if r.ids is None]
         results = answer_rows(
             self.shape.task,
             output if texts_only else output[text_rows],
@@ -367,13 +404,25 @@ class CrossModel(ServingModel):
     def predict_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False):
         raise InvalidInput("the cross-model engine takes text; send a BYTES input")
 
-    def submit_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[Future]:
-        """Pre-tokenised rows (see :meth:`CrossModelEngine.submit_ids`)."""
+    def check_ids(self, input_ids: np.ndarray) -> None:
+        """Refuse one request's rows that no batch may take (see
+        :meth:`CrossModelEngine.check_ids`)."""
         if not self.ready or self.engine is None:
             raise ModelNotReady(self.model_id, self.state, self.reason)
         if not len(input_ids):
             raise InvalidInput("no text given")
-        return self.engine.submit_ids(self.model_id, input_ids, attention_mask)
+        self.engine.check_ids(self.model_id, input_ids)
+
+    def submit_ids(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, checked: bool = False
+    ) -> list[Future]:
+        """Pre-tokenised rows, one future for them all (see
+        :meth:`CrossModelEngine.submit_ids`); ``checked``: :meth:`check_ids` ran already."""
+        if not self.ready or self.engine is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        if not len(input_ids):
+            raise InvalidInput("no text given")
+        return self.engine.submit_ids(self.model_id, input_ids, attention_mask, checked)
 
     def describe(self) -> dict:
         return {**describe(self), "engine": "cross-model"}

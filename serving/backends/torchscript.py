@@ -278,22 +278,36 @@ class TorchScriptModel(ServingModel):
             output = self.module(input_ids.to(self.device), attention_mask.to(self.device))
         return answers(self.task, self.labels, output.float().cpu(), raw)
 
-    def forward_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Rows a front end tokenised (any integer dtype): the output rows as float32, checked as
-        :meth:`predict_ids` checks; blocking, for a worker thread."""
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
-        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
+    def check_ids(self, input_ids: np.ndarray) -> None:
+        """Refuse one request's rows the model cannot take (too long, ids outside the
+        vocabulary), so that a group of requests forwarded together fails only where it must."""
         if not self.ready or self.module is None:
             raise ModelNotReady(self.model_id, self.state, self.reason)
-        if ids.shape[1] > self.max_length:
+        if not len(input_ids):
+            raise InvalidInput("no text given")
+        if input_ids.shape[1] > self.max_length:
+            longest = self.max_length
             raise InvalidInput(
-                f"{ids.shape[1]} tokens; model {self.model_id} takes at most {self.max_length}"
+                f"{input_ids.shape[1]} tokens; model {self.model_id} takes at most {longest}"
             )
         vocab = self.tokenizer.get_vocab_size() if self.tokenizer is not None else None
-        if int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab):
+        if int(input_ids.min()) < 0 or (vocab is not None and int(input_ids.max()) >= vocab):
             raise InvalidInput(
                 f"input_ids must lie in [0, {vocab}): the vocabulary of model {self.model_id}"
             )
+
+    def forward_ids(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, checked: bool = False
+    ) -> np.ndarray:
+        """Rows a front end tokenised (any integer dtype): the output rows as float32, checked as
+        :meth:`predict_ids` checks (``checked``: :meth:`check_ids` ran already); blocking, for
+        a worker thread."""
+        if not checked:
+            self.check_ids(input_ids)
+        if not self.ready or self.module is None:
+            raise ModelNotReady(self.model_id, self.state, self.reason)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
         with torch.inference_mode():
             output = self.module(ids.to(self.device), mask.to(self.device))
         return output.float().cpu().numpy()

@@ -43,6 +43,9 @@ SYNTHETIC_ARCHITECTURES: dict[str, SyntheticArchitecture] = {
     # Tiny shapes that trace and serve in milliseconds on two cores.
     "bert-mini": SyntheticArchitecture(128, 2, 2, 512, 1024),
     "bert-tiny": SyntheticArchitecture(32, 2, 2, 64, 512),
+    # A forward that costs next to nothing, so a benchmark measures the server around it
+    # (benchmarks/frontend_cost.py --source synthetic:bert-micro).
+    "bert-micro": SyntheticArchitecture(8, 1, 2, 16, 512),
 }
 
 

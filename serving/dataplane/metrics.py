@@ -132,6 +132,27 @@ class ServerMetrics:
         if latency is not None:
             latency.observe(seconds)
 
+    def observe_many(self, model_id: str, status: int, seconds: float, requests: int) -> None:
+        """``requests`` requests of one model answered with ``status`` together (a front end's
+        frame), each after ``seconds``: one counter increment and one histogram update for
+        them all."""
+        if requests == 1:
+            self.observe(model_id, status, seconds, 0)
+            return
+        children = self._children.get((model_id, status))
+        if children is None:
+            self.observe(model_id, status, seconds, 0)
+            requests -= 1
+            children = self._children.get((model_id, status))
+            if children is None:  # an unknown model's series are not cached
+                for _ in range(requests):
+                    self.observe(model_id, status, seconds, 0)
+                return
+        counter, latency = children
+        counter.inc(requests)
+        if latency is not None:
+            observe_repeated(latency, seconds, requests)
+
     def observe_batch(self, model_id: str, texts: int) -> None:
         child = self._batch_children.get(model_id)
         if child is None:
@@ -149,8 +170,8 @@ class ServerMetrics:
     def model_evicted(self, model_id: str) -> None:
         self.evictions.labels(self.label(model_id)).inc()
 
-    def observe_cold_start(self, model_id: str) -> None:
-        self.cold_starts.labels(self.label(model_id)).inc()
+    def observe_cold_start(self, model_id: str, requests: int = 1) -> None:
+        self.cold_starts.labels(self.label(model_id)).inc(requests)
 
     def exposition(self) -> bytes:
         """Refresh the gauges read at scrape time and render the text format."""
@@ -169,3 +190,21 @@ class ServerMetrics:
         self.queue_depth.set(self.repository.queue_depth())  # type: ignore[attr-defined]
         self.memory.set(resident_bytes())
         return generate_latest(self.registry)
+
+
+def observe_repeated(histogram: Histogram, value: float, count: int) -> None:
+    """``count`` observations of ``value`` as one update of the histogram's bucket and sum.
+    prometheus_client has no call for it; its children keep ``_upper_bounds``, ``_buckets``
+    (non-cumulative) and ``_sum`` (all its versions since 0.4), and where they do not, the
+    observations are made one by one."""
+    try:
+        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum  # type: ignore[attr-defined]
+    except AttributeError:
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    for bound, bucket in zip(bounds, buckets, strict=True):
+        if value <= bound:
+            bucket.inc(count)
+            return

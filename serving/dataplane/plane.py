@@ -150,25 +150,51 @@ class DataPlane:
         version: str | None = None,
     ) -> np.ndarray:
         """Rows tokenised by a front end (:mod:`serving.http.frontend`): the model's output rows
-        (logits or embeddings) as one float32 array, through the same lookup, readiness,
-        on-demand load, deadline and metrics as :meth:`predict`. A backend without a scheduler
-        for ids (``submit_ids``) runs ``forward_ids`` on a worker thread."""
-        model = self.repository.models.get(model_id)
-        if model is not None and not hasattr(model, "submit_ids"):
-            results = await self._run(
-                model_id,
-                len(input_ids),
-                call=lambda m: [m.forward_ids(input_ids, attention_mask)],
-                version=version,
-            )
-        else:
-            results = await self._run(
-                model_id,
-                len(input_ids),
-                version=version,
-                submit=lambda m: m.submit_ids(input_ids, attention_mask),
-            )
-        return results[0] if len(results) == 1 else np.concatenate(results)
+        (logits or embeddings) as one float32 array, through :meth:`run_ids_group` (a group of
+        one); sets :data:`cold_start` when it waited for an on-demand load."""
+        done = asyncio.get_running_loop().create_future()
+
+        def answered(results: list[Any], cold: bool) -> None:
+            if not done.done():
+                done.set_result((results[0], cold))
+
+        self.run_ids_group(model_id, version, [(input_ids, attention_mask)], answered)
+        result, cold = await done
+        if cold:
+            cold_start.set(True)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def run_ids_group(
+        self,
+        model_id: str,
+        version: str | None,
+        items: list[tuple[np.ndarray, np.ndarray]],
+        done: Callable[[list[Any], bool], None],
+    ) -> None:
+        """Several requests' token ids for one model (a front end's frame), run as one: one
+        lookup, one readiness check, one hold of an on-demand model (loading it first), one
+        submission of the requests' rows stacked (one queue entry and one completion on the
+        model's scheduler, or one ``forward_ids`` on a worker thread), metrics counted once
+        for the group. Each request's ids are checked on their own, so a bad one fails alone.
+
+        Called on the event loop; ``done(results, cold)`` is called on it once, maybe before
+        this returns: per item its output rows (float32) or the exception it failed with
+        (typed errors carry their status); ``cold``: the group waited for its model's load."""
+        group = _IdsGroup(self, model_id, items, done)
+        try:
+            model = self._model(model_id, version)
+        except Exception as exc:  # noqa: BLE001 - every item answers with it
+            group.fail(exc)
+            return
+        tier = getattr(self.repository, "tier", None)
+        if tier is not None and tier.manages(model_id):
+            task = asyncio.get_running_loop().create_task(group.acquire_and_submit(model, tier))
+            _groups_waiting.add(task)
+            task.add_done_callback(_groups_waiting.discard)
+            return
+        group.submit(model)
 
     def refuse(self, model_id: str, exc: Exception) -> None:
         """Count a request refused before it reached a model (undecodable body)."""
@@ -336,6 +362,184 @@ class DataPlane:
 
     def close(self) -> None:
         self.repository.close()
+
+
+# Groups waiting for an on-demand load (a task each), kept from the garbage collector.
+_groups_waiting: set[asyncio.Task] = set()
+
+
+class _IdsGroup:
+    """One :meth:`DataPlane.run_ids_group` call: its hold, its submission, its answers."""
+
+    __slots__ = ("plane", "model_id", "items", "done", "started", "results", "cold", "tier")
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        model_id: str,
+        items: list[tuple[np.ndarray, np.ndarray]],
+        done: Callable[[list[Any], bool], None],
+    ) -> None:
+        self.plane, self.model_id, self.items, self.done = plane, model_id, items, done
+        self.started = time.perf_counter()
+        self.results: list[Any] = [None] * len(items)
+        self.cold = False
+        self.tier: Any = None  # the on-demand tier holding the model for this group
+
+    async def acquire_and_submit(self, model: Any, tier: Any) -> None:
+        try:
+            # On demand: wait for its load if it is not in memory, and hold it until the
+            # answers are settled so that no eviction takes it from under its batch.
+            self.cold = await tier.acquire(self.model_id)
+        except Exception as exc:  # noqa: BLE001 - every item answers with it
+            self.fail(exc)
+            return
+        self.tier = tier
+        if self.cold:
+            self.plane.metrics.observe_cold_start(self.model_id, len(self.items))
+        self.submit(model)
+
+    def fail(self, exc: Exception) -> None:
+        for index in range(len(self.items)):
+            self.results[index] = exc
+        self.finish()
+
+    def submit(self, model: Any) -> None:
+        """Check each item, stack those that pass, hand them to the model in one go."""
+        try:
+            if not model.ready:
+                raise ModelNotReady(self.model_id, model.state, model.reason)
+        except Exception as exc:  # noqa: BLE001 - every item answers with it
+            self.fail(exc)
+            return
+        check = getattr(model, "check_ids", None)
+        passed: list[int] = []
+        for index, (input_ids, _) in enumerate(self.items):
+            if check is None:
+                passed.append(index)
+                continue
+            try:
+                check(input_ids)
+            except Exception as exc:  # noqa: BLE001 - this item answers with it
+                self.results[index] = exc
+            else:
+                passed.append(index)
+        if not passed:
+            self.finish()
+            return
+        input_ids, mask = stack_rows([self.items[i] for i in passed])
+        if hasattr(model, "submit_ids"):
+            try:
+                futures = model.submit_ids(input_ids, mask, checked=True)
+            except Exception as exc:  # noqa: BLE001 - the items that passed answer with it
+                self.settle(passed, exc)
+                return
+            box = mailbox()
+            (future,) = futures
+            future.add_done_callback(lambda f: box.post(lambda: self.settle_future(passed, f)))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.forward(model, passed, input_ids, mask, check is not None)
+        )
+        _groups_waiting.add(task)
+        task.add_done_callback(_groups_waiting.discard)
+
+    async def forward(
+        self, model: Any, passed: list[int], input_ids: Any, mask: Any, checked: bool
+    ) -> None:
+        plane = self.plane
+        if plane._limiter is None:
+            plane._limiter = anyio.CapacityLimiter(plane.workers)
+        if checked:
+            run = lambda: model.forward_ids(input_ids, mask, checked=True)  # noqa: E731
+        else:
+            # A backend that cannot check a request's ids apart: forwarded one by one, so a
+            # bad one fails alone.
+            def run() -> list[Any]:
+                outputs: list[Any] = []
+                for index in passed:
+                    try:
+                        outputs.append(model.forward_ids(*self.items[index]))
+                    except Exception as exc:  # noqa: BLE001 - this item answers with it
+                        outputs.append(exc)
+                return outputs
+
+        try:
+            output = await anyio.to_thread.run_sync(run, limiter=plane._limiter)
+        except Exception as exc:  # noqa: BLE001 - the items that passed answer with it
+            self.settle(passed, exc)
+            return
+        if checked:
+            self.settle(passed, output)
+        else:
+            for index, result in zip(passed, output, strict=True):
+                self.results[index] = result
+            self.finish()
+
+    def settle_future(self, passed: list[int], future: Future) -> None:
+        try:
+            output = future.result()
+        except BaseException as exc:  # noqa: BLE001 - handed to the items
+            self.settle(passed, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            return
+        self.settle(passed, output)
+
+    def settle(self, passed: list[int], output: Any) -> None:
+        """The stacked rows' output (or the error they failed with) back to their items."""
+        if isinstance(output, BaseException):
+            for index in passed:
+                self.results[index] = output
+        else:
+            row = 0
+            for index in passed:
+                rows = len(self.items[index][0])
+                self.results[index] = output[row : row + rows]
+                row += rows
+        self.finish()
+
+    def finish(self) -> None:
+        if self.tier is not None:
+            self.tier.release(self.model_id)
+            self.tier = None
+        seconds = time.perf_counter() - self.started
+        metrics, model_id = self.plane.metrics, self.model_id
+        answered, failures = 0, {}
+        for result in self.results:
+            if isinstance(result, BaseException):
+                status = error_status(result)
+                failures[status] = failures.get(status, 0) + 1
+                if not isinstance(result, ServingError):
+                    logger.error("internal error serving %s", model_id, exc_info=result)
+            else:
+                answered += 1
+        if answered:
+            metrics.observe_many(model_id, 200, seconds, answered)
+        for status, count in failures.items():
+            metrics.observe_many(model_id, status, seconds, count)
+        self.done(self.results, self.cold)
+
+
+def stack_rows(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several requests' ids and masks as one block of rows, padded (id 0, mask 0) to the
+    longest: padding the model masks out, as every batch pads to its bucket."""
+    if len(items) == 1:
+        return items[0]
+    cols = max(ids.shape[1] for ids, _ in items)
+    if all(ids.shape[1] == cols for ids, _ in items) and len({ids.dtype for ids, _ in items}) == 1:
+        return (
+            np.concatenate([ids for ids, _ in items]),
+            np.concatenate([mask for _, mask in items]),
+        )
+    rows = sum(len(ids) for ids, _ in items)
+    dtype = np.result_type(*(ids.dtype for ids, _ in items))
+    input_ids = np.zeros((rows, cols), dtype=dtype)
+    mask = np.zeros((rows, cols), dtype=np.uint8)
+    row = 0
+    for ids, item_mask in items:
+        input_ids[row : row + len(ids), : ids.shape[1]] = ids
+        mask[row : row + len(ids), : ids.shape[1]] = item_mask
+        row += len(ids)
+    return input_ids, mask
 
 
 class Mailbox:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -41,7 +42,6 @@ from typing import Any
 import msgspec
 
 from serving import settings
-from serving.dataplane.plane import cold_start
 from serving.errors import DeadlineExceeded, ServingError
 from serving.http import frames
 from serving.http.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
@@ -116,9 +116,9 @@ CALL, DESCRIBE, FRAME, REPLY = b"C", b"D", b"F", b"R"
 
 class EngineEndpoint:
     """The engine process's ROUTER. Frames of token ids (:mod:`serving.http.frames`) are run
-    through :meth:`DataPlane.run_ids`, one task per request, and their output rows go back
-    coalesced: what finished within one turn of the loop leaves in one reply frame per front
-    end. Whole calls (models a front end cannot tokenise for yet) are answered by
+    through :meth:`DataPlane.run_ids_group`, one call per model in the frame, and their output
+    rows go back coalesced: what finished within one turn of the loop leaves in one reply frame
+    per front end. Whole calls (models a front end cannot tokenise for yet) are answered by
     ``answer`` as a one-process server answers them."""
 
     def __init__(self, answer: Any, address: str, plane: Any = None) -> None:
@@ -161,29 +161,50 @@ class EngineEndpoint:
                 logger.exception("dropped a malformed message from a front end")
 
     def _frame(self, identity: bytes, data: bytes) -> None:
+        """A frame's requests, grouped by model: each group one call of
+        :meth:`DataPlane.run_ids_group` (one lookup, one submission, one completion, metrics
+        counted once), no task of its own unless its model must be held on demand."""
         plane = self.plane
+        groups: dict[tuple[str, str | None], list[frames.IdsItem]] = {}
         for item in frames.decode_request_frame(data):
             if item.kind == frames.REFUSAL:
                 plane.metrics.observe(item.model_id, item.status, 0.0, 0)
+                continue
+            group = groups.get((item.model_id, item.version))
+            if group is None:
+                groups[(item.model_id, item.version)] = [item]
             else:
-                self._spawn(self._run(identity, item))
+                group.append(item)
+        for (model_id, version), items in groups.items():
+            arrays = [(item.input_ids, item.attention_mask) for item in items]
+            plane.run_ids_group(
+                model_id, version, arrays, functools.partial(self._answered, identity, items)
+            )
 
-    async def _run(self, identity: bytes, item: frames.IdsItem) -> None:
-        cold_start.set(False)
-        try:
-            output = await self.plane.run_ids(
-                item.model_id, item.input_ids, item.attention_mask, item.version
-            )
-            encoded = frames.encode_output(item.request_id, output, cold_start.get())
-        except ServingError as exc:
-            encoded = frames.encode_error(
-                item.request_id, exc.status, exc.title, str(exc), exc.headers
-            )
-        except Exception as exc:  # noqa: BLE001 - logged by the data plane; an answer all the same
-            encoded = frames.encode_error(
-                item.request_id, 500, "Internal error", type(exc).__name__
-            )
-        self._replies.setdefault(identity, []).append(encoded)
+    def _answered(
+        self, identity: bytes, items: list[frames.IdsItem], results: list[Any], cold: bool
+    ) -> None:
+        encoded = []
+        for item, result in zip(items, results, strict=True):
+            if not isinstance(result, BaseException):
+                encoded.append(frames.encode_output(item.request_id, result, cold))
+            elif isinstance(result, ServingError):
+                encoded.append(
+                    frames.encode_error(
+                        item.request_id, result.status, result.title, str(result), result.headers
+                    )
+                )
+            else:  # logged by the data plane; an answer all the same
+                encoded.append(
+                    frames.encode_error(
+                        item.request_id, 500, "Internal error", type(result).__name__
+                    )
+                )
+        replies = self._replies.get(identity)
+        if replies is None:
+            self._replies[identity] = encoded
+        else:
+            replies.extend(encoded)
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
