@@ -415,10 +415,24 @@ def test_a_frames_requests_run_as_one_group_and_fail_alone(store: str, backend: 
             plane.run_ids_group(model_id, None, items, lambda r, c, d=done: d.set_result(r))
             answers.append(await done)
         alone = [await plane.run_ids("wk-0", a, m) for a, m in (items[0], items[2])]
-        return answers[0], answers[1], alone, []
+        # A frame of several groups: those of one cross-model engine go as one block of rows.
+        frame: list = [loop.create_future() for _ in range(3)]
+        plane.run_ids_frame(
+            [
+                ("wk-0", None, items[:3], lambda r, c: frame[0].set_result(r)),
+                ("wk-1", "1", [items[0]], lambda r, c: frame[1].set_result(r)),
+                ("wk-0", None, [items[2]], lambda r, c: frame[2].set_result(r)),
+            ]
+        )
+        together = [await f for f in frame]
+        embedding = await plane.run_ids("wk-1", *items[0])
+        np.testing.assert_allclose(together[1][0], embedding, rtol=1e-4, atol=1e-5)
+        return answers[0], answers[1], alone, [together[0][0], together[2][0]]
 
     try:
-        grouped, unknown, alone, _ = asyncio.run(run())
+        grouped, unknown, alone, together = asyncio.run(run())
+        np.testing.assert_allclose(together[0], alone[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(together[1], alone[1], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(grouped[0], alone[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(grouped[2], alone[1], rtol=1e-4, atol=1e-5)
         assert grouped[2].shape[0] == 2
@@ -426,9 +440,9 @@ def test_a_frames_requests_run_as_one_group_and_fail_alone(store: str, backend: 
         assert isinstance(grouped[3], InvalidInput) and "at most 32" in str(grouped[3])
         assert all(isinstance(r, ModelNotFound) for r in unknown)
         exposition = plane.metrics.exposition().decode()
-        assert 'myriad_requests_total{model="wk-0",status="200"} 4.0' in exposition
-        assert 'myriad_requests_total{model="wk-0",status="400"} 2.0' in exposition
+        assert 'myriad_requests_total{model="wk-0",status="200"} 7.0' in exposition
+        assert 'myriad_requests_total{model="wk-0",status="400"} 3.0' in exposition
         assert 'myriad_requests_total{model="_unknown",status="404"} 4.0' in exposition
-        assert 'myriad_request_seconds_count{model="wk-0"} 4.0' in exposition
+        assert 'myriad_request_seconds_count{model="wk-0"} 7.0' in exposition
     finally:
         repository.close()

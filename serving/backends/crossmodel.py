@@ -81,6 +81,8 @@ class _Request:
     ids: np.ndarray | None = None
     mask: np.ndarray | None = None
     rows: int = 1
+    # Rows of several models in one entry (submit_rows): each row's model.
+    row_models: list[str] | None = None
 
 
 class CrossModelEngine:
@@ -202,6 +204,53 @@ class CrossModelEngine:
             ) from None
         return [request.future]
 
+    def submit_rows(
+        self, blocks: list[tuple[str, int]], input_ids: np.ndarray, attention_mask: np.ndarray
+    ) -> list[tuple[Future, int]]:
+        """Checked rows of several models (a front end's frame) as few queue entries as the
+        bank's slots allow, usually one: ``blocks`` names each model and its row count, in the
+        order of the rows. Returns each entry's future (settled with its rows' output, rows x
+        width float32) and how many blocks it covers, in order."""
+        for model_id, _ in blocks:
+            if model_id not in self.members:
+                raise ModelNotReady(model_id, ModelState.PENDING, "not in the engine")
+        limit = self.pool.bank.slots if self.pool is not None else 1
+        deadline = time.monotonic() + self.settings.deadline_s
+        entries: list[_Request] = []
+        covered: list[int] = []
+        start = row = 0
+        names: set[str] = set()
+        for index, (model_id, _) in enumerate(blocks + [("", 0)]):
+            last = index == len(blocks)
+            if last or (model_id not in names and len(names) == limit):
+                row_models = [m for m, rows in blocks[start:index] for _ in range(rows)]
+                end = row + len(row_models)
+                entries.append(
+                    _Request(
+                        blocks[start][0],
+                        "",
+                        True,
+                        deadline,
+                        ids=input_ids[row:end],
+                        mask=attention_mask[row:end],
+                        rows=end - row,
+                        row_models=row_models,
+                    )
+                )
+                covered.append(index - start)
+                start, row, names = index, end, set()
+            names.add(model_id)
+        for position, entry in enumerate(entries):
+            try:
+                self.queue.put_nowait(entry)
+            except queue.Full:
+                for queued in entries[position:]:
+                    queued.future.set_exception(
+                        Overloaded(f"{self.settings.max_queue} requests are waiting; retry shortly")
+                    )
+                break
+        return [(e.future, count) for e, count in zip(entries, covered, strict=True)]
+
     def predict(self, model_id: str, texts: list[str], raw: bool = False) -> list[dict]:
         futures = self.submit(model_id, texts, raw)
         return [f.result(timeout=self.settings.deadline_s + 5) for f in futures]
@@ -254,11 +303,20 @@ class CrossModelEngine:
         current: list[_Request] = []
         models: set[str] = set()
         for request in requests:
-            if request.model_id not in models and len(models) == limit:
+            if request.row_models is None:
+                if request.model_id not in models and len(models) == limit:
+                    chunks.append(current)
+                    current, models = [], set()
+                current.append(request)
+                models.add(request.model_id)
+                continue
+            # At most ``limit`` models in one entry (submit_rows splits to that).
+            names = set(request.row_models)
+            if current and len(models | names) > limit:
                 chunks.append(current)
                 current, models = [], set()
             current.append(request)
-            models.add(request.model_id)
+            models |= names
         if current:
             chunks.append(current)
         return chunks
@@ -302,11 +360,14 @@ class CrossModelEngine:
                 input_ids[row, : len(ids)] = ids
                 attention_mask[row, : len(ids)] = 1
                 row += 1
-        models = (
-            [r.model_id for r in chunk for _ in range(r.rows)]
-            if total > len(chunk)
-            else [r.model_id for r in chunk]
-        )
+        models: list[str] = []
+        for request in chunk:
+            if request.row_models is not None:
+                models += request.row_models
+            elif request.rows == 1:
+                models.append(request.model_id)
+            else:
+                models += [request.model_id] * request.rows
         slots = self.pool.acquire(models)
         try:
             output = self.executor.forward(

@@ -173,28 +173,55 @@ class DataPlane:
         items: list[tuple[np.ndarray, np.ndarray]],
         done: Callable[[list[Any], bool], None],
     ) -> None:
-        """Several requests' token ids for one model (a front end's frame), run as one: one
-        lookup, one readiness check, one hold of an on-demand model (loading it first), one
-        submission of the requests' rows stacked (one queue entry and one completion on the
-        model's scheduler, or one ``forward_ids`` on a worker thread), metrics counted once
-        for the group. Each request's ids are checked on their own, so a bad one fails alone.
+        """Several requests' token ids for one model, run as one (see :meth:`run_ids_frame`)."""
+        self.run_ids_frame([(model_id, version, items, done)])
 
-        Called on the event loop; ``done(results, cold)`` is called on it once, maybe before
-        this returns: per item its output rows (float32) or the exception it failed with
-        (typed errors carry their status); ``cold``: the group waited for its model's load."""
-        group = _IdsGroup(self, model_id, items, done)
-        try:
-            model = self._model(model_id, version)
-        except Exception as exc:  # noqa: BLE001 - every item answers with it
-            group.fail(exc)
-            return
+    def run_ids_frame(
+        self,
+        groups: list[
+            tuple[
+                str,
+                str | None,
+                list[tuple[np.ndarray, np.ndarray]],
+                Callable[[list[Any], bool], None],
+            ]
+        ],
+    ) -> None:
+        """A front end's frame: per model, its requests' token ids (``model_id, version, items,
+        done``). Each model's group is run as one: one lookup, one readiness check, one hold
+        of an on-demand model (loading it first), metrics counted once for the group; each
+        request's ids are checked on their own, so a bad one fails alone. The rows that pass
+        go to the backends stacked: the groups of one cross-model engine as one queue entry
+        and one completion for the whole frame (``submit_rows``), another backend's group as
+        one ``submit_ids`` or one ``forward_ids`` on a worker thread.
+
+        Called on the event loop; each group's ``done(results, cold)`` is called on it once,
+        maybe before this returns: per item its output rows (float32) or the exception it
+        failed with (typed errors carry their status); ``cold``: the group waited for its
+        model's load."""
         tier = getattr(self.repository, "tier", None)
-        if tier is not None and tier.manages(model_id):
-            task = asyncio.get_running_loop().create_task(group.acquire_and_submit(model, tier))
-            _groups_waiting.add(task)
-            task.add_done_callback(_groups_waiting.discard)
-            return
-        group.submit(model)
+        shared: dict[Any, list[tuple[_IdsGroup, list[int], np.ndarray, np.ndarray]]] = {}
+        for model_id, version, items, done in groups:
+            group = _IdsGroup(self, model_id, items, done)
+            try:
+                model = self._model(model_id, version)
+            except Exception as exc:  # noqa: BLE001 - every item answers with it
+                group.fail(exc)
+                continue
+            if tier is not None and tier.manages(model_id):
+                task = asyncio.get_running_loop().create_task(group.acquire_and_submit(model, tier))
+                _groups_waiting.add(task)
+                task.add_done_callback(_groups_waiting.discard)
+                continue
+            engine = getattr(model, "engine", None)
+            if engine is None or not hasattr(engine, "submit_rows"):
+                group.submit(model)
+                continue
+            prepared = group.prepare(model)
+            if prepared is not None:
+                shared.setdefault(engine, []).append((group, *prepared))
+        for engine, members in shared.items():
+            submit_rows(engine, members)
 
     def refuse(self, model_id: str, exc: Exception) -> None:
         """Count a request refused before it reached a model (undecodable body)."""
@@ -404,6 +431,24 @@ class _IdsGroup:
             self.results[index] = exc
         self.finish()
 
+    def prepare(self, model: Any) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+        """Check each item: those that pass, stacked; None when none did (answered)."""
+        if not model.ready:
+            self.fail(ModelNotReady(self.model_id, model.state, model.reason))
+            return None
+        passed: list[int] = []
+        for index, (input_ids, _) in enumerate(self.items):
+            try:
+                model.check_ids(input_ids)
+            except Exception as exc:  # noqa: BLE001 - this item answers with it
+                self.results[index] = exc
+            else:
+                passed.append(index)
+        if not passed:
+            self.finish()
+            return None
+        return (passed, *stack_rows([self.items[i] for i in passed]))
+
     def submit(self, model: Any) -> None:
         """Check each item, stack those that pass, hand them to the model in one go."""
         try:
@@ -411,6 +456,12 @@ class _IdsGroup:
                 raise ModelNotReady(self.model_id, model.state, model.reason)
         except Exception as exc:  # noqa: BLE001 - every item answers with it
             self.fail(exc)
+            return
+        engine = getattr(model, "engine", None)
+        if engine is not None and hasattr(engine, "submit_rows"):
+            prepared = self.prepare(model)
+            if prepared is not None:
+                submit_rows(engine, [(self, *prepared)])
             return
         check = getattr(model, "check_ids", None)
         passed: list[int] = []
@@ -517,6 +568,46 @@ class _IdsGroup:
         for status, count in failures.items():
             metrics.observe_many(model_id, status, seconds, count)
         self.done(self.results, self.cold)
+
+
+def submit_rows(
+    engine: Any, members: list[tuple[_IdsGroup, list[int], np.ndarray, np.ndarray]]
+) -> None:
+    """Groups of one cross-model engine, checked and stacked, as one block of rows: one queue
+    entry (or as few as its slots allow) and one completion for all of them."""
+    blocks = [(group.model_id, len(ids)) for group, _, ids, _ in members]
+    if len(members) == 1:
+        _, _, input_ids, mask = members[0]
+    else:
+        input_ids, mask = stack_rows([(ids, mask) for _, _, ids, mask in members])
+    try:
+        entries = engine.submit_rows(blocks, input_ids, mask)
+    except Exception as exc:  # noqa: BLE001 - the items that passed answer with it
+        for group, passed, _, _ in members:
+            group.settle(passed, exc)
+        return
+    box = mailbox()
+    first = 0
+    for future, count in entries:
+        part = members[first : first + count]
+        first += count
+        future.add_done_callback(lambda f, part=part: box.post(lambda: _split(part, f)))
+
+
+def _split(
+    members: list[tuple[_IdsGroup, list[int], np.ndarray, np.ndarray]], future: Future
+) -> None:
+    try:
+        output = future.result()
+    except BaseException as exc:  # noqa: BLE001 - handed to the items
+        failure = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        for group, passed, _, _ in members:
+            group.settle(passed, failure)
+        return
+    row = 0
+    for group, passed, ids, _ in members:
+        group.settle(passed, output[row : row + len(ids)])
+        row += len(ids)
 
 
 def stack_rows(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

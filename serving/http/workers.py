@@ -98,14 +98,60 @@ def decode_answer(head: bytes, body: bytes) -> Answer:
 
 
 def zmq_socket(kind: int) -> Any:
-    """An asyncio ZeroMQ socket that drops unsent messages on close (a stopping process does
-    not wait for a peer that is gone)."""
+    """A plain (not asyncio) ZeroMQ socket that drops unsent messages on close (a stopping
+    process does not wait for a peer that is gone); read with :class:`Pump`."""
     import zmq
-    import zmq.asyncio
 
-    sock = zmq.asyncio.Context.instance().socket(kind)
+    sock = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     return sock
+
+
+class Pump:
+    """Reads a ZeroMQ socket on the event loop without a future per message: the loop watches
+    the socket's file descriptor, and each time it is readable every message waiting is read
+    and handed to ``handle`` in one callback (a front end's frames, or the engine's replies,
+    that arrived together cost one wake-up). ZeroMQ's descriptor is edge-triggered and a send
+    can consume its edge, so after sending call :meth:`kick`."""
+
+    # Messages read per callback before the loop gets a turn for other work.
+    BURST = 256
+
+    def __init__(self, sock: Any, handle: Any) -> None:
+        import zmq
+
+        self.sock, self.handle = sock, handle
+        self._again, self._pollin, self._noblock = zmq.Again, zmq.POLLIN, zmq.NOBLOCK
+        self._events = zmq.EVENTS
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._due = False
+        self._loop.add_reader(self._fd, self._drain)
+        self.kick()
+
+    def kick(self) -> None:
+        if not self._due:
+            self._due = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._due = False
+        sock, handle = self.sock, self.handle
+        for _ in range(self.BURST):
+            if not sock.getsockopt(self._events) & self._pollin:
+                return
+            try:
+                message = sock.recv_multipart(self._noblock)
+            except self._again:
+                return
+            try:
+                handle(message)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the reader
+                logger.exception("dropped a message it could not handle")
+        self.kick()  # more waiting: read on after the loop's other work
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
 
 
 # ------------------------------------------------------------------------ engine process
@@ -126,7 +172,7 @@ class EngineEndpoint:
         self.address = address
         self.plane = plane
         self._socket: Any = None
-        self._task: asyncio.Task | None = None
+        self._pump: Pump | None = None
         self._inflight: set[asyncio.Task] = set()
         self._replies: dict[bytes, list[bytes]] = {}
         self._flush_due = False
@@ -136,34 +182,38 @@ class EngineEndpoint:
 
         self._socket = zmq_socket(zmq.ROUTER)
         self._socket.bind(self.address)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        self._pump = Pump(self._socket, self._message)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _serve(self) -> None:
-        while True:
-            identity, kind, *parts = await self._socket.recv_multipart(copy=True)
-            try:
-                if kind == FRAME:
-                    self._frame(identity, parts[0])
-                elif kind == CALL:
-                    request_id, head, body = parts
-                    self._spawn(self._reply(identity, request_id, decode_call(head, body)))
-                elif kind == DESCRIBE:
-                    request_id, model_id = parts
-                    described = describe_model(self.plane, model_id.decode())
-                    reply = [identity, DESCRIBE, request_id, _call_encoder.encode(described)]
-                    await self._socket.send_multipart(reply)
-            except (FrameError, ValueError):
-                logger.exception("dropped a malformed message from a front end")
+    def _send(self, message: list[bytes]) -> None:
+        # ROUTER sends never block (an unreachable peer's message is dropped).
+        self._socket.send_multipart(message)
+        assert self._pump is not None
+        self._pump.kick()
+
+    def _message(self, message: list[bytes]) -> None:
+        identity, kind, *parts = message
+        try:
+            if kind == FRAME:
+                self._frame(identity, parts[0])
+            elif kind == CALL:
+                request_id, head, body = parts
+                self._spawn(self._reply(identity, request_id, decode_call(head, body)))
+            elif kind == DESCRIBE:
+                request_id, model_id = parts
+                described = describe_model(self.plane, model_id.decode())
+                self._send([identity, DESCRIBE, request_id, _call_encoder.encode(described)])
+        except (FrameError, ValueError):
+            logger.exception("dropped a malformed message from a front end")
 
     def _frame(self, identity: bytes, data: bytes) -> None:
-        """A frame's requests, grouped by model: each group one call of
-        :meth:`DataPlane.run_ids_group` (one lookup, one submission, one completion, metrics
-        counted once), no task of its own unless its model must be held on demand."""
+        """A frame's requests, grouped by model, run by :meth:`DataPlane.run_ids_frame` (per
+        model one lookup and metrics counted once; per cross-model engine one submission and
+        one completion), no task of its own unless a model must be held on demand."""
         plane = self.plane
         groups: dict[tuple[str, str | None], list[frames.IdsItem]] = {}
         for item in frames.decode_request_frame(data):
@@ -175,11 +225,17 @@ class EngineEndpoint:
                 groups[(item.model_id, item.version)] = [item]
             else:
                 group.append(item)
-        for (model_id, version), items in groups.items():
-            arrays = [(item.input_ids, item.attention_mask) for item in items]
-            plane.run_ids_group(
-                model_id, version, arrays, functools.partial(self._answered, identity, items)
-            )
+        plane.run_ids_frame(
+            [
+                (
+                    model_id,
+                    version,
+                    [(item.input_ids, item.attention_mask) for item in items],
+                    functools.partial(self._answered, identity, items),
+                )
+                for (model_id, version), items in groups.items()
+            ]
+        )
 
     def _answered(
         self, identity: bytes, items: list[frames.IdsItem], results: list[Any], cold: bool
@@ -213,20 +269,19 @@ class EngineEndpoint:
         self._flush_due = False
         replies, self._replies = self._replies, {}
         for identity, items in replies.items():
-            # ROUTER sends never block (an unreachable peer's message is dropped).
-            self._socket.send_multipart([identity, REPLY, frames.reply_frame(items)])
+            self._send([identity, REPLY, frames.reply_frame(items)])
 
     async def _reply(self, identity: bytes, request_id: bytes, call: Call) -> None:
         answer = await self.answer(call)  # answer_call never raises: errors are answers
-        await self._socket.send_multipart([identity, CALL, request_id, *encode_answer(answer)])
+        self._send([identity, CALL, request_id, *encode_answer(answer)])
 
     async def close(self) -> None:
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=30)
         if self._replies:
             self._flush()
-        if self._task is not None:
-            self._task.cancel()
+        if self._pump is not None:
+            self._pump.close()
         if self._socket is not None:
             self._socket.close()
         if self.address.startswith("ipc://"):
@@ -248,27 +303,34 @@ class EngineClient:
         self._pending: dict[Any, asyncio.Future] = {}
         self._outgoing: list[bytes] = []
         self._socket: Any = None
-        self._reader: asyncio.Task | None = None
+        self._pump: Pump | None = None
 
     async def start(self) -> None:
         import zmq
 
         self._socket = zmq_socket(zmq.DEALER)
+        # No high-water mark: a send never fails for a queue that is full (each request waits
+        # at most timeout_s, which bounds what can queue behind a stalled engine).
+        self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.connect(self.address)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._pump = Pump(self._socket, self._read)
 
-    async def _read(self) -> None:
-        while True:
-            kind, *parts = await self._socket.recv_multipart(copy=True)
-            if kind == REPLY:
-                for item in frames.decode_reply_frame(parts[0]):
-                    self._settle(item.request_id, item)
-            elif kind == CALL:
-                request_id, head, body = parts
-                self._settle(request_id, decode_answer(head, body))
-            elif kind == DESCRIBE:
-                request_id, described = parts
-                self._settle(request_id, msgspec.msgpack.decode(described))
+    def _read(self, message: list[bytes]) -> None:
+        kind, *parts = message
+        if kind == REPLY:
+            for item in frames.decode_reply_frame(parts[0]):
+                self._settle(item.request_id, item)
+        elif kind == CALL:
+            request_id, head, body = parts
+            self._settle(request_id, decode_answer(head, body))
+        elif kind == DESCRIBE:
+            request_id, described = parts
+            self._settle(request_id, msgspec.msgpack.decode(described))
+
+    def _send(self, message: list[bytes]) -> None:
+        self._socket.send_multipart(message)
+        assert self._pump is not None
+        self._pump.kick()
 
     def _settle(self, key: Any, value: Any) -> None:
         future = self._pending.pop(key, None)
@@ -295,7 +357,7 @@ class EngineClient:
     def _flush(self) -> None:
         items, self._outgoing = self._outgoing, []
         if items:
-            self._socket.send_multipart([FRAME, frames.request_frame(items)])
+            self._send([FRAME, frames.request_frame(items)])
 
     async def run_ids(
         self, model_id: str, version: str | None, input_ids: Any, mask: Any
@@ -318,14 +380,14 @@ class EngineClient:
     async def describe(self, model_id: str) -> ModelInfo | None:
         key = next(self._ids).to_bytes(8, "little")
         message = [DESCRIBE, key, model_id.encode()]
-        described = await self._wait(key, lambda: self._socket.send_multipart(message))
+        described = await self._wait(key, lambda: self._send(message))
         return None if described is None else model_info(described)
 
     async def forward_call(self, call: Call) -> Answer:
         key = next(self._ids).to_bytes(8, "little")
         message = [CALL, key, *encode_call(call)]
         try:
-            return await self._wait(key, lambda: self._socket.send_multipart(message))
+            return await self._wait(key, lambda: self._send(message))
         except TimeoutError:
             message_text = f"the engine process did not answer within {self.timeout_s:.0f} s"
             if call.kind == "infer":
@@ -336,8 +398,8 @@ class EngineClient:
     __call__ = forward_call
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._pump is not None:
+            self._pump.close()
         if self._socket is not None:
             self._socket.close()
 
