@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[ROOT],
         help="checkouts whose server to measure, each in turn within every round",
     )
+    parser.add_argument(
+        "--null-forward",
+        action="store_true",
+        help="servers started with --null-forward (the engine answers zeros without running "
+        "its forward): the server's own cost per request",
+    )
     args = parser.parse_args(argv)
 
     store = open_store(args.store)
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = ROOT / ".myriad"
     command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", args.store,
                "--backend", "cross-model", "--max-wait-ms", "0.5"]  # fmt: skip
+    if args.null_forward:
+        command.append("--null-forward")
     runs: dict[tuple[Path, int], list[dict]] = {
         (root, workers): [] for root in args.server_roots for workers in args.workers
     }
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         line = {
             "server_root": str(root),
             "arch": args.arch,
+            "null_forward": args.null_forward,
             "front_end_processes": workers,
             "models": args.models,
             "clients": args.clients,

@@ -446,3 +446,27 @@ def test_a_frames_requests_run_as_one_group_and_fail_alone(store: str, backend: 
         assert 'myriad_request_seconds_count{model="wk-0"} 7.0' in exposition
     finally:
         repository.close()
+
+
+def test_null_forward_answers_zeros_of_the_models_width(store: str) -> None:
+    """``python -m serving --null-forward`` (benchmarks only): after one real forward the
+    cross-model engine answers zeros of the same shape, through the same batching."""
+    from serving.backends.crossmodel import CrossModelRepository, CrossModelSettings
+    from serving.dataplane.metrics import ServerMetrics
+    from serving.dataplane.plane import DataPlane
+
+    repository = CrossModelRepository(
+        open_store(store), ["wk-0"], settings=CrossModelSettings(slots=0, null_forward=True)
+    )
+    repository.load_all()
+    plane = DataPlane(repository, ServerMetrics(repository))
+    ids = np.array([[101, 7, 8, 102], [101, 9, 102, 0]], dtype=np.uint16)
+
+    async def twice() -> list[np.ndarray]:
+        return [await plane.run_ids("wk-0", ids, (ids != 0).astype(np.uint8)) for _ in range(2)]
+
+    try:
+        real, null = asyncio.run(twice())
+        assert real.shape == null.shape == (2, 3) and real.any() and not null.any()
+    finally:
+        repository.close()

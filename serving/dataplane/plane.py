@@ -436,8 +436,21 @@ class _IdsGroup:
         if not model.ready:
             self.fail(ModelNotReady(self.model_id, model.state, model.reason))
             return None
+        items = self.items
+        if len(items) > 1:
+            # Usually every request passes: one check of them all stacked, and the requests
+            # one by one only when that fails.
+            input_ids, mask = stack_rows(items)
+            try:
+                model.check_ids(input_ids)
+            except Exception:  # noqa: BLE001 - found below, request by request
+                pass
+            else:
+                # (Rows past a shorter request's end are padding, masked out.)
+                if all(len(ids) for ids, _ in items):
+                    return list(range(len(items))), input_ids, mask
         passed: list[int] = []
-        for index, (input_ids, _) in enumerate(self.items):
+        for index, (input_ids, _) in enumerate(items):
             try:
                 model.check_ids(input_ids)
             except Exception as exc:  # noqa: BLE001 - this item answers with it
@@ -447,7 +460,9 @@ class _IdsGroup:
         if not passed:
             self.finish()
             return None
-        return (passed, *stack_rows([self.items[i] for i in passed]))
+        if len(passed) == 1:
+            return passed, *items[passed[0]]
+        return (passed, *stack_rows([items[i] for i in passed]))
 
     def submit(self, model: Any) -> None:
         """Check each item, stack those that pass, hand them to the model in one go."""

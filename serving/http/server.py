@@ -310,6 +310,8 @@ class ServerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_budget: int | None = None
     host_memory_budget: int | None = None
     max_concurrent_loads: int = 2
+    # Benchmarks only: the cross-model engine answers zeros instead of running its forward.
+    null_forward: bool = False
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -404,6 +406,12 @@ def server_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="on-demand loads at once (default 2)",
     )
+    parser.add_argument(
+        "--null-forward",
+        action="store_true",
+        help="for benchmarks only: the cross-model engine batches as usual but answers zeros "
+        "instead of running its forward, so the server's own cost per request can be measured",
+    )
     return parser
 
 
@@ -450,6 +458,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
         memory_budget=args.memory_budget,
         host_memory_budget=args.host_memory_budget,
         max_concurrent_loads=args.max_concurrent_loads,
+        null_forward=args.null_forward,
     )
 
 
@@ -465,6 +474,8 @@ def run_server(options: ServerOptions) -> None:
         }
         if options.slots:
             engine["slots"] = options.slots
+        if options.null_forward:
+            engine["null_forward"] = True
     batch = {
         "max_batch": options.max_batch,
         "max_wait_s": options.max_wait_ms / 1000,

@@ -121,8 +121,8 @@ class Pump:
         import zmq
 
         self.sock, self.handle = sock, handle
-        self._again, self._pollin, self._noblock = zmq.Again, zmq.POLLIN, zmq.NOBLOCK
-        self._events = zmq.EVENTS
+        # Plain ints: pyzmq's flag enums cost microseconds per operation.
+        self._again, self._noblock = zmq.Again, int(zmq.NOBLOCK)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._due = False
@@ -136,12 +136,10 @@ class Pump:
 
     def _drain(self) -> None:
         self._due = False
-        sock, handle = self.sock, self.handle
+        recv, handle, noblock = self.sock.recv_multipart, self.handle, self._noblock
         for _ in range(self.BURST):
-            if not sock.getsockopt(self._events) & self._pollin:
-                return
             try:
-                message = sock.recv_multipart(self._noblock)
+                message = recv(noblock)
             except self._again:
                 return
             try:
