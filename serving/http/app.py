@@ -354,5 +354,14 @@ def create_app(
 
 def serving_app(app: Litestar) -> FastPath:
     """What a server runs: ``app`` behind :class:`serving.http.fastpath.FastPath`, which answers
-    the prediction and inference routes without the framework."""
-    return FastPath(app, functools.partial(answer_call, app.state.dataplane))
+    the prediction and inference routes without the framework. Over the cross-model engine
+    they are answered by the code of the front-end processes (``--workers N``) in this process
+    (:class:`serving.http.frontend.FrontEnd` over a ``LocalEngine``): tokenised here, the rows
+    of one turn of the loop run as one frame."""
+    from serving.backends.crossmodel import CrossModelRepository
+    from serving.http.frontend import FrontEnd, LocalEngine
+
+    plane = app.state.dataplane
+    if isinstance(plane.repository, CrossModelRepository):
+        return FastPath(app, FrontEnd(LocalEngine(plane)))
+    return FastPath(app, functools.partial(answer_call, plane))

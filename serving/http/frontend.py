@@ -41,7 +41,6 @@ from serving.dataplane.plane import (
     MODEL_VERSION,
     DataPlane,
     check_texts,
-    cold_start,
     logger,
     token_tensors,
 )
@@ -133,10 +132,14 @@ def model_info(described: dict[str, Any]) -> ModelInfo:
 
 
 class LocalEngine:
-    """The data plane of this process as a front end's engine (``--workers 1``)."""
+    """The data plane of this process as a front end's engine (``--workers 1``). Requests are
+    coalesced as a front end's frames are: what arrives within one turn of the loop goes to
+    :meth:`DataPlane.run_ids_frame` together, so one process batches as the engine process
+    does."""
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self._waiting: dict[tuple[str, str | None], list[tuple[Any, asyncio.Future]]] = {}
 
     async def describe(self, model_id: str) -> ModelInfo | None:
         described = describe_model(self.plane, model_id)
@@ -145,15 +148,40 @@ class LocalEngine:
     async def run_ids(
         self, model_id: str, version: str | None, input_ids: np.ndarray, mask: np.ndarray
     ) -> tuple[np.ndarray, bool]:
-        cold_start.set(False)
-        output = await self.plane.run_ids(model_id, input_ids, mask, version)
-        return output, cold_start.get()
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        future = loop.create_future()
+        waiting = self._waiting.setdefault((model_id, version), [])
+        waiting.append(((input_ids, mask), future))
+        result, cold = await future
+        if isinstance(result, BaseException):
+            raise result
+        return result, cold
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        self.plane.run_ids_frame(
+            [
+                (model_id, version, [arrays for arrays, _ in items], _answer(items))
+                for (model_id, version), items in waiting.items()
+            ]
+        )
 
     def refuse(self, model_id: str, status: int) -> None:
         self.plane.metrics.observe(model_id, status, 0.0, 0)
 
     async def forward_call(self, call: Call) -> Answer:
         return await answer_call(self.plane, call)
+
+
+def _answer(items: list[tuple[Any, asyncio.Future]]) -> Any:
+    def done(results: list[Any], cold: bool) -> None:
+        for (_, future), result in zip(items, results, strict=True):
+            if not future.done():
+                future.set_result((result, cold))
+
+    return done
 
 
 # ------------------------------------------------------------------------ the front end
