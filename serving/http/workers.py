@@ -123,6 +123,7 @@ class Pump:
         self.sock, self.handle = sock, handle
         # Plain ints: pyzmq's flag enums cost microseconds per operation.
         self._again, self._noblock = zmq.Again, int(zmq.NOBLOCK)
+        self._events, self._pollin = int(zmq.EVENTS), int(zmq.POLLIN)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._due = False
@@ -136,8 +137,11 @@ class Pump:
 
     def _drain(self) -> None:
         self._due = False
-        recv, handle, noblock = self.sock.recv_multipart, self.handle, self._noblock
+        sock, handle, noblock = self.sock, self.handle, self._noblock
+        recv, events, pollin = sock.recv_multipart, sock.getsockopt, self._pollin
         for _ in range(self.BURST):
+            if not events(self._events) & pollin:  # (cheaper than a failed receive)
+                return
             try:
                 message = recv(noblock)
             except self._again:
