@@ -117,10 +117,12 @@ class Pump:
     # Messages read per callback before the loop gets a turn for other work.
     BURST = 256
 
-    def __init__(self, sock: Any, handle: Any) -> None:
+    def __init__(self, sock: Any, handle: Any, drained: Any = None) -> None:
+        """``drained``: called after each callback's messages were handled (the engine runs
+        the frames read together as one)."""
         import zmq
 
-        self.sock, self.handle = sock, handle
+        self.sock, self.handle, self.drained = sock, handle, drained
         # Plain ints: pyzmq's flag enums cost microseconds per operation.
         self._again, self._noblock = zmq.Again, int(zmq.NOBLOCK)
         self._events, self._pollin = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -139,18 +141,22 @@ class Pump:
         self._due = False
         sock, handle, noblock = self.sock, self.handle, self._noblock
         recv, events, pollin = sock.recv_multipart, sock.getsockopt, self._pollin
-        for _ in range(self.BURST):
-            if not events(self._events) & pollin:  # (cheaper than a failed receive)
-                return
-            try:
-                message = recv(noblock)
-            except self._again:
-                return
-            try:
-                handle(message)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the reader
-                logger.exception("dropped a message it could not handle")
-        self.kick()  # more waiting: read on after the loop's other work
+        try:
+            for _ in range(self.BURST):
+                if not events(self._events) & pollin:  # (cheaper than a failed receive)
+                    return
+                try:
+                    message = recv(noblock)
+                except self._again:
+                    return
+                try:
+                    handle(message)
+                except Exception:  # noqa: BLE001 - one bad message must not stop the reader
+                    logger.exception("dropped a message it could not handle")
+            self.kick()  # more waiting: read on after the loop's other work
+        finally:
+            if self.drained is not None:
+                self.drained()
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
@@ -163,8 +169,8 @@ CALL, DESCRIBE, FRAME, REPLY = b"C", b"D", b"F", b"R"
 
 
 class EngineEndpoint:
-    """The engine process's ROUTER. Frames of token ids (:mod:`serving.http.frames`) are run
-    through :meth:`DataPlane.run_ids_group`, one call per model in the frame, and their output
+    """The engine process's ROUTER. Frames of token ids (:mod:`serving.http.frames`) read in
+    one callback are run together through :meth:`DataPlane.run_ids_frame`, and their output
     rows go back coalesced: what finished within one turn of the loop leaves in one reply frame
     per front end. Whole calls (models a front end cannot tokenise for yet) are answered by
     ``answer`` as a one-process server answers them."""
@@ -178,13 +184,15 @@ class EngineEndpoint:
         self._inflight: set[asyncio.Task] = set()
         self._replies: dict[bytes, list[bytes]] = {}
         self._flush_due = False
+        # The requests of the frames read in one callback, by model: run together.
+        self._groups: dict[tuple[str, str | None], list[tuple[bytes, frames.IdsItem]]] = {}
 
     async def start(self) -> None:
         import zmq
 
         self._socket = zmq_socket(zmq.ROUTER)
         self._socket.bind(self.address)
-        self._pump = Pump(self._socket, self._message)
+        self._pump = Pump(self._socket, self._message, self.run_frames)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -213,56 +221,58 @@ class EngineEndpoint:
             logger.exception("dropped a malformed message from a front end")
 
     def _frame(self, identity: bytes, data: bytes) -> None:
-        """A frame's requests, grouped by model, run by :meth:`DataPlane.run_ids_frame` (per
-        model one lookup and metrics counted once; per cross-model engine one submission and
-        one completion), no task of its own unless a model must be held on demand."""
-        plane = self.plane
-        groups: dict[tuple[str, str | None], list[frames.IdsItem]] = {}
+        """A frame's requests, grouped by model with those of the other frames read in the same
+        callback (:meth:`run_frames` runs them)."""
+        plane, groups = self.plane, self._groups
         for item in frames.decode_request_frame(data):
             if item.kind == frames.REFUSAL:
                 plane.metrics.observe(item.model_id, item.status, 0.0, 0)
                 continue
             group = groups.get((item.model_id, item.version))
             if group is None:
-                groups[(item.model_id, item.version)] = [item]
+                groups[(item.model_id, item.version)] = [(identity, item)]
             else:
-                group.append(item)
-        plane.run_ids_frame(
+                group.append((identity, item))
+
+    def run_frames(self) -> None:
+        """The requests of the frames read together, by :meth:`DataPlane.run_ids_frame`: per
+        model one lookup and metrics counted once, per cross-model engine one submission and
+        one completion; no task unless a model must be held on demand. The more front ends
+        send at once, the fewer of these per request."""
+        if not self._groups:
+            return
+        groups, self._groups = self._groups, {}
+        self.plane.run_ids_frame(
             [
                 (
                     model_id,
                     version,
-                    [(item.input_ids, item.attention_mask) for item in items],
-                    functools.partial(self._answered, identity, items),
+                    [(item.input_ids, item.attention_mask) for _, item in items],
+                    functools.partial(self._answered, items),
                 )
                 for (model_id, version), items in groups.items()
             ]
         )
 
     def _answered(
-        self, identity: bytes, items: list[frames.IdsItem], results: list[Any], cold: bool
+        self, items: list[tuple[bytes, frames.IdsItem]], results: list[Any], cold: bool
     ) -> None:
-        encoded = []
-        for item, result in zip(items, results, strict=True):
+        for (identity, item), result in zip(items, results, strict=True):
             if not isinstance(result, BaseException):
-                encoded.append(frames.encode_output(item.request_id, result, cold))
+                encoded = frames.encode_output(item.request_id, result, cold)
             elif isinstance(result, ServingError):
-                encoded.append(
-                    frames.encode_error(
-                        item.request_id, result.status, result.title, str(result), result.headers
-                    )
+                encoded = frames.encode_error(
+                    item.request_id, result.status, result.title, str(result), result.headers
                 )
             else:  # logged by the data plane; an answer all the same
-                encoded.append(
-                    frames.encode_error(
-                        item.request_id, 500, "Internal error", type(result).__name__
-                    )
+                encoded = frames.encode_error(
+                    item.request_id, 500, "Internal error", type(result).__name__
                 )
-        replies = self._replies.get(identity)
-        if replies is None:
-            self._replies[identity] = encoded
-        else:
-            replies.extend(encoded)
+            replies = self._replies.get(identity)
+            if replies is None:
+                self._replies[identity] = [encoded]
+            else:
+                replies.append(encoded)
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
