@@ -101,6 +101,11 @@ class ServingModel(abc.ABC):
         scheduler for ids offers ``submit_ids`` instead, as the cross-model engine does."""
         raise InvalidInput(f"model {self.model_id} takes text; send a BYTES input")
 
+    def expected_bytes(self, directory: Path, manifest: Any) -> int:
+        """What the model will hold once loaded, before it has been: its artifact's largest
+        file (a backend that counts otherwise says so)."""
+        return expected_bytes(manifest)
+
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
@@ -284,13 +289,13 @@ class ModelRepository(abc.ABC):
         FAILED with the reason (its first request tries again)."""
         assert self.tier is not None
         try:
-            _, manifest = materialize(self.store, model.prefix, self.cache_dir)
+            directory, manifest = materialize(self.store, model.prefix, self.cache_dir)
         except LOAD_ERRORS as exc:
             model.state, model.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             self.tier.verified(model.model_id, 0, model.reason)
             return
         model.state, model.reason = ModelState.UNLOADED, None
-        self.tier.verified(model.model_id, expected_bytes(manifest))
+        self.tier.verified(model.model_id, model.expected_bytes(directory, manifest))
 
     def finish_loading(self) -> None:
         """After the start's loads: the resident models' bytes into the ledger and their load

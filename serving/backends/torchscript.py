@@ -13,6 +13,7 @@ passed while it waited is dropped (:class:`DeadlineExceeded`) and never computed
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -215,7 +216,9 @@ class TorchScriptModel(ServingModel):
             elif self.processor == "inf":
                 load_neuron_runtime()
             module = torch.jit.load(str(artifact.directory / "model.ts"), map_location=self.device)
-            self.memory_bytes = tensor_bytes(module.state_dict().values())
+            self.memory_bytes = max(
+                tensor_bytes(module.state_dict().values()), profiled_bytes(artifact.directory)
+            )
             self.module = optimised(module) if self.optimise and self.processor == "cpu" else module
             # TorchScript's profiling executor optimises the graph over the first two calls;
             # doing them here keeps that cost off the first real requests.
@@ -229,6 +232,10 @@ class TorchScriptModel(ServingModel):
         finally:
             self.load_seconds = time.perf_counter() - started
         self.state = ModelState.READY
+
+    def expected_bytes(self, directory: Path, manifest: Any) -> int:
+        # Counted as load counts it, so the first load reserves what the model will hold.
+        return max(super().expected_bytes(directory, manifest), profiled_bytes(directory))
 
     def submit(self, texts: list[str], raw: bool = False) -> list[Future]:
         if self.scheduler is None:
@@ -311,6 +318,18 @@ class TorchScriptModel(ServingModel):
         with torch.inference_mode():
             output = self.module(ids.to(self.device), mask.to(self.device))
         return output.float().cpu().numpy()
+
+
+def profiled_bytes(directory: Path) -> int:
+    """The memory the packer counts for this model (its profile's ``memory_bytes``: what a
+    process grew by loading it, beyond its tensors), 0 when the artifact has no profile; a
+    server's memory budget holds models in the same unit its plan was sized in."""
+    try:
+        profile = json.loads((directory / "profile.json").read_bytes())
+    except (OSError, ValueError):
+        return 0
+    value = profile.get("memory_bytes") if isinstance(profile, dict) else None
+    return int(value) if isinstance(value, int | float) and value > 0 else 0
 
 
 def optimised(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:

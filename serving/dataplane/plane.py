@@ -40,7 +40,6 @@ logger = logging.getLogger("myriad.server")
 # start); the front ends answer it with COLD_START_HEADER. Each front end clears it before the
 # call and reads it after, in the request's own task.
 cold_start: ContextVar[bool] = ContextVar("myriad_cold_start", default=False)
-COLD_START_HEADER = "x-myriad-cold-start"
 
 SERVER_NAME = "myriad"
 # The one version each model has: KServe v2 clients may name it or leave it out.

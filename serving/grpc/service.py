@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from packing.errors import MyriadError
-from serving.dataplane.plane import COLD_START_HEADER, MODEL_VERSION, DataPlane, cold_start
+from serving.dataplane.plane import MODEL_VERSION, DataPlane, cold_start
 from serving.errors import (
     DeadlineExceeded,
     Forbidden,
@@ -37,6 +37,7 @@ from serving.grpc.grpc_service_pb2_grpc import (
     GRPCInferenceServiceServicer,
     add_GRPCInferenceServiceServicer_to_server,
 )
+from serving.routing.client import COLD_START_HEADER
 
 logger = logging.getLogger("myriad.grpc")
 

@@ -37,7 +37,6 @@ from serving.backends.contract import TRIM_MULTIPLE, answer_rows
 from serving.build.modeling import encodings_of
 from serving.dataplane import v2
 from serving.dataplane.plane import (
-    COLD_START_HEADER,
     MODEL_VERSION,
     DataPlane,
     check_texts,
@@ -47,6 +46,7 @@ from serving.dataplane.plane import (
 from serving.errors import InvalidInput, ServingError
 from serving.http.fastpath import JSON, Answer, Call, answer_call, parse_texts, problem, v2_error
 from serving.http.fastpath import wants_raw as _wants_raw
+from serving.routing.client import COLD_START_HEADER
 
 __all__ = ["EngineError", "FrontEnd", "LocalEngine", "ModelInfo", "describe_model"]
 
