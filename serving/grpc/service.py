@@ -37,7 +37,7 @@ from serving.grpc.grpc_service_pb2_grpc import (
     GRPCInferenceServiceServicer,
     add_GRPCInferenceServiceServicer_to_server,
 )
-from serving.routing.client import COLD_START_HEADER
+from serving.wire import COLD_START_HEADER
 
 logger = logging.getLogger("myriad.grpc")
 

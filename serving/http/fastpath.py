@@ -26,7 +26,7 @@ import msgspec
 from serving.dataplane.plane import DataPlane, cold_start, logger
 from serving.dataplane.v2 import decode_json
 from serving.errors import InvalidInput, ServingError
-from serving.routing.client import COLD_START_HEADER
+from serving.wire import COLD_START_HEADER
 
 __all__ = [
     "MAX_BODY_BYTES",

@@ -46,7 +46,7 @@ from serving.dataplane.plane import (
 from serving.errors import InvalidInput, ServingError
 from serving.http.fastpath import JSON, Answer, Call, answer_call, parse_texts, problem, v2_error
 from serving.http.fastpath import wants_raw as _wants_raw
-from serving.routing.client import COLD_START_HEADER
+from serving.wire import COLD_START_HEADER
 
 __all__ = ["EngineError", "FrontEnd", "LocalEngine", "ModelInfo", "describe_model"]
 

@@ -11,6 +11,7 @@ import httpx
 from packing.contracts import Plan
 from packing.errors import MyriadError
 from serving.deployments import Deployment
+from serving.wire import COLD_START_HEADER
 
 
 class RoutingError(MyriadError, RuntimeError):
@@ -55,10 +56,6 @@ class Router:
 
 
 RETRYABLE_STATUS = {502, 503, 504}
-
-# A server sets this header to "1" on an answer that waited for its model to load (a cold
-# start of an on-demand model); it is absent on every other answer.
-COLD_START_HEADER = "x-myriad-cold-start"
 
 
 def met_cold_start(headers: Mapping[str, str]) -> bool:
