@@ -131,7 +131,9 @@ def test_the_readme_has_blocks_and_names_each_it_skips() -> None:
 
 
 def _foreground(block: Block, root: Path, env: dict[str, str]) -> None:
-    for command in (ln for ln in block.code.splitlines() if ln.strip()):
+    # A line continued with a trailing backslash is one command, as bash reads it.
+    commands = block.code.replace("\\\n", " ").splitlines()
+    for command in (ln for ln in commands if ln.strip()):
         process = subprocess.Popen(
             ["bash", "-c", f"exec {command}"],
             cwd=root,
