@@ -770,16 +770,24 @@ def token_tensors(named: dict[str, v2.Tensor]) -> tuple[Any, Any]:
 
 
 def output_tensors(results: list[dict]) -> list[v2.Tensor]:
-    """The v2 outputs of a batch of answers: ``embedding``, or ``logits``, ``label`` (the best
-    class index) and ``score`` (its probability)."""
+    """The v2 outputs of a batch of answers (see :func:`output_rows`)."""
     if "embedding" in results[0]:
         vectors = np.asarray([r["embedding"] for r in results], dtype=np.float32)
-        return [v2.Tensor(name="embedding", datatype="FP32", shape=vectors.shape, values=vectors)]
-    logits = np.asarray([r["logits"] for r in results], dtype=np.float32)
+        return output_rows("embedding", vectors)
+    return output_rows("sequence-classification", [r["logits"] for r in results])
+
+
+def output_rows(task: str, values: Any) -> list[v2.Tensor]:
+    """The v2 outputs of a batch of output rows: ``embedding``, or ``logits``, ``label`` (the
+    best class index) and ``score`` (its probability)."""
+    values = np.asarray(values, dtype=np.float32)
+    if task == "embedding":
+        return [v2.Tensor(name="embedding", datatype="FP32", shape=values.shape, values=values)]
+    logits = values
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
     best = probabilities.argmax(axis=-1)
-    rows = len(results)
+    rows = len(values)
     return [
         v2.Tensor(name="logits", datatype="FP32", shape=logits.shape, values=logits),
         v2.Tensor(

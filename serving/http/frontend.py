@@ -41,6 +41,7 @@ from serving.dataplane.plane import (
     DataPlane,
     check_texts,
     logger,
+    output_rows,
     token_tensors,
 )
 from serving.errors import InvalidInput, ServingError
@@ -234,33 +235,6 @@ def wire_ids(model_id: str, info: ModelInfo, input_ids: np.ndarray) -> np.ndarra
     return np.ascontiguousarray(input_ids, dtype=np.int32)
 
 
-def output_tensors(task: str, values: np.ndarray) -> list[v2.Tensor]:
-    """The v2 outputs of a batch of output rows, as
-    :func:`serving.dataplane.plane.output_tensors` makes them from answers."""
-    if task == "embedding":
-        return [v2.Tensor(name="embedding", datatype="FP32", shape=values.shape, values=values)]
-    logits = values
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
-    best = probabilities.argmax(axis=-1)
-    rows = len(values)
-    return [
-        v2.Tensor(name="logits", datatype="FP32", shape=logits.shape, values=logits),
-        v2.Tensor(
-            name="label",
-            datatype="BYTES",
-            shape=(rows,),
-            values=[str(int(i)).encode() for i in best],
-        ),
-        v2.Tensor(
-            name="score",
-            datatype="FP32",
-            shape=(rows,),
-            values=probabilities[np.arange(rows), best].astype(np.float32),
-        ),
-    ]
-
-
 class FrontEnd:
     """Answers hot-route calls: decode, tokenise, ``engine.run_ids``, format."""
 
@@ -345,7 +319,7 @@ class FrontEnd:
                 self.engine.refuse(model_id, exc.status)
                 raise
             output, cold = await self.engine.run_ids(model_id, version, input_ids, mask)
-            outputs = output_tensors(info.task, output)
+            outputs = output_rows(info.task, output)
             payload, headers = v2.encode_response(
                 request, model_id, outputs, MODEL_VERSION if version else None
             )
