@@ -30,14 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.serving_vs_baseline import ROOT, TICKS, measure
+from benchmarks.serving_vs_baseline import ROOT, TICKS, measure, start
 from packing.contracts import ModelSpec
 from serving.build.tracing import TraceSettings, trace_to_store
 from serving.runtimes.local import free_port
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             argv_ = [*command, "--workers", str(workers), "--port", str(port)]
-            process = start(argv_, url, logs / f"bench-frontend-{workers}.log", root)
+            process = start(argv_, url, logs / f"bench-frontend-{workers}.log", cwd=root)
             try:
                 before = thread_cpu(process.pid)
                 figures = measure(url, process.pid, ids, args.clients, args.seconds)
@@ -148,22 +144,6 @@ def thread_cpu(pid: int) -> dict[int, float]:
         fields = tail.split()
         found[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICKS
     return found
-
-
-def start(command: list[str], url: str, log: Path, root: Path) -> subprocess.Popen:
-    """The server of the checkout at ``root`` (``python -m serving`` imports from its cwd)."""
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=root)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"{command[:4]} did not become ready: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,11 @@ def process_cpu(pid: int) -> dict[str, float]:
     return {"engine": cpu_seconds(pid), "front_ends": sum(cpu_seconds(c) for c in children(pid))}
 
 
-def start(command: list[str], url: str, log: Path, timeout_s: float = 300) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+def start(
+    command: list[str], url: str, log: Path, timeout_s: float = 300, cwd: Path | None = None
+) -> subprocess.Popen:
+    """``command`` started (in ``cwd``: ``python -m serving`` imports from it) and ready."""
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
