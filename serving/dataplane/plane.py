@@ -249,22 +249,11 @@ class DataPlane:
         tokenised itself; returns every output of the model (the caller picks those asked for).
         """
         try:
-            named = {t.name: t for t in inputs}
-            texts_input = next((t for t in inputs if t.datatype == "BYTES"), None)
-            if texts_input is not None:
-                try:
-                    texts = [v.decode("utf-8") for v in texts_input.values]
-                except UnicodeDecodeError:
-                    raise InvalidInput(f"input {texts_input.name}: BYTES are not UTF-8") from None
-                check_texts(texts)
-            elif "input_ids" in named:
-                input_ids, attention_mask = token_tensors(named)
-            else:
-                raise InvalidInput('send a BYTES input ("text") or an INT64 input ("input_ids")')
+            texts, input_ids, attention_mask = v2_inputs(inputs)
         except InvalidInput as exc:
             self.refuse(model_id, exc)
             raise
-        if texts_input is not None:
+        if texts is not None:
             results = await self._run(model_id, len(texts), (texts, True), version=version)
         else:
             results = await self._run(
@@ -767,6 +756,24 @@ def token_tensors(named: dict[str, v2.Tensor]) -> tuple[Any, Any]:
     if bool(((mask != 0) & (mask != 1)).any()):
         raise InvalidInput("attention_mask values must be 0 or 1")
     return input_ids, mask
+
+
+def v2_inputs(inputs: list[v2.Tensor]) -> tuple[list[str] | None, Any, Any]:
+    """What a v2 inference asks to run, checked: texts from a BYTES input, or else the ids and
+    mask tensors of a client that tokenised itself (``input_ids``, ``attention_mask``)."""
+    texts_input = next((t for t in inputs if t.datatype == "BYTES"), None)
+    if texts_input is not None:
+        try:
+            texts = [v.decode("utf-8") for v in texts_input.values]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {texts_input.name}: BYTES are not UTF-8") from None
+        check_texts(texts)
+        return texts, None, None
+    named = {t.name: t for t in inputs}
+    if "input_ids" in named:
+        input_ids, attention_mask = token_tensors(named)
+        return None, input_ids, attention_mask
+    raise InvalidInput('send a BYTES input ("text") or an INT64 input ("input_ids")')
 
 
 def output_tensors(results: list[dict]) -> list[v2.Tensor]:

@@ -42,8 +42,8 @@ from serving.dataplane.plane import (
     check_texts,
     logger,
     output_rows,
-    token_tensors,
 )
+from serving.dataplane.plane import v2_inputs as plane_v2_inputs
 from serving.errors import InvalidInput, ServingError
 from serving.http.fastpath import JSON, Answer, Call, answer_call, parse_texts, problem, v2_error
 from serving.http.fastpath import wants_raw as _wants_raw
@@ -205,21 +205,12 @@ def tokenise(info: ModelInfo, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
 def v2_inputs(
     inputs: list[v2.Tensor],
 ) -> tuple[list[str] | None, np.ndarray | None, np.ndarray | None]:
-    """Texts, or client-tokenised ids and mask, checked as
-    :meth:`serving.dataplane.plane.DataPlane.infer_tensors` checks them."""
-    named = {t.name: t for t in inputs}
-    texts_input = next((t for t in inputs if t.datatype == "BYTES"), None)
-    if texts_input is not None:
-        try:
-            texts = [v.decode("utf-8") for v in texts_input.values]
-        except UnicodeDecodeError:
-            raise InvalidInput(f"input {texts_input.name}: BYTES are not UTF-8") from None
-        check_texts(texts)
+    """Texts, or client-tokenised ids and mask as arrays, checked as the data plane checks
+    them (:func:`serving.dataplane.plane.v2_inputs`)."""
+    texts, input_ids, mask = plane_v2_inputs(inputs)
+    if texts is not None:
         return texts, None, None
-    if "input_ids" in named:
-        input_ids, mask = token_tensors(named)
-        return None, input_ids.numpy(), mask.numpy()
-    raise InvalidInput('send a BYTES input ("text") or an INT64 input ("input_ids")')
+    return None, input_ids.numpy(), mask.numpy()
 
 
 def wire_ids(model_id: str, info: ModelInfo, input_ids: np.ndarray) -> np.ndarray:
