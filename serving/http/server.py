@@ -16,6 +16,7 @@ from packing.errors import MyriadError
 from packing.io import load
 from serving import settings
 from serving.backends.ondemand import OnDemandSettings, parse_bytes
+from serving.process import serial_tokenizers
 
 SERVER_PORT_DEFAULT = 8080
 # How a server runs its models (serving/backends/): one TorchScript module per model, or the
@@ -532,6 +533,7 @@ def on_demand_settings(options: ServerOptions) -> OnDemandSettings | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    serial_tokenizers()
     run_server(parse_server_args(argv))
 
 
