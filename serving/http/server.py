@@ -143,6 +143,7 @@ def serve(
                 log_level=log_level,
                 timeout_graceful_shutdown=30,
                 lifespan="on",
+                proxy_headers=False,  # nothing reads the client's address
             )
         )
         reporter = None

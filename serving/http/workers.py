@@ -314,6 +314,10 @@ class EngineClient:
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future] = {}
+        # When each pending answer is due (insertion order is deadline order): one sweep a
+        # second expires the late ones, instead of a timer made and cancelled per request.
+        self._due: dict[Any, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._outgoing: list[bytes] = []
         self._socket: Any = None
         self._pump: Pump | None = None
@@ -327,6 +331,19 @@ class EngineClient:
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.connect(self.address)
         self._pump = Pump(self._socket, self._read)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for key, due in list(self._due.items()):
+            if due > now:
+                break
+            del self._due[key]
+            future = self._pending.pop(key, None)
+            if future is not None:
+                _expire(future)
+        self._sweeper = loop.call_later(min(1.0, self.timeout_s / 4), self._sweep)
 
     def _read(self, message: list[bytes]) -> None:
         kind, *parts = message
@@ -354,12 +371,12 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending[key] = future
-        timer = loop.call_later(self.timeout_s, _expire, future)
+        self._due[key] = loop.time() + self.timeout_s
         try:
             send()
             return await future
         finally:
-            timer.cancel()
+            self._due.pop(key, None)
             self._pending.pop(key, None)
 
     def _queue(self, item: bytes) -> None:
@@ -411,6 +428,8 @@ class EngineClient:
     __call__ = forward_call
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._pump is not None:
             self._pump.close()
         if self._socket is not None:
@@ -489,6 +508,8 @@ def run_front_end(fd: int, engine_url: str, engine_address: str) -> None:
         log_level=settings.current().server.log_level,
         timeout_graceful_shutdown=30,
         lifespan="on",
+        # Nothing reads the client's address: no X-Forwarded-For parsing per request.
+        proxy_headers=False,
     )
     uvicorn.Server(config).run(sockets=[sock])
 
