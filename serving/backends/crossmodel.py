@@ -183,6 +183,21 @@ class CrossModelEngine:
                 f"input_ids must lie in [0, {vocab}): the vocabulary of model {model_id}"
             )
 
+    def check_rows(self, model_ids: list[str], input_ids: np.ndarray) -> None:
+        """:meth:`check_ids` for the stacked rows of several models at once (one pass over the
+        ids; the caller checks request by request when this raises)."""
+        assert self.shape is not None
+        cols, members = input_ids.shape[1], self.members
+        for model_id in model_ids:
+            member = members.get(model_id)
+            if member is None or cols > member.max_length:
+                self.check_ids(model_id, input_ids)  # raises, naming what is wrong
+        if input_ids.size and (
+            (input_ids.dtype.kind == "i" and int(input_ids.min()) < 0)
+            or int(input_ids.max()) >= self.shape.vocab
+        ):
+            raise InvalidInput(f"input_ids must lie in [0, {self.shape.vocab})")
+
     def submit_ids(
         self,
         model_id: str,

@@ -199,7 +199,7 @@ class DataPlane:
         failed with (typed errors carry their status); ``cold``: the group waited for its
         model's load."""
         tier = getattr(self.repository, "tier", None)
-        shared: dict[Any, list[tuple[_IdsGroup, list[int], np.ndarray, np.ndarray]]] = {}
+        shared: dict[Any, list[tuple[_IdsGroup, Any]]] = {}
         for model_id, version, items, done in groups:
             group = _IdsGroup(self, model_id, items, done)
             try:
@@ -216,11 +216,12 @@ class DataPlane:
             if engine is None or not hasattr(engine, "submit_rows"):
                 group.submit(model)
                 continue
-            prepared = group.prepare(model)
-            if prepared is not None:
-                shared.setdefault(engine, []).append((group, *prepared))
+            if not model.ready:
+                group.fail(ModelNotReady(model_id, model.state, model.reason))
+                continue
+            shared.setdefault(engine, []).append((group, model))
         for engine, members in shared.items():
-            submit_rows(engine, members)
+            submit_checked_rows(engine, members)
 
     def refuse(self, model_id: str, exc: Exception) -> None:
         """Count a request refused before it reached a model (undecodable body)."""
@@ -573,13 +574,46 @@ class _IdsGroup:
         self.done(self.results, self.cold)
 
 
+def submit_checked_rows(engine: Any, members: list[tuple[_IdsGroup, Any]]) -> None:
+    """Ready models' groups of one cross-model engine: every request's rows stacked once and
+    checked once against the engine (vocabulary, each model's sequence length), then one
+    :func:`submit_rows`. Only when that check fails are the requests checked one by one, so
+    that a bad request fails alone."""
+    items = [item for group, _ in members for item in group.items]
+    input_ids, mask = stack_rows(items)
+    try:
+        if not all(len(ids) for ids, _ in items):
+            raise InvalidInput("no text given")
+        engine.check_rows([group.model_id for group, _ in members], input_ids)
+    except Exception:  # noqa: BLE001 - found below, request by request
+        prepared = []
+        for group, model in members:
+            checked = group.prepare(model)
+            if checked is not None:
+                prepared.append((group, *checked))
+        if prepared:
+            submit_rows(engine, prepared)
+        return
+    row = 0
+    blocks = []
+    for group, _ in members:
+        rows = sum(len(ids) for ids, _ in group.items)
+        blocks.append((group, list(range(len(group.items))), input_ids[row : row + rows], None))
+        row += rows
+    submit_rows(engine, blocks, (input_ids, mask))
+
+
 def submit_rows(
-    engine: Any, members: list[tuple[_IdsGroup, list[int], np.ndarray, np.ndarray]]
+    engine: Any,
+    members: list[tuple[_IdsGroup, list[int], np.ndarray, np.ndarray | None]],
+    stacked: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Groups of one cross-model engine, checked and stacked, as one block of rows: one queue
     entry (or as few as its slots allow) and one completion for all of them."""
     blocks = [(group.model_id, len(ids)) for group, _, ids, _ in members]
-    if len(members) == 1:
+    if stacked is not None:  # (the members' ids are views of it, their masks unused)
+        input_ids, mask = stacked
+    elif len(members) == 1:
         _, _, input_ids, mask = members[0]
     else:
         input_ids, mask = stack_rows([(ids, mask) for _, _, ids, mask in members])

@@ -146,12 +146,13 @@ def decode_request_frame(data: bytes) -> list[IdsItem]:
                 continue
             dtype = DTYPES[code]
             size = rows * cols
-            ids = np.frombuffer(data, dtype, size, offset).reshape(rows, cols)
+            # (one ndarray call each: frombuffer and reshape cost twice as much)
+            ids = np.ndarray((rows, cols), dtype, data, offset)
             offset += size * dtype.itemsize
-            mask = np.frombuffer(data, np.uint8, size, offset).reshape(rows, cols)
+            mask = np.ndarray((rows, cols), np.uint8, data, offset)
             offset += size
             items.append(IdsItem(request_id, model_id, version, ids, mask))
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except (struct.error, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise FrameError(f"malformed request frame: {exc}") from None
     if offset != len(data):
         raise FrameError(f"{len(data) - offset} bytes past the frame's last item")
