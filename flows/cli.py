@@ -304,7 +304,8 @@ def pack(
         # Asked for and not used: say why, or the flag looks ignored.
         console.print(
             "on demand: every model resident (no model both rare enough and measured to load "
-            "within the limit, or no saving worth a cold start)"
+            "within the limit, no saving worth a cold start, or the plan with every model "
+            "resident came out no dearer)"
         )
     if repacked is not None:
         moves = out.with_name(f"{out.stem}.moves.json")

@@ -4,6 +4,8 @@ resident, uniform traffic left alone, a long tail made cheaper, and how plans en
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import pytest
 
@@ -256,3 +258,29 @@ def test_build_problem_reads_load_times_and_the_tier() -> None:
     assert (b.load_seconds, b.store_load_seconds) == (None, None)
     assert problem.limits.on_demand == OnDemandLimits()
     assert build_problem(fleet, results, _catalog()).limits.on_demand is None
+
+
+def test_asking_for_the_tier_never_costs_more_than_every_model_resident(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tier is chosen on an estimate; when its packing comes out dearer than packing every
+    model resident (here forced: a tier whose on-demand models keep their full size, on devices
+    that keep room to load one), the resident plan is the answer, with its own bound, and the
+    progress of the second search is labelled as such."""
+    from packing.solver import schedule
+
+    problem = _problem(12, 60, tier=OnDemandLimits(max_cold_fraction=0.01))
+    chosen = choose_tier(problem)
+    assert chosen is not None
+    monkeypatch.setattr(schedule, "choose_tier", lambda p: dataclasses.replace(chosen, problem=p))
+    stages: list[str] = []
+    plan = schedule.solve(
+        problem, time_limit_s=2, deterministic=True, progress=lambda p: stages.append(p.stage)
+    )
+    check(problem, plan)
+    resident = _solve(msgspec.structs.replace(problem, limits=Limits()))
+    assert not _on_demand(plan)
+    assert plan.cost_per_hour == resident.cost_per_hour
+    assert plan.lower_bound_cost_per_hour <= plan.cost_per_hour
+    assert any(s.startswith("every model resident: ") for s in stages)
+    assert any(not s.startswith("every model resident: ") for s in stages)
