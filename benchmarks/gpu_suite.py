@@ -25,7 +25,9 @@ Groups (the full run; ``--dry-run`` shrinks every size, see :data:`FULL` and :da
   resident ones, the cost of one swap from host memory, and Zipf traffic over all 600.
 - ``frontends_bf16`` / ``frontends_int8``: the same models behind the server's front ends
   (``--workers``), over HTTP (and KServe v2 gRPC when the server has it): the highest
-  open-loop request rate whose P90 stays within 100 ms, in a bounded number of tries.
+  open-loop request rate whose P90 stays within 100 ms, in a bounded number of tries; then the
+  engine process alone fed frames of 16 tokenised requests over ZeroMQ as front ends send them
+  (``engine_feed_*``: its requests/s and CPU per request with the real forward on the device).
 
 Weights are synthetic (seeded, generated on the device, no hub): speed does not depend on
 their values, and tracing 300 bert-base models into a store would take longer than the whole
@@ -170,6 +172,10 @@ DRY = replace(
     },
 )
 GROUPS = tuple(FULL.budgets)
+# The engine-feed part of the front-end steps: frames of this many requests, this many in flight
+# per simulated front end.
+ENGINE_FEED_FRAME = 16
+ENGINE_FEED_IN_FLIGHT = 8
 
 
 # ------------------------------------------------------------------------------ recording
@@ -1047,6 +1053,7 @@ def step_frontends(config: Config, out: Path, record: Recorder, int8: bool, logs
             record.attempt(
                 "grpc", lambda: search("grpc", lambda r, s: grpc_point(config, target, plan, r, s))
             )
+        record.attempt("engine_feed", lambda: engine_feed_point(config, server.pid, plan, record))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -1054,6 +1061,34 @@ def step_frontends(config: Config, out: Path, record: Recorder, int8: bool, logs
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def engine_feed_point(config: Config, pid: int, plan: dict, record: Recorder) -> None:
+    """The engine process alone, fed frames of tokenised requests over ZeroMQ as its front ends
+    send them (``benchmarks/engine_feed.py``), with the real forward on the device: whether
+    one engine process's CPU keeps the device fed, past what the HTTP load generator drives."""
+    from benchmarks.engine_feed import feed
+
+    frame_size = ENGINE_FEED_FRAME
+    figures = feed(
+        pid,
+        plan["ids"],
+        frame_size,
+        config.front_ends,
+        ENGINE_FEED_IN_FLIGHT,
+        config.rate_seconds,
+        config.text_tokens,
+    )
+    record.detail("engine_feed", {"frame_size": frame_size, "connections": config.front_ends,
+                                  "in_flight": ENGINE_FEED_IN_FLIGHT, **figures})  # fmt: skip
+    record.figure("engine_feed_requests_per_s", figures["requests_per_s"], "requests/s")
+    record.figure("engine_feed_p90_ms", figures["p90_ms"], "ms")
+    record.figure("engine_feed_engine_cpu_per_request", figures["engine_cpu_ms_per_request"], "ms")
+    record.figure(
+        "engine_feed_scheduler_cpu_per_request",
+        figures["engine_compute_cpu_ms_per_request"],
+        "ms",
+    )
 
 
 STEPS: dict[str, Callable[..., None]] = {

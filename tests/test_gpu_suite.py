@@ -96,3 +96,7 @@ def test_dry_run_writes_every_group(tmp_path: Path) -> None:
         else:
             assert "grpc_requests_per_s_at_p90_100ms" in group["figures"]
             assert any(t["requests_per_s"] > 0 for t in group["details"]["grpc_tries"]), group
+        # The engine process fed frames directly: every request answered, its CPU counted.
+        assert value(group, "engine_feed_requests_per_s") > 0
+        assert group["details"]["engine_feed"]["failed"] == 0
+        assert 0 < value(group, "engine_feed_engine_cpu_per_request")
