@@ -25,22 +25,18 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import msgspec
 
-from benchmarks.frontend_cost import thread_cpu
+from benchmarks.frontend_cost import thread_cpu, traced_server
 from benchmarks.serving_vs_baseline import ROOT, cpu_seconds, start
 from loadtest.generator import text_of
-from packing.contracts import ModelSpec
-from serving.build.tracing import TraceSettings, trace_to_store
 from serving.http import frames
 from serving.http.frontend import model_info, tokenise
 from serving.http.workers import DESCRIBE, FRAME, REPLY, engine_address
 from serving.runtimes.local import free_port
-from serving.store import open_store
 
 # Models whose tokenizers the driver fetches (see _feed).
 DESCRIBED = 8
@@ -62,16 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    store = open_store(args.store)
-    ids = [f"{args.arch.removeprefix('bert-')}-{i:03d}" for i in range(args.models)]
-    settings = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
-    for model_id in ids:  # unchanged models are skipped
-        spec = ModelSpec(id=model_id, source=f"synthetic:{args.arch}", max_length=16)
-        trace_to_store(spec, "cpu", store, settings)
-    command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", args.store,
-               "--backend", "cross-model", "--max-wait-ms", "0.5", "--workers", "2"]  # fmt: skip
-    if args.null_forward:
-        command.append("--null-forward")
+    ids, command = traced_server(args.arch, args.models, args.store, args.null_forward)
+    command += ["--workers", "2"]
     runs: dict[tuple[Path, int], list[dict]] = {
         (root, size): [] for root in args.server_roots for size in args.frame_sizes
     }

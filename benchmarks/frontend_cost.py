@@ -72,17 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    store = open_store(args.store)
-    ids = [f"{args.arch.removeprefix('bert-')}-{i:03d}" for i in range(args.models)]
-    settings = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
-    for model_id in ids:  # unchanged models are skipped
-        spec = ModelSpec(id=model_id, source=f"synthetic:{args.arch}", max_length=16)
-        trace_to_store(spec, "cpu", store, settings)
+    ids, command = traced_server(args.arch, args.models, args.store, args.null_forward)
     logs = ROOT / ".myriad"
-    command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", args.store,
-               "--backend", "cross-model", "--max-wait-ms", "0.5"]  # fmt: skip
-    if args.null_forward:
-        command.append("--null-forward")
     runs: dict[tuple[Path, int], list[dict]] = {
         (root, workers): [] for root in args.server_roots for workers in args.workers
     }
@@ -127,6 +118,24 @@ def main(argv: list[str] | None = None) -> int:
             line[f"engine_cores_for_{rate}"] = target * figures["engine_cpu_ms_per_request"] / 1000
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}))
     return 0
+
+
+def traced_server(
+    arch: str, models: int, store_uri: str, null_forward: bool
+) -> tuple[list[str], list[str]]:
+    """``models`` synthetic models of ``arch`` traced into the store (unchanged ones skipped),
+    and the command of a cross-model server over them (``--workers`` and ``--port`` to add)."""
+    store = open_store(store_uri)
+    ids = [f"{arch.removeprefix('bert-')}-{i:03d}" for i in range(models)]
+    settings = TraceSettings(profile_batch_sizes=(1,), profile_repeats=1)
+    for model_id in ids:
+        spec = ModelSpec(id=model_id, source=f"synthetic:{arch}", max_length=16)
+        trace_to_store(spec, "cpu", store, settings)
+    command = [sys.executable, "-m", "serving", "--models", ",".join(ids), "--store", store_uri,
+               "--backend", "cross-model", "--max-wait-ms", "0.5"]  # fmt: skip
+    if null_forward:
+        command.append("--null-forward")
+    return ids, command
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
