@@ -290,6 +290,10 @@ def test_a_dead_front_end_is_replaced(store: str, tmp_path: Path) -> None:
         store, [SPECS[0].id], tmp_path / "server.log", extra_args=("--workers", "2")
     ) as url:
         engine, front_ends = engine_and_front_ends(url)
+        if "TOKENIZERS_PARALLELISM" not in os.environ:
+            # The server tokenises serially, and its front ends inherit it.
+            environ = Path(f"/proc/{front_ends[0]}/environ").read_bytes().split(b"\0")
+            assert b"TOKENIZERS_PARALLELISM=false" in environ
         os.kill(front_ends[0], signal.SIGKILL)
         wait_for(
             lambda: (

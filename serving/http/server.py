@@ -465,6 +465,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
 
 
 def run_server(options: ServerOptions) -> None:
+    serial_tokenizers()  # before the first encode, and inherited by the front ends
     engine = None
     if options.backend == "cross-model":
         engine = {
@@ -534,7 +535,6 @@ def on_demand_settings(options: ServerOptions) -> OnDemandSettings | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    serial_tokenizers()
     run_server(parse_server_args(argv))
 
 
