@@ -7,7 +7,6 @@ signature: ``forward(input_ids, attention_mask) -> Tensor``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import warnings
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from packing.contracts import ModelSpec
+from serving import settings
 from serving.build.sources import (
     SYNTHETIC_ARCHITECTURES,
     ResolvedSource,
@@ -238,9 +238,9 @@ def configure_tokenizer(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
 def encodings_of(tokenizer: Tokenizer, texts: list[str]) -> list:
     """The tokenizer's encodings of ``texts``, without the character offsets nothing here
     reads (``encode_batch_fast``: a fifth less CPU for a short text). While the tokenizers'
-    thread pool is on (not in servers: :func:`serving.process.serial_tokenizers`), a lone
+    thread pool is on (not in servers: :func:`serving.settings.use_serial_tokenizers`), a lone
     text skips it: the hand-off costs more than the text."""
-    if len(texts) == 1 and os.environ.get("TOKENIZERS_PARALLELISM", "").lower() != "false":
+    if len(texts) == 1 and settings.tokenizers_parallel():
         return [tokenizer.encode(texts[0])]
     return tokenizer.encode_batch_fast(texts)
 

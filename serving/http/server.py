@@ -16,7 +16,6 @@ from packing.errors import MyriadError
 from packing.io import load
 from serving import settings
 from serving.backends.ondemand import OnDemandSettings, parse_bytes
-from serving.process import serial_tokenizers
 
 SERVER_PORT_DEFAULT = 8080
 # How a server runs its models (serving/backends/): one TorchScript module per model, or the
@@ -465,7 +464,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerOptions:
 
 
 def run_server(options: ServerOptions) -> None:
-    serial_tokenizers()  # before the first encode, and inherited by the front ends
+    settings.use_serial_tokenizers()  # before the first encode; the front ends inherit it
     engine = None
     if options.backend == "cross-model":
         engine = {

@@ -47,7 +47,6 @@ from serving.http import frames
 from serving.http.fastpath import Answer, Call, FastPath, problem, read_body, send_answer, v2_error
 from serving.http.frames import FrameError
 from serving.http.frontend import EngineError, FrontEnd, ModelInfo, describe_model, model_info
-from serving.process import serial_tokenizers
 
 logger = logging.getLogger("myriad.workers")
 
@@ -520,7 +519,7 @@ def front_end_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-url", required=True, help="the engine process's HTTP URL")
     parser.add_argument("--engine-address", required=True, help="its ZeroMQ address")
     args = parser.parse_args(argv)
-    serial_tokenizers()
+    settings.use_serial_tokenizers()
     run_front_end(args.fd, args.engine_url, args.engine_address)
 
 
