@@ -174,11 +174,7 @@ class CrossModelEngine:
         longest, vocab = self.members[model_id].max_length, self.shape.vocab
         if cols > longest:
             raise InvalidInput(f"{cols} tokens; model {model_id} takes at most {longest}")
-        # uint16 ids (what front ends send for small vocabularies) cannot be negative.
-        if input_ids.size and (
-            (input_ids.dtype.kind == "i" and int(input_ids.min()) < 0)
-            or int(input_ids.max()) >= vocab
-        ):
+        if self._outside_vocabulary(input_ids):
             raise InvalidInput(
                 f"input_ids must lie in [0, {vocab}): the vocabulary of model {model_id}"
             )
@@ -192,11 +188,16 @@ class CrossModelEngine:
             member = members.get(model_id)
             if member is None or cols > member.max_length:
                 self.check_ids(model_id, input_ids)  # raises, naming what is wrong
-        if input_ids.size and (
+        if self._outside_vocabulary(input_ids):
+            raise InvalidInput(f"input_ids must lie in [0, {self.shape.vocab})")
+
+    def _outside_vocabulary(self, input_ids: np.ndarray) -> bool:
+        assert self.shape is not None
+        # uint16 ids (what front ends send for small vocabularies) cannot be negative.
+        return bool(input_ids.size) and (
             (input_ids.dtype.kind == "i" and int(input_ids.min()) < 0)
             or int(input_ids.max()) >= self.shape.vocab
-        ):
-            raise InvalidInput(f"input_ids must lie in [0, {self.shape.vocab})")
+        )
 
     def submit_ids(
         self,

@@ -32,8 +32,8 @@ from packing.errors import MyriadError
 from serving.backends.ondemand import Demand
 
 # Query, key and value are one ``[h, 3h]`` linear ("qkv"): one GEMM per model instead of three
-# (11-13% of a bert-mini forward on a CPU at 16 distinct models, three launches fewer per layer
-# on a GPU).
+# (with the bias in the GEMM, 8-12% of a bert-mini forward on a CPU; two launches fewer per
+# layer on a GPU).
 LINEARS = ("qkv", "attention_out", "intermediate", "output")
 
 
