@@ -312,10 +312,10 @@ class EngineClient:
         self.address = address
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
-        self._pending: dict[Any, asyncio.Future] = {}
-        # When each pending answer is due (insertion order is deadline order): one sweep a
-        # second expires the late ones, instead of a timer made and cancelled per request.
-        self._due: dict[Any, float] = {}
+        # Each pending answer's future and when it is due (insertion order is deadline order):
+        # one sweep a second expires the late ones, instead of a timer made and cancelled per
+        # request.
+        self._pending: dict[Any, tuple[asyncio.Future, float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._outgoing: list[bytes] = []
         self._socket: Any = None
@@ -335,13 +335,11 @@ class EngineClient:
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for key, due in list(self._due.items()):
+        for key, (future, due) in list(self._pending.items()):
             if due > now:
                 break
-            del self._due[key]
-            future = self._pending.pop(key, None)
-            if future is not None:
-                _expire(future)
+            del self._pending[key]
+            _expire(future)
         self._sweeper = loop.call_later(min(1.0, self.timeout_s / 4), self._sweep)
 
     def _read(self, message: list[bytes]) -> None:
@@ -362,20 +360,18 @@ class EngineClient:
         self._pump.kick()
 
     def _settle(self, key: Any, value: Any) -> None:
-        future = self._pending.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(value)
+        pending = self._pending.pop(key, None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(value)
 
     async def _wait(self, key: Any, send: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending[key] = future
-        self._due[key] = loop.time() + self.timeout_s
+        self._pending[key] = (future, loop.time() + self.timeout_s)
         try:
             send()
             return await future
         finally:
-            self._due.pop(key, None)
             self._pending.pop(key, None)
 
     def _queue(self, item: bytes) -> None:
