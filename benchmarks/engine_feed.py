@@ -24,19 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
 import msgspec
 
-from benchmarks.frontend_cost import thread_cpu, traced_server
-from benchmarks.serving_vs_baseline import ROOT, cpu_seconds, start
+from benchmarks.frontend_cost import interleaved_medians, thread_cpu, traced_server
+from benchmarks.serving_vs_baseline import ROOT, cpu_seconds
 from loadtest.generator import text_of
 from serving.http import frames
 from serving.http.frontend import model_info, tokenise
 from serving.http.workers import DESCRIBE, FRAME, REPLY, engine_address
-from serving.runtimes.local import free_port
 
 # Models whose tokenizers the driver fetches (see _feed).
 DESCRIBED = 8
@@ -60,24 +58,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ids, command = traced_server(args.arch, args.models, args.store, args.null_forward)
     command += ["--workers", "2"]
-    runs: dict[tuple[Path, int], list[dict]] = {
-        (root, size): [] for root in args.server_roots for size in args.frame_sizes
-    }
-    for _ in range(args.rounds):
-        for root, size in runs:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            log = ROOT / ".myriad" / "bench-engine-feed.log"
-            process = start([*command, "--port", str(port)], url, log, cwd=root)
-            try:
-                runs[(root, size)].append(
-                    feed(process.pid, ids, size, args.connections, args.in_flight, args.seconds)
-                )
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
-    for (root, size), results in runs.items():
-        figures = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    medians = interleaved_medians(
+        [(root, size) for root in args.server_roots for size in args.frame_sizes],
+        args.rounds,
+        lambda key: command,
+        lambda key: ROOT / ".myriad" / "bench-engine-feed.log",
+        lambda url, pid, key: feed(
+            pid, ids, key[1], args.connections, args.in_flight, args.seconds
+        ),
+    )
+    for (root, size), figures in medians.items():
         line = {
             "server_root": str(root),
             "arch": args.arch,

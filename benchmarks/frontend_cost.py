@@ -31,7 +31,9 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks.serving_vs_baseline import ROOT, TICKS, measure, start
 from packing.contracts import ModelSpec
@@ -74,31 +76,27 @@ def main(argv: list[str] | None = None) -> int:
 
     ids, command = traced_server(args.arch, args.models, args.store, args.null_forward)
     logs = ROOT / ".myriad"
-    runs: dict[tuple[Path, int], list[dict]] = {
-        (root, workers): [] for root in args.server_roots for workers in args.workers
-    }
-    for _ in range(args.rounds):
-        for root, workers in runs:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            argv_ = [*command, "--workers", str(workers), "--port", str(port)]
-            process = start(argv_, url, logs / f"bench-frontend-{workers}.log", cwd=root)
-            try:
-                before = thread_cpu(process.pid)
-                figures = measure(url, process.pid, ids, args.clients, args.seconds)
-                after = thread_cpu(process.pid)
-                compute = sum(after.get(t, 0.0) - before.get(t, 0.0) for t in after)
-                requests = max(1, round(figures["requests_per_s"] * args.seconds))
-                figures["engine_compute_cpu_ms_per_request"] = 1000 * compute / requests
-                figures["engine_loop_cpu_ms_per_request"] = (
-                    figures["engine_cpu_ms_per_request"] - 1000 * compute / requests
-                )
-                runs[(root, workers)].append(figures)
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
-    for (root, workers), results in runs.items():
-        figures = {key: statistics.median(r[key] for r in results) for key in results[0]}
+
+    def measure_one(url: str, pid: int, key: tuple[Path, int]) -> dict:
+        before = thread_cpu(pid)
+        figures = measure(url, pid, ids, args.clients, args.seconds)
+        after = thread_cpu(pid)
+        compute = sum(after.get(t, 0.0) - before.get(t, 0.0) for t in after)
+        requests = max(1, round(figures["requests_per_s"] * args.seconds))
+        figures["engine_compute_cpu_ms_per_request"] = 1000 * compute / requests
+        figures["engine_loop_cpu_ms_per_request"] = (
+            figures["engine_cpu_ms_per_request"] - 1000 * compute / requests
+        )
+        return figures
+
+    medians = interleaved_medians(
+        [(root, workers) for root in args.server_roots for workers in args.workers],
+        args.rounds,
+        lambda key: [*command, "--workers", str(key[1])],
+        lambda key: logs / f"bench-frontend-{key[1]}.log",
+        measure_one,
+    )
+    for (root, workers), figures in medians.items():
         # One process: its CPU is the front end's and the engine's at once.
         front_end_ms = figures["front_end_cpu_ms_per_request"] if workers > 1 else None
         line = {
@@ -118,6 +116,34 @@ def main(argv: list[str] | None = None) -> int:
             line[f"engine_cores_for_{rate}"] = target * figures["engine_cpu_ms_per_request"] / 1000
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}))
     return 0
+
+
+def interleaved_medians(
+    keys: list[tuple[Path, Any]],
+    rounds: int,
+    command_for: Callable[[tuple[Path, Any]], list[str]],
+    log_for: Callable[[tuple[Path, Any]], Path],
+    measure_one: Callable[[str, int, tuple[Path, Any]], dict],
+) -> dict[tuple[Path, Any], dict]:
+    """Each key's server (``(checkout, variant)``: ``command_for(key)`` run in the checkout)
+    started, measured by ``measure_one(url, pid, key)`` and stopped once a round, the keys
+    interleaved in every round so that the machine's drift falls on all of them; the median of
+    each figure over the rounds, per key."""
+    runs: dict[tuple[Path, Any], list[dict]] = {key: [] for key in keys}
+    for _ in range(rounds):
+        for key in runs:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            process = start([*command_for(key), "--port", str(port)], url, log_for(key), cwd=key[0])
+            try:
+                runs[key].append(measure_one(url, process.pid, key))
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+    return {
+        key: {name: statistics.median(r[name] for r in results) for name in results[0]}
+        for key, results in runs.items()
+    }
 
 
 def traced_server(
